@@ -1,0 +1,1 @@
+//! Error type of freezeframe-core.
