@@ -77,7 +77,7 @@ pub fn init(dir: &Path, opts: &InitOptions) -> Result<Vec<PathBuf>> {
         for sub in ["run", "mnt", "hooks.d"] {
             std::fs::create_dir_all(nd.join(sub))?;
         }
-        let id = ca.issue_node(&m.name, &[m.addr.ip()])?;
+        let id = ca.issue_node(&m.name, &[m.addr.ip().to_string()])?;
         id.save(&nd.join("node.pem"), &nd.join("node.key"))?;
         let file = NodeFile {
             node: NodeSection {

@@ -58,6 +58,23 @@ enum Command {
     /// The demo application (a checkable writer); used by `demo` and the tests.
     #[command(hide = true)]
     DemoWriter(DemoWriterArgs),
+    /// Checks one demo application's region of a snapshot image (JSON).
+    #[command(hide = true)]
+    DemoCheck {
+        #[arg(long)]
+        image: PathBuf,
+        #[arg(long)]
+        offset: u64,
+        #[arg(long)]
+        len: u64,
+        #[arg(long)]
+        name: String,
+        /// The writer's freeze log and the snapshot to compare with.
+        #[arg(long)]
+        log: PathBuf,
+        #[arg(long)]
+        snapshot: u64,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -212,6 +229,17 @@ fn run(cli: Cli) -> Result<ExitCode> {
             veto: a.veto,
             silent: a.silent,
         })?,
+        Command::DemoCheck { image, offset, len, name, log, snapshot } => {
+            let got = demo_writer::check_region(&image, offset, len, &name)?;
+            let want = demo_writer::read_freeze_log(&log)?.get(&snapshot).copied();
+            let consistent = want == Some(got.records) && got.problem.is_none();
+            println!(
+                "{}",
+                serde_json::json!({
+                    "records": got.records, "frozen_with": want, "problem": got.problem, "consistent": consistent
+                })
+            );
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
