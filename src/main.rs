@@ -9,6 +9,9 @@
 
 use clap::{Parser, Subcommand};
 
+mod bench;
+mod cli;
+
 #[derive(Parser, Debug)]
 #[command(name = "freezeframe", version, about = "Cluster-wide application-consistent snapshots of a shared volume")]
 struct Cli {
@@ -17,7 +20,13 @@ struct Cli {
 }
 
 #[derive(Subcommand, Debug)]
-enum Command {}
+enum Command {
+    /// Shared volume with copy-on-write snapshots: create, write, snapshot, read, diff.
+    Volume(cli::volume::VolumeArgs),
+    /// Benchmarks that print JSON.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+}
 
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
@@ -25,5 +34,8 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    match cli.command {}
+    match cli.command {
+        Command::Volume(args) => cli::volume::run(args),
+        Command::Bench(cmd) => bench::run(cmd),
+    }
 }
