@@ -70,7 +70,7 @@ pub fn check_block_size(n: u64) -> std::result::Result<u32, String> {
 /// Formats a byte count with the largest binary unit that divides it exactly.
 pub fn format_size(n: u64) -> String {
     for (name, mult) in [("TiB", 1u64 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] {
-        if n >= mult && n % mult == 0 {
+        if n >= mult && n.checked_rem(mult) == Some(0) {
             return format!("{}{name}", n / mult);
         }
     }

@@ -225,7 +225,7 @@ impl Volume {
     pub fn create(path: &Path, size: u64, block_size: u32, state_dir: Option<&Path>) -> Result<Volume> {
         let geometry = |why: String| Error::BadGeometry { path: path.to_path_buf(), why };
         crate::units::check_block_size(block_size as u64).map_err(geometry)?;
-        if size == 0 || size % block_size as u64 != 0 {
+        if size == 0 || size.checked_rem(block_size as u64) != Some(0) {
             return Err(geometry(format!("size {size} is not a positive multiple of the block size {block_size}")));
         }
         let dir = location::choose(path, state_dir)?;
