@@ -21,12 +21,15 @@ fn setup(dir: &Path) -> (Volume, u64) {
 fn a_catalog_with_the_wrong_magic_is_refused_by_name() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (v, _) = setup(dir.path());
-    let cat = v.state_dir().join("catalog");
-    let mut bytes = std::fs::read(&cat).expect("read");
-    bytes[..8].copy_from_slice(b"NOTOURS!");
-    std::fs::write(&cat, bytes).expect("write");
+    // Both slots of the catalog: with one intact, the volume would (rightly) open from it.
+    for slot in ["catalog.a", "catalog.b"] {
+        let cat = v.state_dir().join(slot);
+        let mut bytes = std::fs::read(&cat).expect("read");
+        bytes[..8].copy_from_slice(b"NOTOURS!");
+        std::fs::write(&cat, bytes).expect("write");
+    }
     let err = Volume::open(v.path()).expect_err("wrong magic").to_string();
-    assert!(err.contains("wrong magic") && err.contains(&cat.display().to_string()), "{err}");
+    assert!(err.contains("wrong magic") && err.contains("catalog.a"), "{err}");
 }
 
 #[test]
@@ -59,6 +62,23 @@ fn a_full_diff_area_invalidates_the_snapshot_but_never_fails_a_live_write() {
     // Another process sees it too.
     let other = Volume::open(v.path()).expect("open");
     assert!(other.snapshot(id).expect("handle").read_at(&mut [0u8; 1], 8 * BS as u64).is_err());
+}
+
+#[test]
+fn a_torn_newest_catalog_slot_falls_back_to_the_previous_generation() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (v, id) = setup(dir.path());
+    let (newest, older) = {
+        let a = std::fs::metadata(v.state_dir().join("catalog.a")).and_then(|m| m.modified()).expect("stat a");
+        let b = std::fs::metadata(v.state_dir().join("catalog.b")).and_then(|m| m.modified()).expect("stat b");
+        if a >= b { ("catalog.a", "catalog.b") } else { ("catalog.b", "catalog.a") }
+    };
+    assert!(v.state_dir().join(older).exists());
+    // The newest change created snapshot `id`; tear it as a crash would.
+    let f = std::fs::OpenOptions::new().write(true).open(v.state_dir().join(newest)).expect("open");
+    f.set_len(30).expect("tear");
+    let again = Volume::open(v.path()).expect("opens from the older slot");
+    assert!(again.snapshots().expect("list").iter().all(|s| s.id != id), "the torn change must not appear");
 }
 
 #[test]
@@ -97,7 +117,9 @@ fn garbage_catalogs_give_errors_not_panics() {
     use rand::{Rng, SeedableRng};
     let dir = tempfile::tempdir().expect("tempdir");
     let (v, _) = setup(dir.path());
-    let cat = v.state_dir().join("catalog");
+    let other = v.state_dir().join("catalog.a");
+    std::fs::write(&other, b"").expect("empty the other slot");
+    let cat = v.state_dir().join("catalog.b");
     let good = std::fs::read(&cat).expect("read");
     let mut rng = rand::rngs::StdRng::seed_from_u64(11);
     for round in 0..200 {

@@ -6,8 +6,8 @@
 //! ```text
 //!  volume.img                the live volume
 //!  volume.img.ffstate/       its state directory
-//!    catalog                 identity + snapshots (envelope FFCATALG, JSON)
-//!    gen                     8-byte generation counter, preaded by every write
+//!    catalog.a, catalog.b    identity + snapshots (envelope FFCATALG, JSON), two slots
+//!    gen                     generation counter (u64) + dirty mark (u8), preaded by every write
 //!    lock                    OFD byte-range locks: gate, turnstile, catalog, in-flight, alloc
 //!    claims                  OFD lock byte b = claim of block b
 //!    diff.dat                the diff area: slot i at i * block_size, shared by all snapshots
@@ -66,6 +66,7 @@ use std::io::{Seek, SeekFrom};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -76,6 +77,9 @@ use catalog::{Catalog, SnapshotRecord};
 pub use locks::InFlightGuard;
 use locks::Locks;
 use map::{data_sum, Record, SnapMap, COPIED, INVALID, WRITTEN};
+
+/// How far ahead of a sequential writer copy-before-overwrite copies at once.
+const COPY_AHEAD_BYTES: u64 = 32 << 20;
 
 /// Snapshot id: unique per volume, increasing, never reused.
 pub type SnapshotId = u64;
@@ -146,6 +150,10 @@ struct Inner {
     gen_path: PathBuf,
     locks: Locks,
     cache: Mutex<Cache>,
+    /// End of this process's last live write, to recognise a sequential writer.
+    last_end: AtomicU64,
+    /// Generation at which this process last set the shared dirty mark.
+    dirty_marked: AtomicU64,
     /// In-process flush-and-hold: live writes wait while `holds > 0`.
     hold: Mutex<HoldState>,
     hold_cv: Condvar,
@@ -229,7 +237,7 @@ impl Volume {
             return Err(geometry(format!("size {size} is not a positive multiple of the block size {block_size}")));
         }
         let dir = location::choose(path, state_dir)?;
-        if dir.join("catalog").exists() {
+        if catalog::SLOTS.iter().any(|s| dir.join(s).exists()) {
             return Err(Error::StateExists { volume: path.to_path_buf(), state: dir });
         }
         let vol = OpenOptions::new().read(true).write(true).create(!path.starts_with("/dev")).truncate(false).open(path)
@@ -280,6 +288,8 @@ impl Volume {
                 gen_path,
                 locks: Locks::new(&state_dir),
                 cache: Mutex::new(Cache { gen: cat.generation, catalog: cat, maps: HashMap::new() }),
+                last_end: AtomicU64::new(u64::MAX),
+                dirty_marked: AtomicU64::new(0),
                 hold: Mutex::new(HoldState::default()),
                 hold_cv: Condvar::new(),
                 state_dir,
@@ -338,6 +348,10 @@ impl Volume {
             Ok(id)
         })?;
         i.install(cat);
+        // The empty map is made here, before the protocol starts, so that create
+        // is one catalog flush. An aborted attempt leaves this small file behind.
+        SnapMap::create(&map_path(&i.state_dir, id), &i.uuid, id, i.block_size)?;
+        crate::format::sync_dir(&i.state_dir)?;
         Ok(id)
     }
 
@@ -347,7 +361,12 @@ impl Volume {
         let _gate = i.locks.gate_exclusive()?;
         // Writes acknowledged before the snapshot must survive a crash, or the
         // snapshot (which reads them from the volume) would change after it.
-        self.flush()?;
+        // A flush costs a device cache flush even on a clean file, so it is done
+        // only when some process wrote since the last create (the dirty mark).
+        if catalog::read_dirty(&i.gen, &i.gen_path)? {
+            self.flush()?;
+            catalog::write_dirty(&i.gen, &i.gen_path, false)?;
+        }
         let path = map_path(&i.state_dir, id);
         let (rec, cat) = catalog::update(&i.state_dir, &i.locks, &i.gen, |c| {
             let unusable = |why: &str| Error::SnapshotIdUnusable { volume: i.path.clone(), id, why: why.to_string() };
@@ -357,11 +376,11 @@ impl Volume {
             if id <= c.last_created {
                 return Err(unusable("it is already used (ids are never reused)"));
             }
-            if path.exists() {
-                std::fs::remove_file(&path).map_err(|e| Error::io("remove stale map", &path, e))?;
+            if !path.exists() {
+                // Reserved by a build that did not pre-create maps, or the file was lost.
+                SnapMap::create(&path, &i.uuid, id, i.block_size)?;
+                crate::format::sync_dir(&i.state_dir)?;
             }
-            // No directory fsync here: the catalog's rename below fsyncs the same directory.
-            SnapMap::create(&path, &i.uuid, id, i.block_size)?;
             let rec = SnapshotRecord { id, created_ms: now_ms(), state: SnapshotState::Open, diff_limit: opts.diff_limit };
             c.last_created = id;
             c.snapshots.push(rec.clone());
@@ -618,17 +637,26 @@ impl Inner {
         let _active = self.enter_live_write();
         let gate = self.locks.gate_shared()?;
         let cat = self.sync()?;
+        self.mark_dirty(cat.generation)?;
         let live: Vec<&SnapshotRecord> = cat.snapshots.iter().filter(|s| !matches!(s.state, SnapshotState::Invalid { .. })).collect();
         let first = offset / self.bs();
         let last = (offset + buf.len() as u64 - 1) / self.bs();
-        let claim = self.locks.claim(first, last - first + 1)?;
+        let end = offset + buf.len() as u64;
+        let sequential = self.last_end.swap(end, Ordering::Relaxed) == offset;
+        // A sequential writer claims (and may copy) a window ahead of it; see copy_before_overwrite.
+        let ahead = if sequential && !live.is_empty() {
+            (last + (COPY_AHEAD_BYTES / self.bs())).min(self.size / self.bs() - 1)
+        } else {
+            last
+        };
+        let claim = self.locks.claim(first, ahead - first + 1)?;
         let mut invalidated = Vec::new();
         if !live.is_empty() {
             let mut maps = Vec::with_capacity(live.len());
             for s in &live {
                 maps.push((*s, self.map(s.id)?));
             }
-            invalidated = self.copy_before_overwrite(&maps, first, last)?;
+            invalidated = self.copy_before_overwrite(&maps, first, last, ahead)?;
         }
         self.vol.write_all_at(buf, offset).map_err(|e| Error::io("write", &self.path, e))?;
         drop(claim);
@@ -646,9 +674,33 @@ impl Inner {
         Ok(())
     }
 
+    /// Records, once per generation and process, that the volume may have
+    /// unflushed writes, so the next snapshot create flushes it first.
+    fn mark_dirty(&self, generation: u64) -> Result<()> {
+        if self.dirty_marked.swap(generation, Ordering::Relaxed) != generation {
+            catalog::write_dirty(&self.gen, &self.gen_path, true)?;
+        }
+        Ok(())
+    }
+
     /// Copies blocks `first..=last` for every snapshot lacking them; returns the
-    /// snapshots invalidated by their diff limit. Caller holds gate and claims.
-    fn copy_before_overwrite(&self, maps: &[(&SnapshotRecord, Arc<SnapMap>)], first: u64, last: u64) -> Result<Vec<(SnapshotId, String)>> {
+    /// snapshots invalidated by their diff limit. Caller holds gate and claims
+    /// of `first..=ahead`.
+    ///
+    /// Copy-ahead: when a copy is needed anyway and the writer is sequential
+    /// (`ahead > last`), the lacking blocks up to `ahead` are copied in the same
+    /// batch, so one pair of flushes serves the next writes too. The copies are
+    /// originals, so the snapshot stays exact; the cost is diff-area space and
+    /// blocks reported by `changed_blocks` that may not have changed (the rule
+    /// is "may differ"). Snapshots with a diff limit get no copy-ahead, so the
+    /// limit counts only blocks really overwritten.
+    fn copy_before_overwrite(
+        &self,
+        maps: &[(&SnapshotRecord, Arc<SnapMap>)],
+        first: u64,
+        last: u64,
+        ahead: u64,
+    ) -> Result<Vec<(SnapshotId, String)>> {
         let bs = self.bs();
         // Per snapshot: the blocks it lacks, or None when it is (or becomes) invalid.
         let mut wants: Vec<Option<Vec<u64>>> = Vec::with_capacity(maps.len());
@@ -660,7 +712,7 @@ impl Inner {
                 wants.push(None);
                 continue;
             }
-            let lacking: Vec<u64> = (first..=last).filter(|b| !st.entries.contains_key(b)).collect();
+            let mut lacking: Vec<u64> = (first..=last).filter(|b| !st.entries.contains_key(b)).collect();
             if let Some(limit) = rec.diff_limit {
                 let after = (st.entries.len() + lacking.len()) as u64 * bs;
                 if !lacking.is_empty() && after > limit {
@@ -668,6 +720,8 @@ impl Inner {
                     wants.push(None);
                     continue;
                 }
+            } else if !lacking.is_empty() {
+                lacking.extend((last + 1..=ahead).filter(|b| !st.entries.contains_key(b)));
             }
             wants.push(Some(lacking));
         }
