@@ -130,7 +130,7 @@ pub fn snapshot_delete(cfg: &NodeConfig, id: u64, json: bool) -> Result<()> {
     Ok(())
 }
 
-pub fn snapshot_verify(cfg: &NodeConfig, id: u64, json: bool) -> Result<()> {
+pub fn snapshot_verify(cfg: &NodeConfig, id: u64, json: bool, _progress: bool) -> Result<()> {
     let v = call_blocking(cfg, &ControlRequest::SnapshotVerify { id })?;
     print(json, &v, |v| format!("snapshot {id}: blake3 {}\n", v["blake3"].as_str().unwrap_or("?")));
     Ok(())

@@ -14,6 +14,8 @@
 //! - `client`: status, snapshot and events commands.
 //! - `demo_writer`: the checkable demo application.
 
+mod bench;
+mod cli;
 mod client;
 mod cluster;
 mod config;
@@ -33,9 +35,6 @@ struct Cli {
     /// The node to talk to (its node.toml).
     #[arg(long, global = true, env = "FREEZEFRAME_CONFIG")]
     config: Option<PathBuf>,
-    /// Print one JSON value for scripts instead of text.
-    #[arg(long, global = true)]
-    json: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -48,13 +47,18 @@ enum Command {
     /// A cluster on this host: init, up, down.
     #[command(subcommand)]
     Cluster(ClusterCmd),
+    /// Shared volume with copy-on-write snapshots: create, write, snapshot, read, diff.
+    Volume(cli::volume::VolumeArgs),
+    /// Benchmarks that print JSON.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
     /// This node, its peers and writers.
-    Status,
+    Status(Out),
     /// Cluster-wide snapshots.
     #[command(subcommand)]
     Snapshot(SnapshotCmd),
     /// Follow the phase events of this node (and those it hears from its peers).
-    Events,
+    Events(Out),
     /// The demo application (a checkable writer); used by `demo` and the tests.
     #[command(hide = true)]
     DemoWriter(DemoWriterArgs),
@@ -97,18 +101,24 @@ enum ClusterCmd {
         /// Freeze lease of every node.
         #[arg(long, default_value = "10s")]
         lease: String,
+        #[command(flatten)]
+        out: Out,
     },
     /// Start every node of DIR in the background and wait until the mesh is connected.
     Up {
         dir: PathBuf,
         #[arg(long, default_value = "30s")]
         wait: String,
+        #[command(flatten)]
+        out: Out,
     },
     /// Stop every node of DIR cleanly.
     Down {
         dir: PathBuf,
         #[arg(long, default_value = "15s")]
         wait: String,
+        #[command(flatten)]
+        out: Out,
     },
 }
 
@@ -119,12 +129,37 @@ enum SnapshotCmd {
         /// Give up (and abort everywhere) after this long.
         #[arg(long)]
         timeout: Option<String>,
+        #[command(flatten)]
+        out: Out,
     },
-    List,
-    Show { id: u64 },
-    Delete { id: u64 },
+    List(Out),
+    Show {
+        id: u64,
+        #[command(flatten)]
+        out: Out,
+    },
+    Delete {
+        id: u64,
+        #[command(flatten)]
+        out: Out,
+    },
     /// Compute the blake3 hash of the snapshot image and record it in its manifest.
-    Verify { id: u64 },
+    Verify {
+        id: u64,
+        #[command(flatten)]
+        out: Out,
+        /// Print progress lines ({"progress":{…}}) on stderr for the console.
+        #[arg(long)]
+        progress: bool,
+    },
+}
+
+/// Output format of a command.
+#[derive(Args, Debug, Clone, Copy)]
+struct Out {
+    /// Print one JSON value for scripts instead of text.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -172,11 +207,12 @@ fn dur(s: &str) -> Result<Duration> {
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
-    let json = cli.json;
     let cfg = || config::resolve(cli.config.as_deref());
     match cli.command {
         Command::Node(NodeCmd::Run) => node::run(cfg()?)?,
-        Command::Cluster(ClusterCmd::Init { dir, nodes, size, block_size, lease }) => {
+        Command::Volume(args) => cli::volume::run(args)?,
+        Command::Bench(cmd) => bench::run(cmd)?,
+        Command::Cluster(ClusterCmd::Init { dir, nodes, size, block_size, lease, out: Out { json } }) => {
             let opts = cluster::InitOptions {
                 nodes,
                 size: freezeframe_core::units::parse_size(&size)?,
@@ -194,30 +230,30 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 println!("start it with: freezeframe cluster up {}", dir.display());
             }
         }
-        Command::Cluster(ClusterCmd::Up { dir, wait }) => {
+        Command::Cluster(ClusterCmd::Up { dir, wait, out: Out { json } }) => {
             cluster::up(&dir, dur(&wait)?)?;
             if !json {
                 println!("cluster {} is up", dir.display());
             }
         }
-        Command::Cluster(ClusterCmd::Down { dir, wait }) => {
+        Command::Cluster(ClusterCmd::Down { dir, wait, out: Out { json } }) => {
             cluster::down(&dir, dur(&wait)?)?;
             if !json {
                 println!("cluster {} is down", dir.display());
             }
         }
-        Command::Status => client::status(&cfg()?, json)?,
-        Command::Snapshot(SnapshotCmd::Create { timeout }) => {
+        Command::Status(Out { json }) => client::status(&cfg()?, json)?,
+        Command::Snapshot(SnapshotCmd::Create { timeout, out: Out { json } }) => {
             let t = timeout.as_deref().map(config::parse_ms).transpose()?;
             if !client::snapshot_create(&cfg()?, t, json)? {
                 return Ok(ExitCode::from(2));
             }
         }
-        Command::Snapshot(SnapshotCmd::List) => client::snapshot_list(&cfg()?, json)?,
-        Command::Snapshot(SnapshotCmd::Show { id }) => client::snapshot_show(&cfg()?, id, json)?,
-        Command::Snapshot(SnapshotCmd::Delete { id }) => client::snapshot_delete(&cfg()?, id, json)?,
-        Command::Snapshot(SnapshotCmd::Verify { id }) => client::snapshot_verify(&cfg()?, id, json)?,
-        Command::Events => client::events(&cfg()?, json)?,
+        Command::Snapshot(SnapshotCmd::List(Out { json })) => client::snapshot_list(&cfg()?, json)?,
+        Command::Snapshot(SnapshotCmd::Show { id, out: Out { json } }) => client::snapshot_show(&cfg()?, id, json)?,
+        Command::Snapshot(SnapshotCmd::Delete { id, out: Out { json } }) => client::snapshot_delete(&cfg()?, id, json)?,
+        Command::Snapshot(SnapshotCmd::Verify { id, out: Out { json }, progress }) => client::snapshot_verify(&cfg()?, id, json, progress)?,
+        Command::Events(Out { json }) => client::events(&cfg()?, json)?,
         Command::DemoWriter(a) => demo_writer::run(demo_writer::Options {
             socket: a.socket,
             volume: a.volume,

@@ -7,3 +7,13 @@
 //!
 //! # Layout
 //! - [`error`]: the crate's one error type.
+//! - [`format`]: the checksummed, versioned, size-limited envelope of every state file.
+//! - [`units`]: sizes and durations as people write them (`64KiB`, `1GiB`, `10s`).
+//! - [`volume`]: the copy-on-write shared volume engine: catalog, diff area, locks.
+
+pub mod error;
+pub mod format;
+pub mod units;
+pub mod volume;
+
+pub use error::{Error, Result};
