@@ -7,3 +7,6 @@
 //!
 //! # Layout
 //! - [`error`]: the crate's one error type.
+//! - [`protocol`]: the snapshot protocol as deterministic state machines.
+
+pub mod protocol;
