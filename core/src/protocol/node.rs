@@ -327,30 +327,25 @@ impl NodeMachine {
     }
 
     /// Move messages between the components until every outbox is empty.
+    ///
+    /// One message at a time, and always from the component furthest from
+    /// the coordinator first: a coordinator instruction is a call, so what it
+    /// sets off (the cluster writer telling the cluster service to send
+    /// abort, say) must finish before the coordinator's next instruction
+    /// (reporting the run finished) is routed.
     fn pump(&mut self) {
         loop {
-            let mut moved = false;
-            while let Some(o) = self.coordinator.poll() {
-                moved = true;
-                self.route_coordinator(o);
-            }
-            while let Some(o) = self.cluster_writer.poll() {
-                moved = true;
-                self.route_cluster_writer(o);
-            }
-            while let Some(o) = self.cluster_service.poll() {
-                moved = true;
+            if let Some(o) = self.cluster_service.poll() {
                 self.route_cluster_service(o);
-            }
-            while let Some(o) = self.storage.poll() {
-                moved = true;
+            } else if let Some(o) = self.cluster_writer.poll() {
+                self.route_cluster_writer(o);
+            } else if let Some(o) = self.storage.poll() {
                 self.route_provider(o);
-            }
-            while let Some(o) = self.helper.poll() {
-                moved = true;
+            } else if let Some(o) = self.helper.poll() {
                 self.route_provider(o);
-            }
-            if !moved {
+            } else if let Some(o) = self.coordinator.poll() {
+                self.route_coordinator(o);
+            } else {
                 return;
             }
         }

@@ -212,6 +212,8 @@ pub struct Sim {
     requests: Vec<RequestRecord>,
     commits: Vec<CommitRecord>,
     violations: Vec<String>,
+    /// Ended freeze episodes: (node, writer, snapshot, freeze at, thaw/abort at).
+    episodes: Vec<(usize, String, SnapshotId, u64, u64)>,
     /// Phase events seen, for tests that look at them.
     phase_events: Vec<PhaseEvent>,
     /// Steps bound: a run that does not settle is a violation, not a hang.
@@ -268,6 +270,7 @@ impl Sim {
             requests: vec![],
             commits: vec![],
             violations: vec![],
+            episodes: vec![],
             phase_events: vec![],
             max_steps: 200_000,
         }
@@ -587,6 +590,7 @@ impl Sim {
         let kind = event.kind();
         let lease = self.config.lease_ms;
         let mut problems = vec![];
+        let mut ended = None;
         {
             let w = &mut self.nodes[i].writers[idx];
             w.last_event = Some((snapshot, kind));
@@ -600,6 +604,7 @@ impl Sim {
                 EventKind::Thaw | EventKind::Abort => {
                     w.frozen_for = None;
                     if let Some(since) = w.freeze_since.remove(&snapshot) {
+                        ended = Some((i, w.spec.name.clone(), snapshot, since, now));
                         if now - since > lease {
                             problems.push(format!("{} stayed frozen {} ms, past the lease", w.spec.name, now - since));
                         }
@@ -611,6 +616,7 @@ impl Sim {
         for p in problems {
             self.violate(p);
         }
+        self.episodes.extend(ended);
         if kind == EventKind::Abort {
             return;
         }
@@ -703,6 +709,25 @@ impl Sim {
                 }
                 if rep.requested_ms != r.at && !rep.is_busy() {
                     v.push(format!("report {} requested_ms {} but asked at {}", rep.id, rep.requested_ms, r.at));
+                }
+            }
+        }
+        // On a lossless network an abort reaches every node at once: nobody
+        // waits for its lease after the initiator gave up.
+        if self.config.drop_per_mille == 0 {
+            let slack = self.config.delay_ms.1 + 1;
+            for r in self.requests.iter().filter(|r| self.nodes[r.node].alive) {
+                for rep in r.reports.iter().filter(|rep| rep.status == ReportStatus::Failed && !rep.is_busy()) {
+                    for (node, writer, _, _, end) in self.episodes.iter().filter(|e| e.2 == rep.id) {
+                        if *end > rep.finished_ms + slack {
+                            v.push(format!(
+                                "{writer} on {} thawed at {end}, long after the initiator aborted snapshot {} at {}",
+                                node_name(*node),
+                                rep.id,
+                                rep.finished_ms
+                            ));
+                        }
+                    }
                 }
             }
         }
