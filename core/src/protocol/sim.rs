@@ -163,6 +163,11 @@ enum Ev {
     WriterAnswer { node: usize, writer: usize, snapshot: SnapshotId, event: EventKind, reply: WriterReply },
     Request { node: usize, handle: usize },
     Crash(usize),
+    /// The link between two nodes breaks (both sides see the peer down
+    /// after the detection delay; messages on it are lost) …
+    Partition(usize, usize),
+    /// … and comes back.
+    Heal(usize, usize),
 }
 
 /// A request made through [`Sim::request_at`].
@@ -205,6 +210,10 @@ pub struct Sim {
     nodes: Vec<SimNode>,
     queue: BTreeMap<(u64, u64), Ev>,
     seq: u64,
+    /// Links broken by a partition, as (lower index, higher index).
+    cut: std::collections::BTreeSet<(usize, usize)>,
+    /// A partition happened (aborts may then be lost and left to the lease).
+    partitioned: bool,
     /// Last scheduled delivery per link, to keep links FIFO.
     link_last: BTreeMap<(usize, usize), u64>,
     next_snapshot: SnapshotId,
@@ -264,6 +273,8 @@ impl Sim {
             nodes,
             queue: BTreeMap::new(),
             seq: 0,
+            cut: Default::default(),
+            partitioned: false,
             link_last: BTreeMap::new(),
             next_snapshot: 1,
             catalog: BTreeMap::new(),
@@ -319,6 +330,12 @@ impl Sim {
             let at = rng.range(0, 2 * lease);
             sim.crash_at(node, at);
         }
+        if n > 1 && rng.chance(250) {
+            let a = rng.range(0, n as u64 - 1) as usize;
+            let b = (a + rng.range(1, n as u64 - 1) as usize) % n;
+            let at = rng.range(0, 2 * lease);
+            sim.partition_at(a, b, at, rng.range(1, lease));
+        }
         sim
     }
 
@@ -334,6 +351,17 @@ impl Sim {
     /// notice after the detection delay.
     pub fn crash_at(&mut self, node: usize, at: u64) {
         self.schedule(at, Ev::Crash(node));
+    }
+
+    /// The link between `a` and `b` breaks at `at` for `duration` ms: both
+    /// nodes stay alive and lose each other.
+    pub fn partition_at(&mut self, a: usize, b: usize, at: u64, duration: u64) {
+        self.schedule(at, Ev::Partition(a, b));
+        self.schedule(at + duration, Ev::Heal(a, b));
+    }
+
+    fn link(a: usize, b: usize) -> (usize, usize) {
+        (a.min(b), a.max(b))
     }
 
     /// Run until nothing is scheduled and no machine waits for a timer, then
@@ -431,7 +459,14 @@ impl Sim {
         let now = self.now;
         match ev {
             Ev::Input(i, input) => {
-                if self.nodes[i].alive {
+                let lost = match &input {
+                    Input::Peer { from, .. } => {
+                        let f = (0..self.nodes.len()).find(|f| node_name(*f) == *from).unwrap_or(i);
+                        self.cut.contains(&Sim::link(f, i))
+                    }
+                    _ => false,
+                };
+                if self.nodes[i].alive && !lost {
                     self.nodes[i].machine.handle(input, now);
                     self.drain(i);
                 }
@@ -468,6 +503,26 @@ impl Sim {
                     if !answered {
                         self.violate(format!("request {handle} on busy {} was not refused busy at once", node_name(node)));
                     }
+                }
+            }
+            Ev::Partition(a, b) => {
+                if a == b || !self.cut.insert(Sim::link(a, b)) {
+                    return;
+                }
+                self.partitioned = true;
+                for (me, other) in [(a, b), (b, a)] {
+                    let d = self.rng.range(self.config.detect_ms.0, self.config.detect_ms.1);
+                    self.schedule(now + d, Ev::Input(me, Input::PeerDown { node: node_name(other) }));
+                }
+            }
+            Ev::Heal(a, b) => {
+                if !self.cut.remove(&Sim::link(a, b)) {
+                    return;
+                }
+                // Reconnect only after both sides noticed the break.
+                for (me, other) in [(a, b), (b, a)] {
+                    let d = self.config.detect_ms.1 + 1;
+                    self.schedule(now + d, Ev::Input(me, Input::PeerUp { node: node_name(other) }));
                 }
             }
             Ev::Crash(i) => {
@@ -571,7 +626,7 @@ impl Sim {
                 return;
             }
         };
-        if self.rng.chance(self.config.drop_per_mille) {
+        if self.rng.chance(self.config.drop_per_mille) || self.cut.contains(&Sim::link(from, j)) {
             return;
         }
         let d = self.rng.range(self.config.delay_ms.0, self.config.delay_ms.1);
@@ -714,7 +769,7 @@ impl Sim {
         }
         // On a lossless network an abort reaches every node at once: nobody
         // waits for its lease after the initiator gave up.
-        if self.config.drop_per_mille == 0 {
+        if self.config.drop_per_mille == 0 && !self.partitioned {
             let slack = self.config.delay_ms.1 + 1;
             for r in self.requests.iter().filter(|r| self.nodes[r.node].alive) {
                 for rep in r.reports.iter().filter(|rep| rep.status == ReportStatus::Failed && !rep.is_busy()) {
