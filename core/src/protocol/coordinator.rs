@@ -605,3 +605,146 @@ impl Coordinator {
         }));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The coordinator alone, with plain writers and no cluster at all: the
+    //! VSS sequence and its failure rules.
+    use super::*;
+
+    const W1: WriterKey = WriterKey::App(1);
+    const W2: WriterKey = WriterKey::App(2);
+
+    fn drain(c: &mut Coordinator) -> Vec<CoordOut> {
+        std::iter::from_fn(|| c.poll()).filter(|o| !matches!(o, CoordOut::Phase(_))).collect()
+    }
+
+    fn two_writers() -> Coordinator {
+        let mut c = Coordinator::new("n1", 100);
+        c.add_writer(W1, "db", OnError::Fail, Some(500));
+        c.add_writer(W2, "cache", OnError::Continue, Some(500));
+        c
+    }
+
+    fn provider(call: ProviderCall) -> CoordOut {
+        CoordOut::Provider { kind: ProviderKind::Storage, snapshot: 7, call }
+    }
+
+    fn writer(key: WriterKey, event: WriterEvent) -> CoordOut {
+        CoordOut::Writer { key, snapshot: 7, event }
+    }
+
+    #[test]
+    fn runs_freeze_flush_and_hold_commit_release_post_snapshot_thaw_in_order() {
+        let mut c = two_writers();
+        c.start(Requester::Client(1), 7, ProviderKind::Storage, 10_000, 0);
+        assert_eq!(drain(&mut c), vec![writer(W1, WriterEvent::Freeze), writer(W2, WriterEvent::Freeze)]);
+        c.writer_reply(W1, 7, EventKind::Freeze, Answer::Ack, 1);
+        assert_eq!(drain(&mut c), vec![], "waits for every writer");
+        c.writer_reply(W2, 7, EventKind::Freeze, Answer::Ack, 2);
+        assert_eq!(drain(&mut c), vec![provider(ProviderCall::FlushAndHold)]);
+        c.provider_returned(7, ProviderCall::FlushAndHold, Ok(()), 3);
+        assert_eq!(drain(&mut c), vec![provider(ProviderCall::Commit)]);
+        c.provider_returned(7, ProviderCall::Commit, Ok(()), 4);
+        assert_eq!(
+            drain(&mut c),
+            vec![
+                provider(ProviderCall::Release),
+                writer(W1, WriterEvent::PostSnapshot),
+                writer(W2, WriterEvent::PostSnapshot)
+            ]
+        );
+        c.writer_reply(W1, 7, EventKind::PostSnapshot, Answer::Ack, 5);
+        c.writer_reply(W2, 7, EventKind::PostSnapshot, Answer::Ack, 5);
+        assert_eq!(
+            drain(&mut c),
+            vec![writer(W1, WriterEvent::Thaw), writer(W2, WriterEvent::Thaw), provider(ProviderCall::Complete)]
+        );
+        c.writer_reply(W1, 7, EventKind::Thaw, Answer::Ack, 6);
+        c.writer_reply(W2, 7, EventKind::Thaw, Answer::Ack, 6);
+        c.provider_returned(7, ProviderCall::Complete, Ok(()), 6);
+        let out = drain(&mut c);
+        let [CoordOut::Finished { requester: Requester::Client(1), result }] = out.as_slice() else {
+            panic!("expected one result, got {out:?}")
+        };
+        assert_eq!(result.error, None);
+        assert_eq!(result.io_hold_ms, Some(4 - 2), "flush-and-hold to release");
+        let names: Vec<Phase> = result.phases.iter().map(|p| p.name).collect();
+        assert_eq!(names, vec![Phase::Freezing, Phase::Committing, Phase::PostSnapshot, Phase::Thawing, Phase::Done]);
+        assert_eq!(c.busy(), None);
+        assert_eq!(c.phase(), Some((7, Phase::Done)));
+    }
+
+    #[test]
+    fn veto_from_a_fail_writer_aborts_everyone_and_names_it() {
+        let mut c = two_writers();
+        c.start(Requester::Client(1), 7, ProviderKind::Storage, 10_000, 0);
+        drain(&mut c);
+        c.writer_reply(W2, 7, EventKind::Freeze, Answer::Ack, 1);
+        c.writer_reply(W1, 7, EventKind::Freeze, Answer::Veto("disk full".into()), 2);
+        let out = drain(&mut c);
+        assert!(out.contains(&writer(W2, WriterEvent::Abort { reason: "node n1 writer db in freezing: disk full".into() })));
+        assert!(out.contains(&provider(ProviderCall::Abort)));
+        let Some(CoordOut::Finished { result, .. }) = out.last() else { panic!("{out:?}") };
+        let f = result.error.clone().expect("failed");
+        assert_eq!((f.node.as_str(), f.writer.as_deref(), f.phase), ("n1", Some("db"), Phase::Freezing));
+    }
+
+    #[test]
+    fn continue_writer_timing_out_is_recorded_and_skipped() {
+        let mut c = two_writers();
+        c.start(Requester::Client(1), 7, ProviderKind::Storage, 10_000, 0);
+        drain(&mut c);
+        c.writer_reply(W1, 7, EventKind::Freeze, Answer::Ack, 1);
+        assert_eq!(c.poll_timeout(), Some(500));
+        c.handle_timeout(500);
+        assert_eq!(drain(&mut c), vec![provider(ProviderCall::FlushAndHold)]);
+        let w = c.writers();
+        assert_eq!(w.iter().find(|w| w.0 == W2).map(|w| w.3), Some(WriterState::TimedOut));
+    }
+
+    #[test]
+    fn lease_expiry_aborts_and_releases_the_hold() {
+        let mut c = two_writers();
+        c.start(Requester::ClusterService, 7, ProviderKind::Helper, 1_000, 0);
+        drain(&mut c);
+        c.writer_reply(W1, 7, EventKind::Freeze, Answer::Ack, 1);
+        c.writer_reply(W2, 7, EventKind::Freeze, Answer::Ack, 1);
+        c.provider_returned(7, ProviderCall::FlushAndHold, Ok(()), 2);
+        drain(&mut c);
+        assert_eq!(c.phase(), Some((7, Phase::Frozen)), "the helper provider's commit phase");
+        assert_eq!(c.poll_timeout(), Some(1_000));
+        c.handle_timeout(999);
+        assert_eq!(drain(&mut c), vec![], "not before the deadline");
+        c.handle_timeout(1_000);
+        let out = drain(&mut c);
+        assert!(out.contains(&CoordOut::Provider { kind: ProviderKind::Helper, snapshot: 7, call: ProviderCall::Abort }));
+        assert_eq!(out.iter().filter(|o| matches!(o, CoordOut::Writer { event: WriterEvent::Abort { .. }, .. })).count(), 2);
+        assert_eq!(c.busy(), None);
+    }
+
+    #[test]
+    fn second_start_while_busy_is_refused_without_disturbing_the_first() {
+        let mut c = two_writers();
+        c.start(Requester::Client(1), 7, ProviderKind::Storage, 10_000, 0);
+        drain(&mut c);
+        c.start(Requester::Client(2), 8, ProviderKind::Storage, 10_000, 1);
+        let out = drain(&mut c);
+        let [CoordOut::Finished { requester: Requester::Client(2), result }] = out.as_slice() else { panic!("{out:?}") };
+        assert!(result.error.as_ref().is_some_and(|e| e.reason.starts_with(BUSY_PREFIX)));
+        assert_eq!(c.busy(), Some(7));
+    }
+
+    #[test]
+    fn late_and_foreign_answers_are_ignored() {
+        let mut c = two_writers();
+        c.start(Requester::Client(1), 7, ProviderKind::Storage, 10_000, 0);
+        drain(&mut c);
+        c.writer_reply(W1, 6, EventKind::Freeze, Answer::Veto("old".into()), 1);
+        c.writer_reply(W1, 7, EventKind::Thaw, Answer::Veto("wrong event".into()), 1);
+        c.writer_reply(WriterKey::App(99), 7, EventKind::Freeze, Answer::Veto("stranger".into()), 1);
+        c.provider_returned(7, ProviderCall::Commit, Ok(()), 1);
+        assert_eq!(drain(&mut c), vec![]);
+        assert_eq!(c.busy(), Some(7));
+    }
+}

@@ -462,3 +462,190 @@ impl NodeMachine {
         self.out.push_back(Output::Report { req, report });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The machine as a driver sees it: inputs, outputs in order, timers,
+    //! status.
+    use super::*;
+
+    fn drain(m: &mut NodeMachine) -> Vec<Output> {
+        std::iter::from_fn(|| m.poll_output()).filter(|o| !matches!(o, Output::Phase(_))).collect()
+    }
+
+    fn lone_node() -> NodeMachine {
+        let mut m = NodeMachine::new(Config::new("n1", &["n1"]), 1_000);
+        let reg = Input::WriterRegistered { writer: 5, name: "db".into(), on_error: OnError::Fail, freeze_timeout_ms: None };
+        m.handle(reg, 1_000);
+        m
+    }
+
+    #[test]
+    fn a_lone_node_asks_the_driver_for_each_step_and_reports_once() {
+        let mut m = lone_node();
+        m.handle(Input::Request { req: 1, snapshot: 3, timeout_ms: None }, 1_000);
+        assert_eq!(drain(&mut m), vec![Output::WriterEvent { writer: 5, snapshot: 3, event: WriterEvent::Freeze }]);
+        assert_eq!(m.status().phase, Phase::Freezing);
+        assert_eq!(m.status().writers[0].state, WriterState::Freezing);
+        assert_eq!(m.poll_timeout(), Some(1_000 + DEFAULT_WRITER_TIMEOUT_MS));
+        let ack = |event| Input::WriterReply { writer: 5, snapshot: 3, event, reply: WriterReply::Ack };
+        m.handle(ack(EventKind::Freeze), 1_010);
+        assert_eq!(drain(&mut m), vec![Output::HoldIo { snapshot: 3 }]);
+        m.handle(Input::HoldDone { snapshot: 3 }, 1_011);
+        assert_eq!(drain(&mut m), vec![Output::FlushVolume { snapshot: 3 }]);
+        assert!(m.status().io_held);
+        m.handle(Input::FlushDone { snapshot: 3, result: Ok(()) }, 1_012);
+        assert_eq!(drain(&mut m), vec![Output::CreateSnapshot { snapshot: 3 }]);
+        m.handle(Input::SnapshotCreated { snapshot: 3, result: Ok(()) }, 1_013);
+        assert_eq!(
+            drain(&mut m),
+            vec![
+                Output::ReleaseIo { snapshot: 3 },
+                Output::WriterEvent { writer: 5, snapshot: 3, event: WriterEvent::PostSnapshot }
+            ]
+        );
+        m.handle(ack(EventKind::PostSnapshot), 1_020);
+        assert_eq!(
+            drain(&mut m),
+            vec![
+                Output::WriterEvent { writer: 5, snapshot: 3, event: WriterEvent::Thaw },
+                Output::SealSnapshot { snapshot: 3 }
+            ]
+        );
+        m.handle(Input::SnapshotSealed { snapshot: 3, result: Ok(()) }, 1_021);
+        assert_eq!(drain(&mut m), vec![], "still waiting for the thaw answer");
+        m.handle(ack(EventKind::Thaw), 1_022);
+        let out = drain(&mut m);
+        let [Output::Report { req: 1, report }] = out.as_slice() else { panic!("{out:?}") };
+        assert_eq!(report.status, ReportStatus::Complete);
+        assert_eq!((report.requested_ms, report.finished_ms), (1_000, 1_022));
+        assert_eq!(report.io_hold_ms, Some(1_013 - 1_010));
+        assert_eq!(report.freeze_window_ms, Some(1_022 - 1_010));
+        assert_eq!(m.poll_timeout(), None);
+        assert_eq!(m.status().phase, Phase::Done);
+        assert!(!m.status().in_flight && !m.status().io_held);
+    }
+
+    #[test]
+    fn create_failure_after_hold_releases_and_reports_the_provider_error() {
+        let mut m = lone_node();
+        m.handle(Input::Request { req: 1, snapshot: 3, timeout_ms: None }, 0);
+        m.handle(Input::WriterReply { writer: 5, snapshot: 3, event: EventKind::Freeze, reply: WriterReply::Ack }, 1);
+        m.handle(Input::HoldDone { snapshot: 3 }, 2);
+        m.handle(Input::FlushDone { snapshot: 3, result: Ok(()) }, 3);
+        drain(&mut m);
+        m.handle(Input::SnapshotCreated { snapshot: 3, result: Err("catalog locked".into()) }, 4);
+        let out = drain(&mut m);
+        assert!(out.contains(&Output::ReleaseIo { snapshot: 3 }));
+        assert!(!out.contains(&Output::DeleteSnapshot { snapshot: 3 }), "nothing was created");
+        assert!(out.iter().any(|o| matches!(o, Output::WriterEvent { event: WriterEvent::Abort { .. }, .. })));
+        let Some(Output::Report { report, .. }) = out.last() else { panic!("{out:?}") };
+        let e = report.error.clone().expect("failed");
+        assert_eq!(e.phase, Phase::Committing);
+        assert!(e.reason.contains("creating snapshot 3 failed: catalog locked"), "{e:?}");
+    }
+
+    #[test]
+    fn a_request_while_busy_gets_a_busy_report_at_once() {
+        let mut m = lone_node();
+        m.handle(Input::Request { req: 1, snapshot: 3, timeout_ms: None }, 0);
+        drain(&mut m);
+        m.handle(Input::Request { req: 2, snapshot: 4, timeout_ms: None }, 5);
+        let out = drain(&mut m);
+        let [Output::Report { req: 2, report }] = out.as_slice() else { panic!("{out:?}") };
+        assert!(report.is_busy());
+        assert_eq!(report.error.as_ref().map(|e| e.reason.as_str()), Some("busy: snapshot 3 is in flight on node n1"));
+        assert_eq!(m.status().snapshot, Some(3));
+    }
+
+    #[test]
+    fn a_disconnected_member_fails_the_request_naming_it() {
+        let mut m = NodeMachine::new(Config::new("n1", &["n1", "n2", "n3"]), 0);
+        m.handle(Input::PeerUp { node: "n2".into() }, 0);
+        m.handle(Input::Request { req: 1, snapshot: 3, timeout_ms: Some(2_000) }, 0);
+        let out = drain(&mut m);
+        let Some(Output::Report { report, .. }) = out.last() else { panic!("{out:?}") };
+        let e = report.error.clone().expect("failed");
+        assert_eq!((e.node.as_str(), e.phase), ("n3", Phase::Freezing));
+        assert_eq!(e.reason, "node n3 is not connected");
+        let peers = m.status().peers;
+        assert_eq!(peers, vec![
+            PeerStatus { node: "n2".into(), connected: true },
+            PeerStatus { node: "n3".into(), connected: false }
+        ]);
+    }
+
+    #[test]
+    fn a_remote_node_joins_on_freeze_notice_and_answers_busy_to_a_second_one() {
+        let mut m = NodeMachine::new(Config::new("n2", &["n1", "n2", "n3"]), 0);
+        for p in ["n1", "n3"] {
+            m.handle(Input::PeerUp { node: p.into() }, 0);
+        }
+        let notice = |snapshot, initiator: &str| Input::Peer {
+            from: initiator.into(),
+            msg: PeerMessage::FreezeNotice { snapshot, initiator: initiator.into(), lease_ms: 3_000 },
+        };
+        m.handle(notice(9, "n1"), 10);
+        // No local writers: straight to hold.
+        assert_eq!(drain(&mut m), vec![Output::HoldIo { snapshot: 9 }]);
+        assert_eq!(m.status().role, Some(NodeRole::Remote { initiator: "n1".into() }));
+        assert_eq!(m.poll_timeout(), Some(3_010), "the lease, from receipt");
+        m.handle(notice(10, "n3"), 11);
+        let busy = PeerMessage::Busy { snapshot: 10, node: "n2".into(), current: 9 };
+        assert_eq!(drain(&mut m), vec![Output::SendPeer { to: "n3".into(), msg: busy }]);
+        m.handle(Input::HoldDone { snapshot: 9 }, 12);
+        m.handle(Input::FlushDone { snapshot: 9, result: Ok(()) }, 13);
+        let frozen = PeerMessage::Frozen { snapshot: 9, node: "n2".into() };
+        assert_eq!(drain(&mut m), vec![Output::FlushVolume { snapshot: 9 }, Output::SendPeer { to: "n1".into(), msg: frozen }]);
+        assert_eq!(m.status().phase, Phase::Frozen);
+        // A stranger cannot release it.
+        m.handle(Input::Peer { from: "n9".into(), msg: PeerMessage::PostSnapshot { snapshot: 9 } }, 14);
+        m.handle(Input::Peer { from: "n3".into(), msg: PeerMessage::PostSnapshot { snapshot: 9 } }, 14);
+        assert_eq!(drain(&mut m), vec![]);
+        // The lease runs out: it lets go by itself and tells the initiator.
+        m.handle_timeout(3_010);
+        let out = drain(&mut m);
+        assert_eq!(out[0], Output::ReleaseIo { snapshot: 9 });
+        let Output::SendPeer { to, msg: PeerMessage::Failed { error, .. } } = &out[1] else { panic!("{out:?}") };
+        assert_eq!(to, "n1");
+        assert_eq!((error.node.as_str(), error.phase), ("n2", Phase::Frozen));
+        assert!(!m.status().in_flight && !m.status().io_held);
+    }
+
+    #[test]
+    fn time_passed_in_never_goes_backwards() {
+        let mut m = lone_node();
+        m.handle(Input::Request { req: 1, snapshot: 3, timeout_ms: Some(100) }, 5_000);
+        m.handle(Input::WriterReply { writer: 5, snapshot: 3, event: EventKind::Freeze, reply: WriterReply::Ack }, 4_000);
+        let events: Vec<u64> = std::iter::from_fn(|| m.poll_output())
+            .filter_map(|o| if let Output::Phase(e) = o { Some(e.at_ms) } else { None })
+            .collect();
+        assert!(events.iter().all(|t| *t == 5_000), "{events:?}");
+    }
+
+    #[test]
+    fn report_json_has_the_fields_snapshot_create_prints() {
+        let report = Report {
+            id: 4,
+            status: ReportStatus::Failed,
+            error: Some(Failure { node: "n2".into(), writer: Some("db".into()), phase: Phase::Freezing, reason: "no".into() }),
+            initiator: "n1".into(),
+            requested_ms: 1,
+            finished_ms: 2,
+            nodes: vec![NodeReport {
+                node: "n1".into(),
+                phases: vec![PhaseSpan { name: Phase::PostSnapshot, start_ms: 1, end_ms: 2 }],
+                writers: vec![],
+            }],
+            freeze_window_ms: None,
+            io_hold_ms: None,
+        };
+        let v = serde_json::to_value(&report).expect("serialize");
+        assert_eq!(v["status"], "failed");
+        assert_eq!(v["error"]["writer"], "db");
+        assert_eq!(v["error"]["phase"], "freezing");
+        assert_eq!(v["nodes"][0]["phases"][0]["name"], "post_snapshot");
+        let back: Report = serde_json::from_value(v).expect("parse");
+        assert_eq!(back, report);
+    }
+}
