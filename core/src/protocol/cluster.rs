@@ -530,3 +530,59 @@ impl ClusterService {
         self.out.pop_front()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn drain_cw(w: &mut ClusterWriter) -> Vec<CwOut> {
+        std::iter::from_fn(|| w.poll()).collect()
+    }
+
+    #[test]
+    fn cluster_writer_on_a_remote_node_returns_at_once() {
+        let mut w = ClusterWriter::default();
+        w.set_remote(4);
+        for event in [WriterEvent::Freeze, WriterEvent::PostSnapshot, WriterEvent::Thaw] {
+            let kind = event.kind();
+            w.event(4, &event);
+            assert_eq!(drain_cw(&mut w), vec![CwOut::Answer { snapshot: 4, event: kind, answer: Answer::Ack }]);
+        }
+    }
+
+    #[test]
+    fn cluster_writer_on_the_initiator_blocks_until_every_node_reported() {
+        let mut w = ClusterWriter::default();
+        w.event(4, &WriterEvent::Freeze);
+        assert_eq!(drain_cw(&mut w), vec![CwOut::Freeze { snapshot: 4 }]);
+        w.all_done(4);
+        assert_eq!(drain_cw(&mut w), vec![], "the wrong event does not release it");
+        w.all_frozen(4);
+        assert_eq!(drain_cw(&mut w), vec![CwOut::Answer { snapshot: 4, event: EventKind::Freeze, answer: Answer::Ack }]);
+    }
+
+    #[test]
+    fn a_failure_heard_between_events_is_the_answer_to_the_next_one() {
+        let mut w = ClusterWriter::default();
+        let f = Failure { node: "n3".into(), writer: None, phase: Phase::Frozen, reason: "lost".into() };
+        w.failed(4, f.clone());
+        w.event(4, &WriterEvent::PostSnapshot);
+        let answer = Answer::Failed(f);
+        assert_eq!(drain_cw(&mut w), vec![CwOut::Answer { snapshot: 4, event: EventKind::PostSnapshot, answer }]);
+    }
+
+    #[test]
+    fn cluster_service_tells_a_late_node_it_missed_the_lease() {
+        let mut cs = ClusterService::new("n1", &["n1".into(), "n2".into()]);
+        cs.peer_up("n2");
+        cs.prepare_initiator(4, 1_000);
+        cs.writer_freeze(4, 100);
+        let notice = PeerMessage::FreezeNotice { snapshot: 4, initiator: "n1".into(), lease_ms: 900 };
+        assert_eq!(cs.poll(), Some(CsOut::Send { to: "n2".into(), msg: notice }));
+        assert_eq!(cs.poll_timeout(), Some(1_000));
+        cs.handle_timeout(1_000);
+        let Some(CsOut::Failed { failure, .. }) = cs.poll() else { panic!("expected a failure") };
+        assert_eq!((failure.node.as_str(), failure.phase), ("n2", Phase::Freezing));
+        assert_eq!(failure.reason, "node n2 did not report frozen before the lease expired");
+    }
+}

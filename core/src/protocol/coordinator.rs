@@ -243,7 +243,7 @@ impl Coordinator {
                 let w = RunWriter {
                     reg: reg.clone(),
                     state: WriterState::Freezing,
-                    pending: Some((EventKind::Freeze, reg.timeout_ms.map(|t| now + t))),
+                    pending: Some((EventKind::Freeze, reg.timeout_ms.map(|t| now.saturating_add(t)))),
                     excluded: false,
                     gone: false,
                     frozen_or_freezing: true,
@@ -344,6 +344,20 @@ impl Coordinator {
         }
         match call {
             ProviderCall::FlushAndHold => {
+                // A slow flush may have eaten the margin: the other nodes'
+                // leases end at about the deadline, so do not commit now.
+                if now.saturating_add(self.commit_margin_ms) >= run.deadline_ms {
+                    let f = Failure {
+                        node: self.node.clone(),
+                        writer: None,
+                        phase,
+                        reason: format!(
+                            "flush-and-hold ended too close to the deadline to commit safely (margin {} ms)",
+                            self.commit_margin_ms
+                        ),
+                    };
+                    return self.abort_run(f, now);
+                }
                 run.step = Step::Commit;
                 run.provider_wait = Some(ProviderCall::Commit);
                 let (kind, snap) = (run.provider, run.snapshot);
@@ -445,7 +459,7 @@ impl Coordinator {
         let Some(w) = run.writers.get_mut(&key) else { return };
         let kind = event.kind();
         let wait = !w.excluded && kind != EventKind::Abort;
-        w.pending = if wait { Some((kind, w.reg.timeout_ms.map(|t| now + t))) } else { None };
+        w.pending = if wait { Some((kind, w.reg.timeout_ms.map(|t| now.saturating_add(t)))) } else { None };
         match kind {
             EventKind::Freeze => w.state = WriterState::Freezing,
             EventKind::PostSnapshot => w.state = WriterState::PostSnapshot,
@@ -509,7 +523,7 @@ impl Coordinator {
         match run.step {
             Step::Freezing if !waiting => {
                 let commit_phase = run.provider.commit_phase();
-                if now + self.commit_margin_ms >= run.deadline_ms {
+                if now.saturating_add(self.commit_margin_ms) >= run.deadline_ms {
                     let f = Failure {
                         node: self.node.clone(),
                         writer: None,

@@ -15,6 +15,26 @@
 //! - [`sim`]: a seeded simulation of a whole cluster (network delay, drops,
 //!   crashes, misbehaving writers) that checks the protocol's promises.
 //!
+//! # One snapshot, as the machines see it
+//! ```text
+//!  initiator I                                   every other node R
+//!  Request ─► coordinator: freeze writers + cluster writer
+//!             cluster writer ─► cluster service ── FreezeNotice{lease} ──► cluster service
+//!                                                        coordinator (helper provider): freeze writers,
+//!                                                        HoldIo+FlushVolume, commit ─► helper blocks
+//!             cluster writer returns ◄──────────── Frozen ◄────────────── cluster service
+//!  HoldIo, FlushVolume, CreateSnapshot (commit instant), ReleaseIo
+//!  post_snapshot writers + cluster writer ──────── PostSnapshot ─────────► helper returns;
+//!                                                        ReleaseIo, post_snapshot, thaw writers
+//!             cluster writer returns ◄──────────── Done{node report} ◄──
+//!  thaw writers, SealSnapshot, Report to the requester
+//! ```
+//! Any failure: the coordinator that sees it aborts its writers and
+//! provider; the initiator sends `Abort` to every node still in, deletes a
+//! created snapshot and reports; another node sends `Failed` to the
+//! initiator. A node that loses its initiator, or whose lease runs out,
+//! aborts by itself.
+//!
 //! # The promises
 //! - At the commit instant every writer in the cluster that was not allowed
 //!   to continue (on_error=continue after a failure) is frozen.

@@ -158,7 +158,7 @@ pub struct NodeMachine {
     active_provider: Option<ProviderKind>,
     /// The local request in flight and when it came.
     request: Option<(RequestId, SnapshotId, u64)>,
-    /// Local writer registrations: id → name, to skip the cluster writer.
+    /// The latest time passed in; the machine's clock never runs backwards.
     now: u64,
     out: VecDeque<Output>,
 }

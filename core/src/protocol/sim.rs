@@ -423,7 +423,7 @@ impl Sim {
         &self.phase_events
     }
 
-    /// Events one writer received: (time, snapshot, event kind).
+    /// Node `node`'s status as the console would see it.
     pub fn status(&self, node: usize) -> Option<super::NodeStatus> {
         self.nodes.get(node).map(|n| n.machine.status())
     }
