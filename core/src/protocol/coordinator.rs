@@ -3,7 +3,7 @@
 //! post-snapshot → thaw (DESIGN.md §3), with a per-writer timeout per event and
 //! one deadline (the lease) for the whole run.
 //!
-//! It knows nothing of the cluster (seed 001, [0064]): it talks to a list of
+//! It knows nothing of the cluster (seed 001, \[0064\]): it talks to a list of
 //! writers, each named by an opaque [`WriterKey`], and to ONE provider named by
 //! a [`ProviderKind`]. That the cluster writer is a writer and the helper
 //! provider a provider is the business of whoever wires it ([`super::NodeMachine`]).

@@ -1,5 +1,5 @@
-//! The two providers the coordinator can commit through (seed 001, [0050],
-//! [0058]): the [`StorageProvider`] on the initiator asks the driver to make the
+//! The two providers the coordinator can commit through (seed 001, \[0050\],
+//! \[0058\]): the [`StorageProvider`] on the initiator asks the driver to make the
 //! real block snapshot; the [`HelperProvider`] on every other node stands in
 //! for it: it tells the cluster service that the node is committed (frozen and
 //! flushed), then blocks until the initiator's post-snapshot.
