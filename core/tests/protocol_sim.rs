@@ -132,6 +132,37 @@ fn writer_that_never_answers_times_out_and_is_named() {
 }
 
 #[test]
+fn writer_disconnecting_while_it_owes_an_answer_fails_the_snapshot_at_once() {
+    let config = SimConfig::cluster(2, 1).writer(1, 0, Behaviour::Silent(EventKind::Freeze), OnError::Fail);
+    let mut sim = Sim::new(config, 19);
+    let req = sim.request_at(0, 0);
+    sim.writer_gone_at(1, 0, 50);
+    sim.run();
+    assert_clean(&sim);
+    let report = sim.report(req).expect("one report");
+    let error = report.error.as_ref().expect("failed");
+    assert_eq!((error.node.as_str(), error.writer.as_deref()), ("n2", Some("app2-1")));
+    assert_eq!(error.reason, "writer disconnected");
+    assert!(report.finished_ms < 60, "not left to the timeout");
+}
+
+#[test]
+fn writer_disconnecting_while_frozen_is_recorded_and_the_snapshot_completes() {
+    let mut config = SimConfig::cluster(2, 2);
+    config.writer_delay_ms = (10, 10);
+    let mut sim = Sim::new(config, 20);
+    let req = sim.request_at(0, 0);
+    // Frozen by ~12 ms; post-snapshot not before ~24 ms.
+    sim.writer_gone_at(1, 1, 18);
+    sim.run();
+    assert_clean(&sim);
+    let report = sim.report(req).expect("one report");
+    assert_eq!(report.status, ReportStatus::Complete, "{report:#?}");
+    let n2 = report.nodes.iter().find(|n| n.node == "n2").expect("n2");
+    assert_eq!(n2.writers.iter().find(|w| w.name == "app2-2").map(|w| w.outcome), Some(WriterOutcome::Gone));
+}
+
+#[test]
 fn writer_allowed_to_continue_is_recorded_but_does_not_abort() {
     let config = SimConfig::cluster(2, 2)
         .writer(1, 0, Behaviour::Silent(EventKind::Freeze), OnError::Continue)

@@ -146,6 +146,9 @@ struct SimWriter {
     last_event: Option<(SnapshotId, EventKind)>,
     /// Open freeze episodes: snapshot → when freeze arrived.
     freeze_since: BTreeMap<SnapshotId, u64>,
+    /// The application disconnected (it no longer counts, and must get no
+    /// further events).
+    gone: bool,
 }
 
 #[derive(Debug)]
@@ -163,6 +166,8 @@ enum Ev {
     WriterAnswer { node: usize, writer: usize, snapshot: SnapshotId, event: EventKind, reply: WriterReply },
     Request { node: usize, handle: usize },
     Crash(usize),
+    /// A writer's application disconnects.
+    WriterGone { node: usize, writer: usize },
     /// The link between two nodes breaks (both sides see the peer down
     /// after the detection delay; messages on it are lost) …
     Partition(usize, usize),
@@ -253,6 +258,7 @@ impl Sim {
                     frozen_for: None,
                     last_event: None,
                     freeze_since: BTreeMap::new(),
+                    gone: false,
                 })
                 .collect();
             for w in &writers {
@@ -330,6 +336,15 @@ impl Sim {
             let at = rng.range(0, 2 * lease);
             sim.crash_at(node, at);
         }
+        if rng.chance(150) {
+            let node = rng.range(0, n as u64 - 1) as usize;
+            let count = sim.nodes[node].writers.len() as u64;
+            if count > 0 {
+                let writer = rng.range(0, count - 1) as usize;
+                let at = rng.range(0, 2 * lease);
+                sim.writer_gone_at(node, writer, at);
+            }
+        }
         if n > 1 && rng.chance(250) {
             let a = rng.range(0, n as u64 - 1) as usize;
             let b = (a + rng.range(1, n as u64 - 1) as usize) % n;
@@ -351,6 +366,11 @@ impl Sim {
     /// notice after the detection delay.
     pub fn crash_at(&mut self, node: usize, at: u64) {
         self.schedule(at, Ev::Crash(node));
+    }
+
+    /// Writer `writer` of node `node` disconnects at `at`.
+    pub fn writer_gone_at(&mut self, node: usize, writer: usize, at: u64) {
+        self.schedule(at, Ev::WriterGone { node, writer });
     }
 
     /// The link between `a` and `b` breaks at `at` for `duration` ms: both
@@ -505,6 +525,18 @@ impl Sim {
                     }
                 }
             }
+            Ev::WriterGone { node, writer } => {
+                if !self.nodes[node].alive {
+                    return;
+                }
+                let Some(w) = self.nodes[node].writers.get_mut(writer).filter(|w| !w.gone) else { return };
+                w.gone = true;
+                w.frozen_for = None;
+                w.freeze_since.clear();
+                let input = Input::WriterGone { writer: w.id };
+                self.nodes[node].machine.handle(input, now);
+                self.drain(node);
+            }
             Ev::Partition(a, b) => {
                 if a == b || !self.cut.insert(Sim::link(a, b)) {
                     return;
@@ -643,6 +675,10 @@ impl Sim {
             return;
         };
         let kind = event.kind();
+        if self.nodes[i].writers[idx].gone {
+            self.violate(format!("{} sent {kind} to disconnected writer {writer}", node_name(i)));
+            return;
+        }
         let lease = self.config.lease_ms;
         let mut problems = vec![];
         let mut ended = None;
@@ -697,7 +733,7 @@ impl Sim {
                 unheld.push(node_name(i));
             }
             for w in &n.writers {
-                if w.spec.on_error == OnError::Fail && w.frozen_for != Some(snapshot) {
+                if !w.gone && w.spec.on_error == OnError::Fail && w.frozen_for != Some(snapshot) {
                     unfrozen.push(w.spec.name.clone());
                 }
             }
