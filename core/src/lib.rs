@@ -10,9 +10,11 @@
 //! - [`format`]: the checksummed, versioned, size-limited envelope of every state file.
 //! - [`units`]: sizes and durations as people write them (`64KiB`, `1GiB`, `10s`).
 //! - [`volume`]: the copy-on-write shared volume engine: catalog, diff area, locks.
+//! - [`protocol`]: the snapshot protocol as deterministic state machines.
 
 pub mod error;
 pub mod format;
+pub mod protocol;
 pub mod units;
 pub mod volume;
 
