@@ -153,6 +153,30 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+
+    /// A control or writer line longer than the limit (the line is skipped).
+    #[error("line longer than {max} bytes")]
+    LineTooLong { max: usize },
+
+    /// A control or writer line that is not the JSON expected.
+    #[error("malformed message: {0}")]
+    Malformed(String),
+
+    /// Nothing answers on a node's control socket.
+    #[error("node unreachable on {}: {source}", path.display())]
+    NodeUnreachable {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// The node closed the control connection before answering.
+    #[error("node closed the control connection {} before answering", path.display())]
+    NodeClosed { path: PathBuf },
+
+    /// The node answered with an error.
+    #[error("{0}")]
+    Remote(String),
 }
 
 /// Formats an optional "where" suffix (" from node n2 at 127.0.0.1:7000").
@@ -164,6 +188,11 @@ fn ctx(context: &Option<String>) -> String {
 }
 
 impl Error {
+    /// Wraps an I/O error of a local socket with what was being done.
+    pub fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> Error {
+        move |source| Error::Io { context: Some(what.to_string()), source }
+    }
+
     /// Attaches "where it happened" (peer and address) to a frame or stream
     /// error that was raised without knowing the connection.
     pub fn with_context(mut self, where_: &str) -> Error {

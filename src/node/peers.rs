@@ -97,8 +97,8 @@ async fn accept_loop(ep: Arc<PeerEndpoint>, driver: DriverTx) {
     }
 }
 
-type Send = freezeframe_netproto::FramedSend<quinn::SendStream>;
-type Recv = freezeframe_netproto::FramedRecv<quinn::RecvStream>;
+type Send = freezeframe_netproto::FramedSend<freezeframe_netproto::quinn::SendStream>;
+type Recv = freezeframe_netproto::FramedRecv<freezeframe_netproto::quinn::RecvStream>;
 
 /// Runs one established peer connection until it closes.
 async fn serve(conn: PeerConnection, mut send: Send, mut recv: Recv, driver: DriverTx) {
