@@ -7,3 +7,12 @@
 //!
 //! # Layout
 //! - [`error`]: the crate's one error type.
+//! - [`manifest`]: the per-snapshot record (`manifests/<id>.json`) and image hashing.
+//! - [`vfs`]: the tree a node mounts (live volume, snapshots, manifests), FUSE-free.
+
+pub mod error;
+pub mod manifest;
+pub mod vfs;
+pub mod volume;
+
+pub use error::{Error, Result};
