@@ -97,7 +97,7 @@ pub async fn run_node(cfg: NodeConfig) -> Result<()> {
 
     // The mount first: a stale one from a killed daemon is cleared.
     let _ = freezeframe_fusefs::clear_stale_mount(&cfg.raw.node.mount);
-    let view = freezeframe_core::vfs::VolumeView::new(volume.clone());
+    let view = Arc::new(freezeframe_core::vfs::Vfs::new(Arc::new(volume.clone())));
     let mount = freezeframe_fusefs::mount(
         view,
         &cfg.raw.node.mount,
@@ -466,7 +466,7 @@ impl Driver {
                 id: report.id,
                 created_ms: report.finished_ms,
                 initiator: Some(report.initiator.clone()),
-                status: ManifestStatus::Complete,
+                status: ManifestStatus::Sealed,
                 block_size: self.shared.volume.block_size(),
                 size: self.shared.volume.size(),
                 nodes: serde_json::to_value(&report.nodes).unwrap_or(Value::Null),
@@ -620,17 +620,8 @@ impl Shared {
 
     pub fn snapshot_verify(&self, id: u64) -> Result<Value> {
         let snap = self.volume.snapshot(id)?;
-        let hash = manifest::verify_and_record(self.volume.state_dir(), &snap, || SnapshotManifest {
-            id,
-            created_ms: 0,
-            initiator: None,
-            status: ManifestStatus::Complete,
-            block_size: self.volume.block_size(),
-            size: self.volume.size(),
-            nodes: Value::Null,
-            freeze_window_ms: None,
-            io_hold_ms: None,
-            blake3: None,
+        let hash = manifest::verify_and_record(self.volume.state_dir(), &snap, || {
+            SnapshotManifest::bare(id, 0, ManifestStatus::Sealed, self.volume.block_size(), self.volume.size())
         })?;
         Ok(json!({"id": id, "blake3": hash, "bytes": self.volume.size()}))
     }
