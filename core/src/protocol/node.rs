@@ -146,6 +146,19 @@ pub struct NodeStatus {
 ///
 /// Time is milliseconds, passed in; the machine never reads a clock, does no
 /// I/O and draws no random numbers.
+///
+/// # What the driver adds
+/// - Before [`Input::Request`]: take the volume's in-flight lock
+///   (`Volume::try_begin_snapshot`; busy → answer the client busy itself) and
+///   reserve the id (`reserve_snapshot_id`); drop the lock after the report.
+/// - Engine outputs run in order, each to completion before the next
+///   (`DeleteSnapshot` after a `CreateSnapshot` still running must wait
+///   for it); results come back as inputs.
+/// - `PeerUp` / `PeerDown` follow the QUIC connections; a message only ever
+///   comes from an authenticated member.
+/// - `post_snapshot` to a writer carries the mount path `snapshots/<id>/`.
+/// - On start, delete snapshots left `Open` by a crashed initiator (while
+///   holding the in-flight lock): the protocol cannot, its node is gone.
 #[derive(Debug)]
 pub struct NodeMachine {
     config: Config,

@@ -148,20 +148,21 @@ pub struct StorageProvider {
 impl StorageProvider {
     /// A call from the coordinator.
     pub fn call(&mut self, snapshot: SnapshotId, call: ProviderCall) {
-        let out = &mut self.out;
         match call {
             ProviderCall::FlushAndHold => {
-                *self = StorageProvider { snapshot: Some(snapshot), out: std::mem::take(out), ..Default::default() };
+                // A new run: forget everything of the last one.
+                self.reset();
+                self.snapshot = Some(snapshot);
                 self.io.start(snapshot, &mut self.out);
             }
             ProviderCall::Commit => {
                 self.create_pending = true;
-                out.push_back(ProvOut::Engine { snapshot, op: EngineOp::CreateSnapshot });
+                self.out.push_back(ProvOut::Engine { snapshot, op: EngineOp::CreateSnapshot });
             }
-            ProviderCall::Release => self.io.release(snapshot, out),
+            ProviderCall::Release => self.io.release(snapshot, &mut self.out),
             ProviderCall::Complete => {
                 self.seal_pending = true;
-                out.push_back(ProvOut::Engine { snapshot, op: EngineOp::SealSnapshot });
+                self.out.push_back(ProvOut::Engine { snapshot, op: EngineOp::SealSnapshot });
             }
             ProviderCall::Abort => {
                 self.io.release(snapshot, &mut self.out);
@@ -170,9 +171,17 @@ impl StorageProvider {
                 if self.created || self.create_pending {
                     self.out.push_back(ProvOut::Engine { snapshot, op: EngineOp::DeleteSnapshot });
                 }
-                *self = StorageProvider { out: std::mem::take(&mut self.out), ..Default::default() };
+                self.reset();
             }
         }
+    }
+
+    fn reset(&mut self) {
+        self.snapshot = None;
+        self.io = IoHold::default();
+        self.create_pending = false;
+        self.created = false;
+        self.seal_pending = false;
     }
 
     pub fn hold_done(&mut self, snapshot: SnapshotId) {
