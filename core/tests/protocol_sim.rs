@@ -351,29 +351,28 @@ fn peer_messages_round_trip_as_json() {
 
 #[test]
 fn thousands_of_random_seeds_keep_every_promise() {
+    use freezeframe_core::protocol::sim::ReqHandle;
     let seeds: u64 = std::env::var("FREEZEFRAME_SIM_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(5_000);
-    let mut complete = 0;
-    let mut failed = 0;
-    let mut commits = 0;
+    let (mut complete, mut failed, mut busy, mut commits, mut undone) = (0, 0, 0, 0, 0);
     for seed in 0..seeds {
         let mut sim = Sim::random(seed);
         sim.run();
         assert!(sim.violations().is_empty(), "seed {seed}: {:#?}\nconfig: {:#?}", sim.violations(), sim.config);
+        let reports: Vec<&Report> = (0..8).filter_map(|h| sim.report(ReqHandle(h))).collect();
+        complete += reports.iter().filter(|r| r.status == ReportStatus::Complete).count();
+        failed += reports.iter().filter(|r| r.status == ReportStatus::Failed).count();
+        busy += reports.iter().filter(|r| r.is_busy()).count();
         commits += sim.commits().len();
-        complete += (0..8)
-            .filter_map(|h| sim.report(freezeframe_core::protocol::sim::ReqHandle(h)))
-            .filter(|r| r.status == ReportStatus::Complete)
-            .count();
-        failed += (0..8)
-            .filter_map(|h| sim.report(freezeframe_core::protocol::sim::ReqHandle(h)))
-            .filter(|r| r.status == ReportStatus::Failed)
-            .count();
+        undone += sim.commits().iter().filter(|c| !sim.catalog().contains_key(&c.snapshot)).count();
     }
-    eprintln!("{seeds} seeds: {complete} complete, {failed} failed, {commits} commits");
-    // The fault mix must leave both outcomes well represented, or the seeds
+    eprintln!("{seeds} seeds: {complete} complete, {failed} failed ({busy} busy), {commits} commits, {undone} deleted after commit");
+    // The fault mix must leave every outcome well represented, or the seeds
     // prove little.
-    assert!(complete > seeds as usize / 3, "only {complete} complete snapshots in {seeds} seeds");
-    assert!(failed > seeds as usize / 10, "only {failed} failed snapshots in {seeds} seeds");
+    let n = seeds as usize;
+    assert!(complete > n / 3, "only {complete} complete snapshots in {seeds} seeds");
+    assert!(failed > n / 10, "only {failed} failed snapshots in {seeds} seeds");
+    assert!(busy > n / 100, "only {busy} busy refusals in {seeds} seeds");
+    assert!(undone > n / 100, "only {undone} snapshots deleted after commit in {seeds} seeds");
 }
 
 #[test]
