@@ -74,12 +74,21 @@ pub enum EngineOp {
 /// What a provider produces.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ProvOut {
-    Engine { snapshot: SnapshotId, op: EngineOp },
+    Engine {
+        snapshot: SnapshotId,
+        op: EngineOp,
+    },
     /// Return from a call to the coordinator.
-    Return { snapshot: SnapshotId, call: ProviderCall, result: Result<(), String> },
+    Return {
+        snapshot: SnapshotId,
+        call: ProviderCall,
+        result: Result<(), String>,
+    },
     /// Helper provider → cluster service: the coordinator committed; this
     /// node is frozen and flushed.
-    Committed { snapshot: SnapshotId },
+    Committed {
+        snapshot: SnapshotId,
+    },
 }
 
 /// Hold-then-flush of one node's live I/O, and its release.
@@ -101,28 +110,46 @@ impl IoHold {
     fn start(&mut self, snapshot: SnapshotId, out: &mut VecDeque<ProvOut>) {
         self.held = true;
         self.step = Some(HoldStep::Holding);
-        out.push_back(ProvOut::Engine { snapshot, op: EngineOp::HoldIo });
+        out.push_back(ProvOut::Engine {
+            snapshot,
+            op: EngineOp::HoldIo,
+        });
     }
 
     fn hold_done(&mut self, snapshot: SnapshotId, out: &mut VecDeque<ProvOut>) {
         if self.step == Some(HoldStep::Holding) {
             self.step = Some(HoldStep::Flushing);
-            out.push_back(ProvOut::Engine { snapshot, op: EngineOp::FlushVolume });
+            out.push_back(ProvOut::Engine {
+                snapshot,
+                op: EngineOp::FlushVolume,
+            });
         }
     }
 
-    fn flush_done(&mut self, snapshot: SnapshotId, result: Result<(), String>, out: &mut VecDeque<ProvOut>) {
+    fn flush_done(
+        &mut self,
+        snapshot: SnapshotId,
+        result: Result<(), String>,
+        out: &mut VecDeque<ProvOut>,
+    ) {
         if self.step == Some(HoldStep::Flushing) {
             self.step = None;
             let result = result.map_err(|e| format!("flushing the volume failed: {e}"));
-            out.push_back(ProvOut::Return { snapshot, call: ProviderCall::FlushAndHold, result });
+            out.push_back(ProvOut::Return {
+                snapshot,
+                call: ProviderCall::FlushAndHold,
+                result,
+            });
         }
     }
 
     fn release(&mut self, snapshot: SnapshotId, out: &mut VecDeque<ProvOut>) {
         self.step = None;
         if std::mem::take(&mut self.held) {
-            out.push_back(ProvOut::Engine { snapshot, op: EngineOp::ReleaseIo });
+            out.push_back(ProvOut::Engine {
+                snapshot,
+                op: EngineOp::ReleaseIo,
+            });
         }
     }
 
@@ -157,19 +184,28 @@ impl StorageProvider {
             }
             ProviderCall::Commit => {
                 self.create_pending = true;
-                self.out.push_back(ProvOut::Engine { snapshot, op: EngineOp::CreateSnapshot });
+                self.out.push_back(ProvOut::Engine {
+                    snapshot,
+                    op: EngineOp::CreateSnapshot,
+                });
             }
             ProviderCall::Release => self.io.release(snapshot, &mut self.out),
             ProviderCall::Complete => {
                 self.seal_pending = true;
-                self.out.push_back(ProvOut::Engine { snapshot, op: EngineOp::SealSnapshot });
+                self.out.push_back(ProvOut::Engine {
+                    snapshot,
+                    op: EngineOp::SealSnapshot,
+                });
             }
             ProviderCall::Abort => {
                 self.io.release(snapshot, &mut self.out);
                 // A create still in flight may yet succeed: delete after it
                 // (the driver runs actions in order), so nothing half-made stays.
                 if self.created || self.create_pending {
-                    self.out.push_back(ProvOut::Engine { snapshot, op: EngineOp::DeleteSnapshot });
+                    self.out.push_back(ProvOut::Engine {
+                        snapshot,
+                        op: EngineOp::DeleteSnapshot,
+                    });
                 }
                 self.reset();
             }
@@ -203,7 +239,11 @@ impl StorageProvider {
         }
         self.created = result.is_ok();
         let result = result.map_err(|e| format!("creating snapshot {snapshot} failed: {e}"));
-        self.out.push_back(ProvOut::Return { snapshot, call: ProviderCall::Commit, result });
+        self.out.push_back(ProvOut::Return {
+            snapshot,
+            call: ProviderCall::Commit,
+            result,
+        });
     }
 
     /// The driver's answer to SealSnapshot.
@@ -217,7 +257,11 @@ impl StorageProvider {
             self.snapshot = None;
             self.created = false;
         }
-        self.out.push_back(ProvOut::Return { snapshot, call: ProviderCall::Complete, result });
+        self.out.push_back(ProvOut::Return {
+            snapshot,
+            call: ProviderCall::Complete,
+            result,
+        });
     }
 
     pub fn poll(&mut self) -> Option<ProvOut> {
@@ -251,7 +295,11 @@ impl HelperProvider {
             ProviderCall::Release => self.io.release(snapshot, &mut self.out),
             ProviderCall::Complete => {
                 self.snapshot = None;
-                let ret = ProvOut::Return { snapshot, call: ProviderCall::Complete, result: Ok(()) };
+                let ret = ProvOut::Return {
+                    snapshot,
+                    call: ProviderCall::Complete,
+                    result: Ok(()),
+                };
                 self.out.push_back(ret);
             }
             ProviderCall::Abort => {
@@ -278,7 +326,11 @@ impl HelperProvider {
     /// commit.
     pub fn post_snapshot(&mut self, snapshot: SnapshotId) {
         if self.snapshot == Some(snapshot) && std::mem::take(&mut self.blocked_in_commit) {
-            self.out.push_back(ProvOut::Return { snapshot, call: ProviderCall::Commit, result: Ok(()) });
+            self.out.push_back(ProvOut::Return {
+                snapshot,
+                call: ProviderCall::Commit,
+                result: Ok(()),
+            });
         }
     }
 
