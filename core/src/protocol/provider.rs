@@ -338,3 +338,103 @@ impl HelperProvider {
         self.out.pop_front()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn drain(p: &mut StorageProvider) -> Vec<ProvOut> {
+        std::iter::from_fn(|| p.poll()).collect()
+    }
+
+    fn engine(op: EngineOp) -> ProvOut {
+        ProvOut::Engine { snapshot: 2, op }
+    }
+
+    #[test]
+    fn abort_while_create_is_in_flight_deletes_after_it_and_releases_the_hold() {
+        let mut p = StorageProvider::default();
+        p.call(2, ProviderCall::FlushAndHold);
+        p.hold_done(2);
+        p.flush_done(2, Ok(()));
+        p.call(2, ProviderCall::Commit);
+        drain(&mut p);
+        p.call(2, ProviderCall::Abort);
+        assert_eq!(
+            drain(&mut p),
+            vec![
+                engine(EngineOp::ReleaseIo),
+                engine(EngineOp::DeleteSnapshot)
+            ]
+        );
+        p.created(2, Ok(()));
+        assert_eq!(
+            drain(&mut p),
+            vec![],
+            "the late result of an aborted create is ignored"
+        );
+    }
+
+    #[test]
+    fn abort_before_commit_creates_nothing_to_delete() {
+        let mut p = StorageProvider::default();
+        p.call(2, ProviderCall::FlushAndHold);
+        p.call(2, ProviderCall::Abort);
+        assert_eq!(
+            drain(&mut p),
+            vec![engine(EngineOp::HoldIo), engine(EngineOp::ReleaseIo)]
+        );
+    }
+
+    #[test]
+    fn flush_failure_returns_from_flush_and_hold_with_the_reason() {
+        let mut p = StorageProvider::default();
+        p.call(2, ProviderCall::FlushAndHold);
+        p.flush_done(2, Ok(()));
+        assert_eq!(
+            drain(&mut p),
+            vec![engine(EngineOp::HoldIo)],
+            "no flush result before the hold took effect"
+        );
+        p.hold_done(2);
+        p.flush_done(2, Err("EIO".into()));
+        let result = Err("flushing the volume failed: EIO".to_string());
+        assert_eq!(
+            drain(&mut p),
+            vec![
+                engine(EngineOp::FlushVolume),
+                ProvOut::Return {
+                    snapshot: 2,
+                    call: ProviderCall::FlushAndHold,
+                    result
+                }
+            ]
+        );
+    }
+
+    #[test]
+    fn helper_commit_blocks_until_post_snapshot() {
+        let mut h = HelperProvider::default();
+        h.call(2, ProviderCall::FlushAndHold);
+        h.hold_done(2);
+        h.flush_done(2, Ok(()));
+        h.call(2, ProviderCall::Commit);
+        let out: Vec<ProvOut> = std::iter::from_fn(|| h.poll()).collect();
+        assert_eq!(out.last(), Some(&ProvOut::Committed { snapshot: 2 }));
+        h.post_snapshot(3);
+        assert_eq!(
+            h.poll(),
+            None,
+            "another snapshot's post-snapshot does not release it"
+        );
+        h.post_snapshot(2);
+        assert_eq!(
+            h.poll(),
+            Some(ProvOut::Return {
+                snapshot: 2,
+                call: ProviderCall::Commit,
+                result: Ok(())
+            })
+        );
+    }
+}
