@@ -7,11 +7,19 @@ use freezeframe_core::protocol::sim::{node_name, Behaviour, Sim, SimConfig};
 use freezeframe_core::protocol::{EventKind, OnError, Phase, Report, ReportStatus, WriterOutcome};
 
 fn assert_clean(sim: &Sim) {
-    assert!(sim.violations().is_empty(), "violations: {:#?}", sim.violations());
+    assert!(
+        sim.violations().is_empty(),
+        "violations: {:#?}",
+        sim.violations()
+    );
 }
 
 fn phase_names(report: &Report, node: &str) -> Vec<Phase> {
-    let n = report.nodes.iter().find(|n| n.node == node).expect("node in report");
+    let n = report
+        .nodes
+        .iter()
+        .find(|n| n.node == node)
+        .expect("node in report");
     n.phases.iter().map(|p| p.name).collect()
 }
 
@@ -28,25 +36,50 @@ fn happy_path_three_nodes_from_each_initiator_freezes_everyone_at_commit() {
         assert_eq!(report.status, ReportStatus::Complete, "{report:#?}");
         assert_eq!(report.initiator, node_name(initiator));
         assert_eq!(report.nodes.len(), 3);
-        assert_eq!(report.nodes[0].node, node_name(initiator), "initiator first");
+        assert_eq!(
+            report.nodes[0].node,
+            node_name(initiator),
+            "initiator first"
+        );
         for n in &report.nodes {
             assert_eq!(n.writers.len(), 2, "every writer of {} reported", n.node);
-            assert!(n.writers.iter().all(|w| w.outcome == WriterOutcome::Thawed && w.frozen_ms.is_some()));
+            assert!(n
+                .writers
+                .iter()
+                .all(|w| w.outcome == WriterOutcome::Thawed && w.frozen_ms.is_some()));
         }
         assert_eq!(
             phase_names(&report, &node_name(initiator)),
-            vec![Phase::Freezing, Phase::Committing, Phase::PostSnapshot, Phase::Thawing, Phase::Done]
+            vec![
+                Phase::Freezing,
+                Phase::Committing,
+                Phase::PostSnapshot,
+                Phase::Thawing,
+                Phase::Done
+            ]
         );
         for other in (0..3).filter(|o| *o != initiator) {
             assert_eq!(
                 phase_names(&report, &node_name(other)),
-                vec![Phase::Freezing, Phase::Frozen, Phase::PostSnapshot, Phase::Thawing, Phase::Done]
+                vec![
+                    Phase::Freezing,
+                    Phase::Frozen,
+                    Phase::PostSnapshot,
+                    Phase::Thawing,
+                    Phase::Done
+                ]
             );
         }
         let commit = &sim.commits()[0];
-        assert!(commit.unfrozen.is_empty() && commit.unheld.is_empty(), "{commit:?}");
+        assert!(
+            commit.unfrozen.is_empty() && commit.unheld.is_empty(),
+            "{commit:?}"
+        );
         assert!(report.freeze_window_ms.is_some() && report.io_hold_ms.is_some());
-        assert!(report.io_hold_ms <= report.freeze_window_ms, "I/O is held only inside the freeze window");
+        assert!(
+            report.io_hold_ms <= report.freeze_window_ms,
+            "I/O is held only inside the freeze window"
+        );
         // The report is what `snapshot create --json` prints.
         let json = serde_json::to_value(&report).expect("report serializes");
         assert_eq!(json["status"], "complete");
@@ -61,7 +94,10 @@ fn single_node_cluster_snapshots_without_peers() {
     let req = sim.request_at(0, 0);
     sim.run();
     assert_clean(&sim);
-    assert_eq!(sim.report(req).map(|r| r.status), Some(ReportStatus::Complete));
+    assert_eq!(
+        sim.report(req).map(|r| r.status),
+        Some(ReportStatus::Complete)
+    );
     assert_eq!(sim.catalog().len(), 1);
 }
 
@@ -80,14 +116,18 @@ fn phase_events_mark_every_transition_with_node_and_time() {
     assert!(enters.contains(&("n2".into(), Phase::Committing)));
     assert!(enters.contains(&("n1".into(), Phase::Frozen)));
     assert!(sim.phase_events().iter().all(|e| e.at_ms >= 100));
-    assert!(sim.phase_events().iter().any(|e| e.writer.as_deref() == Some("app1-1")));
+    assert!(sim
+        .phase_events()
+        .iter()
+        .any(|e| e.writer.as_deref() == Some("app1-1")));
 }
 
 // ---- failure semantics ------------------------------------------------------------
 
 #[test]
 fn veto_on_a_remote_node_aborts_everywhere_and_names_node_writer_phase() {
-    let config = SimConfig::cluster(3, 1).writer(2, 0, Behaviour::Veto(EventKind::Freeze), OnError::Fail);
+    let config =
+        SimConfig::cluster(3, 1).writer(2, 0, Behaviour::Veto(EventKind::Freeze), OnError::Fail);
     let mut sim = Sim::new(config, 5);
     let req = sim.request_at(0, 0);
     sim.run();
@@ -105,35 +145,54 @@ fn veto_on_a_remote_node_aborts_everywhere_and_names_node_writer_phase() {
 
 #[test]
 fn veto_in_post_snapshot_deletes_the_created_snapshot() {
-    let config = SimConfig::cluster(3, 1).writer(1, 0, Behaviour::Veto(EventKind::PostSnapshot), OnError::Fail);
+    let config = SimConfig::cluster(3, 1).writer(
+        1,
+        0,
+        Behaviour::Veto(EventKind::PostSnapshot),
+        OnError::Fail,
+    );
     let mut sim = Sim::new(config, 6);
     let req = sim.request_at(0, 0);
     sim.run();
     assert_clean(&sim);
     let report = sim.report(req).expect("one report");
     let error = report.error.as_ref().expect("failed");
-    assert_eq!((error.node.as_str(), error.writer.as_deref(), error.phase), ("n2", Some("app2-1"), Phase::PostSnapshot));
+    assert_eq!(
+        (error.node.as_str(), error.writer.as_deref(), error.phase),
+        ("n2", Some("app2-1"), Phase::PostSnapshot)
+    );
     assert_eq!(sim.commits().len(), 1, "the block snapshot was made");
     assert!(sim.catalog().is_empty(), "and deleted again");
 }
 
 #[test]
 fn writer_that_never_answers_times_out_and_is_named() {
-    let config = SimConfig::cluster(3, 2).writer(1, 1, Behaviour::Silent(EventKind::Freeze), OnError::Fail);
+    let config =
+        SimConfig::cluster(3, 2).writer(1, 1, Behaviour::Silent(EventKind::Freeze), OnError::Fail);
     let mut sim = Sim::new(config, 7);
     let req = sim.request_at(2, 0);
     sim.run();
     assert_clean(&sim);
     let report = sim.report(req).expect("one report");
     let error = report.error.as_ref().expect("failed");
-    assert_eq!((error.node.as_str(), error.writer.as_deref(), error.phase), ("n2", Some("app2-2"), Phase::Freezing));
-    assert!(error.reason.contains("no answer to freeze within 500 ms"), "{error:?}");
-    assert!(report.finished_ms < 500 + 100, "fails at the writer timeout, not the lease");
+    assert_eq!(
+        (error.node.as_str(), error.writer.as_deref(), error.phase),
+        ("n2", Some("app2-2"), Phase::Freezing)
+    );
+    assert!(
+        error.reason.contains("no answer to freeze within 500 ms"),
+        "{error:?}"
+    );
+    assert!(
+        report.finished_ms < 500 + 100,
+        "fails at the writer timeout, not the lease"
+    );
 }
 
 #[test]
 fn writer_disconnecting_while_it_owes_an_answer_fails_the_snapshot_at_once() {
-    let config = SimConfig::cluster(2, 1).writer(1, 0, Behaviour::Silent(EventKind::Freeze), OnError::Fail);
+    let config =
+        SimConfig::cluster(2, 1).writer(1, 0, Behaviour::Silent(EventKind::Freeze), OnError::Fail);
     let mut sim = Sim::new(config, 19);
     let req = sim.request_at(0, 0);
     sim.writer_gone_at(1, 0, 50);
@@ -141,7 +200,10 @@ fn writer_disconnecting_while_it_owes_an_answer_fails_the_snapshot_at_once() {
     assert_clean(&sim);
     let report = sim.report(req).expect("one report");
     let error = report.error.as_ref().expect("failed");
-    assert_eq!((error.node.as_str(), error.writer.as_deref()), ("n2", Some("app2-1")));
+    assert_eq!(
+        (error.node.as_str(), error.writer.as_deref()),
+        ("n2", Some("app2-1"))
+    );
     assert_eq!(error.reason, "writer disconnected");
     assert!(report.finished_ms < 60, "not left to the timeout");
 }
@@ -159,13 +221,24 @@ fn writer_disconnecting_while_frozen_is_recorded_and_the_snapshot_completes() {
     let report = sim.report(req).expect("one report");
     assert_eq!(report.status, ReportStatus::Complete, "{report:#?}");
     let n2 = report.nodes.iter().find(|n| n.node == "n2").expect("n2");
-    assert_eq!(n2.writers.iter().find(|w| w.name == "app2-2").map(|w| w.outcome), Some(WriterOutcome::Gone));
+    assert_eq!(
+        n2.writers
+            .iter()
+            .find(|w| w.name == "app2-2")
+            .map(|w| w.outcome),
+        Some(WriterOutcome::Gone)
+    );
 }
 
 #[test]
 fn writer_allowed_to_continue_is_recorded_but_does_not_abort() {
     let config = SimConfig::cluster(2, 2)
-        .writer(1, 0, Behaviour::Silent(EventKind::Freeze), OnError::Continue)
+        .writer(
+            1,
+            0,
+            Behaviour::Silent(EventKind::Freeze),
+            OnError::Continue,
+        )
         .writer(0, 1, Behaviour::Veto(EventKind::Freeze), OnError::Continue);
     let mut sim = Sim::new(config, 8);
     let req = sim.request_at(0, 0);
@@ -175,7 +248,11 @@ fn writer_allowed_to_continue_is_recorded_but_does_not_abort() {
     assert_eq!(report.status, ReportStatus::Complete, "{report:#?}");
     let outcome = |node: &str, name: &str| {
         let n = report.nodes.iter().find(|n| n.node == node).expect("node");
-        n.writers.iter().find(|w| w.name == name).expect("writer").outcome
+        n.writers
+            .iter()
+            .find(|w| w.name == name)
+            .expect("writer")
+            .outcome
     };
     assert_eq!(outcome("n2", "app2-1"), WriterOutcome::TimedOut);
     assert_eq!(outcome("n1", "app1-2"), WriterOutcome::Vetoed);
@@ -196,9 +273,15 @@ fn remote_crashed_while_frozen_fails_the_request_and_survivors_thaw() {
     let report = sim.report(req).expect("one report");
     let error = report.error.as_ref().expect("failed");
     assert_eq!(error.node, "n2");
-    assert!(error.reason.contains("lost connection to node n2"), "{error:?}");
+    assert!(
+        error.reason.contains("lost connection to node n2"),
+        "{error:?}"
+    );
     assert!(sim.catalog().is_empty(), "no half snapshot stays");
-    assert!(report.finished_ms <= 2_000 + 400, "within lease + detection");
+    assert!(
+        report.finished_ms <= 2_000 + 400,
+        "within lease + detection"
+    );
 }
 
 #[test]
@@ -239,7 +322,10 @@ fn initiator_lost_by_peer_down_aborts_remote_nodes_at_once() {
         .map(|e| e.at_ms)
         .max()
         .expect("remote nodes aborted");
-    assert!(last_abort <= 30 + 100, "aborted when the loss was seen, not at the lease: {last_abort}");
+    assert!(
+        last_abort <= 30 + 100,
+        "aborted when the loss was seen, not at the lease: {last_abort}"
+    );
 }
 
 #[test]
@@ -254,18 +340,30 @@ fn partition_between_initiator_and_a_frozen_node_aborts_both_sides() {
     let later = sim.request_at(2, 3_000);
     sim.run();
     assert_clean(&sim);
-    let error = sim.report(req).and_then(|r| r.error.clone()).expect("failed");
+    let error = sim
+        .report(req)
+        .and_then(|r| r.error.clone())
+        .expect("failed");
     assert_eq!(error.node, "n3");
-    assert!(sim.catalog().keys().all(|id| *id != 1), "nothing of the failed attempt stays");
+    assert!(
+        sim.catalog().keys().all(|id| *id != 1),
+        "nothing of the failed attempt stays"
+    );
     let n3_abort = sim
         .phase_events()
         .iter()
         .find(|e| e.node == "n3" && e.phase == Phase::Aborted)
         .map(|e| e.at_ms)
         .expect("n3 aborted by itself");
-    assert!(n3_abort <= 20 + 150, "n3 let go when it lost the initiator: {n3_abort}");
+    assert!(
+        n3_abort <= 20 + 150,
+        "n3 let go when it lost the initiator: {n3_abort}"
+    );
     // After the link heals the cluster snapshots again, from the other side.
-    assert_eq!(sim.report(later).map(|r| r.status), Some(ReportStatus::Complete));
+    assert_eq!(
+        sim.report(later).map(|r| r.status),
+        Some(ReportStatus::Complete)
+    );
 }
 
 #[test]
@@ -276,8 +374,16 @@ fn lost_messages_end_in_abort_by_lease_with_nothing_left_frozen() {
     let req = sim.request_at(0, 0);
     sim.run();
     assert_clean(&sim);
-    let error = sim.report(req).and_then(|r| r.error.clone()).expect("failed");
-    assert!(error.reason.contains("did not report frozen before the lease expired"), "{error:?}");
+    let error = sim
+        .report(req)
+        .and_then(|r| r.error.clone())
+        .expect("failed");
+    assert!(
+        error
+            .reason
+            .contains("did not report frozen before the lease expired"),
+        "{error:?}"
+    );
     assert_eq!(error.phase, Phase::Freezing);
 }
 
@@ -289,9 +395,18 @@ fn provider_failure_aborts_and_names_the_initiator() {
     let req = sim.request_at(1, 0);
     sim.run();
     assert_clean(&sim);
-    let error = sim.report(req).and_then(|r| r.error.clone()).expect("failed");
-    assert_eq!((error.node.as_str(), error.writer.as_deref(), error.phase), ("n2", None, Phase::Committing));
-    assert!(error.reason.contains("creating snapshot 1 failed"), "{error:?}");
+    let error = sim
+        .report(req)
+        .and_then(|r| r.error.clone())
+        .expect("failed");
+    assert_eq!(
+        (error.node.as_str(), error.writer.as_deref(), error.phase),
+        ("n2", None, Phase::Committing)
+    );
+    assert!(
+        error.reason.contains("creating snapshot 1 failed"),
+        "{error:?}"
+    );
     assert!(sim.catalog().is_empty());
 }
 
@@ -304,7 +419,10 @@ fn second_request_on_the_same_node_is_busy_at_once() {
     let second = sim.request_at(0, 3);
     sim.run();
     assert_clean(&sim);
-    assert_eq!(sim.report(first).map(|r| r.status), Some(ReportStatus::Complete));
+    assert_eq!(
+        sim.report(first).map(|r| r.status),
+        Some(ReportStatus::Complete)
+    );
     let busy = sim.report(second).expect("one report");
     assert!(busy.is_busy(), "{busy:?}");
     assert_eq!(busy.finished_ms, 3, "refused at once");
@@ -317,8 +435,13 @@ fn request_on_a_node_frozen_for_another_initiator_is_busy() {
     let second = sim.request_at(2, 20);
     sim.run();
     assert_clean(&sim);
-    assert_eq!(sim.report(first).map(|r| r.status), Some(ReportStatus::Complete));
-    assert!(sim.report(second).is_some_and(|r| r.is_busy() && r.finished_ms == 20));
+    assert_eq!(
+        sim.report(first).map(|r| r.status),
+        Some(ReportStatus::Complete)
+    );
+    assert!(sim
+        .report(second)
+        .is_some_and(|r| r.is_busy() && r.finished_ms == 20));
 }
 
 #[test]
@@ -340,10 +463,20 @@ fn simultaneous_initiators_are_refused_busy_by_each_other() {
 #[test]
 fn peer_messages_round_trip_as_json() {
     use freezeframe_core::protocol::PeerMessage;
-    let msg = PeerMessage::FreezeNotice { snapshot: 4, initiator: "n1".into(), lease_ms: 10_000 };
+    let msg = PeerMessage::FreezeNotice {
+        snapshot: 4,
+        initiator: "n1".into(),
+        lease_ms: 10_000,
+    };
     let text = serde_json::to_string(&msg).expect("serialize");
-    assert_eq!(text, r#"{"type":"freeze_notice","snapshot":4,"initiator":"n1","lease_ms":10000}"#);
-    assert_eq!(serde_json::from_str::<PeerMessage>(&text).expect("parse"), msg);
+    assert_eq!(
+        text,
+        r#"{"type":"freeze_notice","snapshot":4,"initiator":"n1","lease_ms":10000}"#
+    );
+    assert_eq!(
+        serde_json::from_str::<PeerMessage>(&text).expect("parse"),
+        msg
+    );
     assert!(serde_json::from_str::<PeerMessage>(r#"{"type":"freeze_notice"}"#).is_err());
 }
 
@@ -351,29 +484,55 @@ fn peer_messages_round_trip_as_json() {
 
 #[test]
 fn thousands_of_random_seeds_keep_every_promise() {
-    let seeds: u64 = std::env::var("FREEZEFRAME_SIM_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(5_000);
-    let mut complete = 0;
-    let mut failed = 0;
-    let mut commits = 0;
+    use freezeframe_core::protocol::sim::ReqHandle;
+    let seeds: u64 = std::env::var("FREEZEFRAME_SIM_SEEDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(5_000);
+    let (mut complete, mut failed, mut busy, mut commits, mut undone) = (0, 0, 0, 0, 0);
     for seed in 0..seeds {
         let mut sim = Sim::random(seed);
         sim.run();
-        assert!(sim.violations().is_empty(), "seed {seed}: {:#?}\nconfig: {:#?}", sim.violations(), sim.config);
-        commits += sim.commits().len();
-        complete += (0..8)
-            .filter_map(|h| sim.report(freezeframe_core::protocol::sim::ReqHandle(h)))
+        assert!(
+            sim.violations().is_empty(),
+            "seed {seed}: {:#?}\nconfig: {:#?}",
+            sim.violations(),
+            sim.config
+        );
+        let reports: Vec<&Report> = (0..8).filter_map(|h| sim.report(ReqHandle(h))).collect();
+        complete += reports
+            .iter()
             .filter(|r| r.status == ReportStatus::Complete)
             .count();
-        failed += (0..8)
-            .filter_map(|h| sim.report(freezeframe_core::protocol::sim::ReqHandle(h)))
+        failed += reports
+            .iter()
             .filter(|r| r.status == ReportStatus::Failed)
             .count();
+        busy += reports.iter().filter(|r| r.is_busy()).count();
+        commits += sim.commits().len();
+        undone += sim
+            .commits()
+            .iter()
+            .filter(|c| !sim.catalog().contains_key(&c.snapshot))
+            .count();
     }
-    eprintln!("{seeds} seeds: {complete} complete, {failed} failed, {commits} commits");
-    // The fault mix must leave both outcomes well represented, or the seeds
+    eprintln!("{seeds} seeds: {complete} complete, {failed} failed ({busy} busy), {commits} commits, {undone} deleted after commit");
+    // The fault mix must leave every outcome well represented, or the seeds
     // prove little.
-    assert!(complete > seeds as usize / 3, "only {complete} complete snapshots in {seeds} seeds");
-    assert!(failed > seeds as usize / 10, "only {failed} failed snapshots in {seeds} seeds");
+    let n = seeds as usize;
+    assert!(
+        complete > n / 3,
+        "only {complete} complete snapshots in {seeds} seeds"
+    );
+    assert!(
+        failed > n / 10,
+        "only {failed} failed snapshots in {seeds} seeds"
+    );
+    assert!(busy > n / 100, "only {busy} busy refusals in {seeds} seeds");
+    assert!(
+        undone > n / 100,
+        "only {undone} snapshots deleted after commit in {seeds} seeds"
+    );
 }
 
 #[test]
@@ -381,7 +540,11 @@ fn same_seed_same_run() {
     let run = |seed| {
         let mut sim = Sim::random(seed);
         sim.run();
-        (sim.now(), sim.phase_events().to_vec(), sim.catalog().clone())
+        (
+            sim.now(),
+            sim.phase_events().to_vec(),
+            sim.catalog().clone(),
+        )
     };
     for seed in [1, 42, 999] {
         assert_eq!(run(seed), run(seed));

@@ -21,11 +21,22 @@ use std::collections::{BTreeMap, VecDeque};
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum CwOut {
     /// Return from a writer event to the coordinator.
-    Answer { snapshot: SnapshotId, event: EventKind, answer: Answer },
+    Answer {
+        snapshot: SnapshotId,
+        event: EventKind,
+        answer: Answer,
+    },
     /// Tell the cluster service that the coordinator sent this event.
-    Freeze { snapshot: SnapshotId },
-    PostSnapshot { snapshot: SnapshotId },
-    Abort { snapshot: SnapshotId, reason: String },
+    Freeze {
+        snapshot: SnapshotId,
+    },
+    PostSnapshot {
+        snapshot: SnapshotId,
+    },
+    Abort {
+        snapshot: SnapshotId,
+        reason: String,
+    },
 }
 
 /// See the module doc. Call [`ClusterWriter::set_remote`] before the
@@ -54,7 +65,11 @@ impl ClusterWriter {
         let kind = event.kind();
         if self.remote == Some(snapshot) {
             if kind != EventKind::Abort {
-                self.out.push_back(CwOut::Answer { snapshot, event: kind, answer: Answer::Ack });
+                self.out.push_back(CwOut::Answer {
+                    snapshot,
+                    event: kind,
+                    answer: Answer::Ack,
+                });
             }
             return;
         }
@@ -62,7 +77,11 @@ impl ClusterWriter {
             WriterEvent::Freeze | WriterEvent::PostSnapshot => {
                 if let Some((s, f)) = self.failure.take() {
                     if s == snapshot {
-                        self.out.push_back(CwOut::Answer { snapshot, event: kind, answer: Answer::Failed(f) });
+                        self.out.push_back(CwOut::Answer {
+                            snapshot,
+                            event: kind,
+                            answer: Answer::Failed(f),
+                        });
                         return;
                     }
                 }
@@ -74,11 +93,18 @@ impl ClusterWriter {
                 });
             }
             // The other nodes thawed themselves before reporting done.
-            WriterEvent::Thaw => self.out.push_back(CwOut::Answer { snapshot, event: kind, answer: Answer::Ack }),
+            WriterEvent::Thaw => self.out.push_back(CwOut::Answer {
+                snapshot,
+                event: kind,
+                answer: Answer::Ack,
+            }),
             WriterEvent::Abort { reason } => {
                 self.pending = None;
                 self.failure = None;
-                self.out.push_back(CwOut::Abort { snapshot, reason: reason.clone() });
+                self.out.push_back(CwOut::Abort {
+                    snapshot,
+                    reason: reason.clone(),
+                });
             }
         }
     }
@@ -98,7 +124,11 @@ impl ClusterWriter {
         match self.pending {
             Some((s, event)) if s == snapshot => {
                 self.pending = None;
-                self.out.push_back(CwOut::Answer { snapshot, event, answer: Answer::Failed(failure) });
+                self.out.push_back(CwOut::Answer {
+                    snapshot,
+                    event,
+                    answer: Answer::Failed(failure),
+                });
             }
             _ => self.failure = Some((snapshot, failure)),
         }
@@ -107,7 +137,11 @@ impl ClusterWriter {
     fn answer_if_pending(&mut self, snapshot: SnapshotId, event: EventKind) {
         if self.pending == Some((snapshot, event)) {
             self.pending = None;
-            self.out.push_back(CwOut::Answer { snapshot, event, answer: Answer::Ack });
+            self.out.push_back(CwOut::Answer {
+                snapshot,
+                event,
+                answer: Answer::Ack,
+            });
         }
     }
 
@@ -119,19 +153,38 @@ impl ClusterWriter {
 /// What the cluster service produces.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum CsOut {
-    Send { to: String, msg: PeerMessage },
+    Send {
+        to: String,
+        msg: PeerMessage,
+    },
     /// To the cluster writer.
-    AllFrozen { snapshot: SnapshotId },
-    AllDone { snapshot: SnapshotId },
-    Failed { snapshot: SnapshotId, failure: Failure },
+    AllFrozen {
+        snapshot: SnapshotId,
+    },
+    AllDone {
+        snapshot: SnapshotId,
+    },
+    Failed {
+        snapshot: SnapshotId,
+        failure: Failure,
+    },
     /// Ask the local coordinator for a snapshot with the helper provider that
     /// must end by `deadline_ms` (the lease).
-    StartLocal { snapshot: SnapshotId, deadline_ms: u64 },
+    StartLocal {
+        snapshot: SnapshotId,
+        deadline_ms: u64,
+    },
     /// Cancel the local snapshot started by `StartLocal`; `node` is whose
     /// fault it is.
-    AbortLocal { snapshot: SnapshotId, node: String, reason: String },
+    AbortLocal {
+        snapshot: SnapshotId,
+        node: String,
+        reason: String,
+    },
     /// Tell the helper provider to return from commit.
-    ReleaseHelper { snapshot: SnapshotId },
+    ReleaseHelper {
+        snapshot: SnapshotId,
+    },
 }
 
 /// Where another node stands, as the initiator's cluster service sees it.
@@ -155,7 +208,10 @@ impl PeerState {
         }
     }
     fn active(self) -> bool {
-        matches!(self, PeerState::Notified | PeerState::Frozen | PeerState::PostSent)
+        matches!(
+            self,
+            PeerState::Notified | PeerState::Frozen | PeerState::PostSent
+        )
     }
 }
 
@@ -207,8 +263,17 @@ pub struct ClusterService {
 
 impl ClusterService {
     pub fn new(node: &str, peers: &[String]) -> ClusterService {
-        let peers = peers.iter().filter(|p| *p != node).map(|p| (p.clone(), false)).collect();
-        ClusterService { node: node.to_string(), peers, role: Role::Idle, out: VecDeque::new() }
+        let peers = peers
+            .iter()
+            .filter(|p| *p != node)
+            .map(|p| (p.clone(), false))
+            .collect();
+        ClusterService {
+            node: node.to_string(),
+            peers,
+            role: Role::Idle,
+            out: VecDeque::new(),
+        }
     }
 
     pub fn is_member(&self, node: &str) -> bool {
@@ -232,7 +297,9 @@ impl ClusterService {
         match &self.role {
             Role::Idle => None,
             Role::Initiator(_) => Some(NodeRole::Initiator),
-            Role::Remote(r) => Some(NodeRole::Remote { initiator: r.initiator.clone() }),
+            Role::Remote(r) => Some(NodeRole::Remote {
+                initiator: r.initiator.clone(),
+            }),
         }
     }
 
@@ -253,7 +320,9 @@ impl ClusterService {
     /// Cluster writer: the coordinator sent freeze. Every member must be
     /// connected; each gets a freeze-notice with the lease left.
     pub fn writer_freeze(&mut self, snapshot: SnapshotId, now: u64) {
-        let Role::Initiator(run) = &mut self.role else { return };
+        let Role::Initiator(run) = &mut self.role else {
+            return;
+        };
         if run.snapshot != snapshot {
             return;
         }
@@ -272,22 +341,34 @@ impl ClusterService {
         run.waiting = Some(EventKind::Freeze);
         for peer in self.peers.keys() {
             run.peers.insert(peer.clone(), PeerState::Notified);
-            let msg = PeerMessage::FreezeNotice { snapshot, initiator: self.node.clone(), lease_ms };
-            self.out.push_back(CsOut::Send { to: peer.clone(), msg });
+            let msg = PeerMessage::FreezeNotice {
+                snapshot,
+                initiator: self.node.clone(),
+                lease_ms,
+            };
+            self.out.push_back(CsOut::Send {
+                to: peer.clone(),
+                msg,
+            });
         }
         self.check_all(snapshot);
     }
 
     /// Cluster writer: the coordinator sent post-snapshot.
     pub fn writer_post_snapshot(&mut self, snapshot: SnapshotId) {
-        let Role::Initiator(run) = &mut self.role else { return };
+        let Role::Initiator(run) = &mut self.role else {
+            return;
+        };
         if run.snapshot != snapshot || run.failed {
             return;
         }
         run.waiting = Some(EventKind::PostSnapshot);
         for (peer, state) in run.peers.iter_mut() {
             *state = PeerState::PostSent;
-            self.out.push_back(CsOut::Send { to: peer.clone(), msg: PeerMessage::PostSnapshot { snapshot } });
+            self.out.push_back(CsOut::Send {
+                to: peer.clone(),
+                msg: PeerMessage::PostSnapshot { snapshot },
+            });
         }
         self.check_all(snapshot);
     }
@@ -295,7 +376,9 @@ impl ClusterService {
     /// Cluster writer: the coordinator aborted. Every node still in the
     /// snapshot is told.
     pub fn writer_abort(&mut self, snapshot: SnapshotId, reason: &str) {
-        let Role::Initiator(run) = &mut self.role else { return };
+        let Role::Initiator(run) = &mut self.role else {
+            return;
+        };
         if run.snapshot != snapshot {
             return;
         }
@@ -303,8 +386,14 @@ impl ClusterService {
         for (peer, state) in run.peers.iter_mut() {
             if state.active() {
                 *state = PeerState::Failed;
-                let msg = PeerMessage::Abort { snapshot, reason: reason.to_string() };
-                self.out.push_back(CsOut::Send { to: peer.clone(), msg });
+                let msg = PeerMessage::Abort {
+                    snapshot,
+                    reason: reason.to_string(),
+                };
+                self.out.push_back(CsOut::Send {
+                    to: peer.clone(),
+                    msg,
+                });
             }
         }
     }
@@ -324,7 +413,9 @@ impl ClusterService {
     /// Answer the cluster writer once every other node has reached the
     /// state the waited-for event needs (at once when there is no other node).
     fn check_all(&mut self, snapshot: SnapshotId) {
-        let Role::Initiator(run) = &mut self.role else { return };
+        let Role::Initiator(run) = &mut self.role else {
+            return;
+        };
         if run.failed {
             return;
         }
@@ -343,13 +434,20 @@ impl ClusterService {
     }
 
     fn peer_failed(&mut self, node: &str, failure: Failure, report: Option<NodeReport>) {
-        let Role::Initiator(run) = &mut self.role else { return };
-        let Some(state) = run.peers.get_mut(node) else { return };
+        let Role::Initiator(run) = &mut self.role else {
+            return;
+        };
+        let Some(state) = run.peers.get_mut(node) else {
+            return;
+        };
         *state = PeerState::Failed;
         run.reports.extend(report);
         if !run.failed {
             run.failed = true;
-            self.out.push_back(CsOut::Failed { snapshot: run.snapshot, failure });
+            self.out.push_back(CsOut::Failed {
+                snapshot: run.snapshot,
+                failure,
+            });
         }
     }
 
@@ -357,7 +455,13 @@ impl ClusterService {
 
     /// A message from `from` (an authenticated member). `local_busy` is the
     /// snapshot the local coordinator runs, if any.
-    pub fn peer_message(&mut self, from: &str, msg: PeerMessage, now: u64, local_busy: Option<SnapshotId>) {
+    pub fn peer_message(
+        &mut self,
+        from: &str,
+        msg: PeerMessage,
+        now: u64,
+        local_busy: Option<SnapshotId>,
+    ) {
         let snapshot = msg.snapshot();
         match msg {
             PeerMessage::FreezeNotice { lease_ms, .. } => {
@@ -367,12 +471,26 @@ impl ClusterService {
                     }
                 }
                 if let Some(current) = local_busy.or(self.engaged()) {
-                    let msg = PeerMessage::Busy { snapshot, node: self.node.clone(), current };
-                    self.out.push_back(CsOut::Send { to: from.to_string(), msg });
+                    let msg = PeerMessage::Busy {
+                        snapshot,
+                        node: self.node.clone(),
+                        current,
+                    };
+                    self.out.push_back(CsOut::Send {
+                        to: from.to_string(),
+                        msg,
+                    });
                     return;
                 }
-                self.role = Role::Remote(RemoteRun { snapshot, initiator: from.to_string(), aborted_by_initiator: false });
-                self.out.push_back(CsOut::StartLocal { snapshot, deadline_ms: now.saturating_add(lease_ms) });
+                self.role = Role::Remote(RemoteRun {
+                    snapshot,
+                    initiator: from.to_string(),
+                    aborted_by_initiator: false,
+                });
+                self.out.push_back(CsOut::StartLocal {
+                    snapshot,
+                    deadline_ms: now.saturating_add(lease_ms),
+                });
             }
             PeerMessage::PostSnapshot { .. } => {
                 if self.is_remote_from(snapshot, from) {
@@ -384,14 +502,24 @@ impl ClusterService {
                     if r.snapshot == snapshot && r.initiator == from {
                         r.aborted_by_initiator = true;
                         let reason = format!("aborted by initiator {from}: {reason}");
-                        self.out.push_back(CsOut::AbortLocal { snapshot, node: from.to_string(), reason });
+                        self.out.push_back(CsOut::AbortLocal {
+                            snapshot,
+                            node: from.to_string(),
+                            reason,
+                        });
                     }
                 }
             }
-            PeerMessage::Frozen { .. } => self.peer_advanced(from, snapshot, PeerState::Notified, PeerState::Frozen, None),
-            PeerMessage::Done { report, .. } => {
-                self.peer_advanced(from, snapshot, PeerState::PostSent, PeerState::Done, Some(report))
+            PeerMessage::Frozen { .. } => {
+                self.peer_advanced(from, snapshot, PeerState::Notified, PeerState::Frozen, None)
             }
+            PeerMessage::Done { report, .. } => self.peer_advanced(
+                from,
+                snapshot,
+                PeerState::PostSent,
+                PeerState::Done,
+                Some(report),
+            ),
             PeerMessage::Busy { current, .. } => {
                 if self.is_initiator_of(snapshot) {
                     let failure = Failure {
@@ -419,12 +547,23 @@ impl ClusterService {
         matches!(&self.role, Role::Remote(r) if r.snapshot == snapshot && r.initiator == from)
     }
 
-    fn peer_advanced(&mut self, from: &str, snapshot: SnapshotId, was: PeerState, now: PeerState, report: Option<NodeReport>) {
-        let Role::Initiator(run) = &mut self.role else { return };
+    fn peer_advanced(
+        &mut self,
+        from: &str,
+        snapshot: SnapshotId,
+        was: PeerState,
+        now: PeerState,
+        report: Option<NodeReport>,
+    ) {
+        let Role::Initiator(run) = &mut self.role else {
+            return;
+        };
         if run.snapshot != snapshot {
             return;
         }
-        let Some(state) = run.peers.get_mut(from) else { return };
+        let Some(state) = run.peers.get_mut(from) else {
+            return;
+        };
         if *state != was {
             return;
         }
@@ -443,7 +582,9 @@ impl ClusterService {
     /// fails it; on another node, losing the initiator aborts the local
     /// snapshot at once (no application stays frozen for a dead initiator).
     pub fn peer_down(&mut self, node: &str) {
-        let Some(up) = self.peers.get_mut(node) else { return };
+        let Some(up) = self.peers.get_mut(node) else {
+            return;
+        };
         *up = false;
         match &mut self.role {
             Role::Initiator(run) => {
@@ -459,7 +600,11 @@ impl ClusterService {
             }
             Role::Remote(r) if r.initiator == node => {
                 let reason = format!("lost connection to initiator {node}");
-                self.out.push_back(CsOut::AbortLocal { snapshot: r.snapshot, node: node.to_string(), reason });
+                self.out.push_back(CsOut::AbortLocal {
+                    snapshot: r.snapshot,
+                    node: node.to_string(),
+                    reason,
+                });
             }
             _ => {}
         }
@@ -472,25 +617,44 @@ impl ClusterService {
     pub fn committed(&mut self, snapshot: SnapshotId) {
         if let Role::Remote(r) = &self.role {
             if r.snapshot == snapshot {
-                let msg = PeerMessage::Frozen { snapshot, node: self.node.clone() };
-                self.out.push_back(CsOut::Send { to: r.initiator.clone(), msg });
+                let msg = PeerMessage::Frozen {
+                    snapshot,
+                    node: self.node.clone(),
+                };
+                self.out.push_back(CsOut::Send {
+                    to: r.initiator.clone(),
+                    msg,
+                });
             }
         }
     }
 
     /// The local coordinator finished the snapshot this service requested:
     /// report done or failed to the initiator and become idle.
-    pub fn local_finished(&mut self, snapshot: SnapshotId, report: NodeReport, error: Option<Failure>) {
+    pub fn local_finished(
+        &mut self,
+        snapshot: SnapshotId,
+        report: NodeReport,
+        error: Option<Failure>,
+    ) {
         let Role::Remote(r) = &self.role else { return };
         if r.snapshot != snapshot {
             return;
         }
         let to = r.initiator.clone();
         match error {
-            None => self.out.push_back(CsOut::Send { to, msg: PeerMessage::Done { snapshot, report } }),
-            Some(error) if !r.aborted_by_initiator => {
-                self.out.push_back(CsOut::Send { to, msg: PeerMessage::Failed { snapshot, error, report } })
-            }
+            None => self.out.push_back(CsOut::Send {
+                to,
+                msg: PeerMessage::Done { snapshot, report },
+            }),
+            Some(error) if !r.aborted_by_initiator => self.out.push_back(CsOut::Send {
+                to,
+                msg: PeerMessage::Failed {
+                    snapshot,
+                    error,
+                    report,
+                },
+            }),
             Some(_) => {}
         }
         self.role = Role::Idle;
@@ -501,7 +665,9 @@ impl ClusterService {
     /// The initiator's deadline while it waits for other nodes.
     pub fn poll_timeout(&self) -> Option<u64> {
         match &self.role {
-            Role::Initiator(run) if !run.failed && run.peers.values().any(|s| s.active()) => Some(run.deadline_ms),
+            Role::Initiator(run) if !run.failed && run.peers.values().any(|s| s.active()) => {
+                Some(run.deadline_ms)
+            }
             _ => None,
         }
     }
@@ -509,13 +675,23 @@ impl ClusterService {
     /// At the deadline, name the first node that has not answered; the
     /// coordinator's own deadline (the same instant) then aborts with it.
     pub fn handle_timeout(&mut self, now: u64) {
-        let Role::Initiator(run) = &self.role else { return };
+        let Role::Initiator(run) = &self.role else {
+            return;
+        };
         if run.failed || now < run.deadline_ms {
             return;
         }
-        let late = run.peers.iter().find(|(_, s)| s.active()).map(|(n, s)| (n.clone(), *s));
+        let late = run
+            .peers
+            .iter()
+            .find(|(_, s)| s.active())
+            .map(|(n, s)| (n.clone(), *s));
         if let Some((node, state)) = late {
-            let waited = if state == PeerState::Notified { "frozen" } else { "done" };
+            let waited = if state == PeerState::Notified {
+                "frozen"
+            } else {
+                "done"
+            };
             let failure = Failure {
                 node: node.clone(),
                 writer: None,
@@ -543,10 +719,21 @@ mod tests {
     fn cluster_writer_on_a_remote_node_returns_at_once() {
         let mut w = ClusterWriter::default();
         w.set_remote(4);
-        for event in [WriterEvent::Freeze, WriterEvent::PostSnapshot, WriterEvent::Thaw] {
+        for event in [
+            WriterEvent::Freeze,
+            WriterEvent::PostSnapshot,
+            WriterEvent::Thaw,
+        ] {
             let kind = event.kind();
             w.event(4, &event);
-            assert_eq!(drain_cw(&mut w), vec![CwOut::Answer { snapshot: 4, event: kind, answer: Answer::Ack }]);
+            assert_eq!(
+                drain_cw(&mut w),
+                vec![CwOut::Answer {
+                    snapshot: 4,
+                    event: kind,
+                    answer: Answer::Ack
+                }]
+            );
         }
     }
 
@@ -556,19 +743,42 @@ mod tests {
         w.event(4, &WriterEvent::Freeze);
         assert_eq!(drain_cw(&mut w), vec![CwOut::Freeze { snapshot: 4 }]);
         w.all_done(4);
-        assert_eq!(drain_cw(&mut w), vec![], "the wrong event does not release it");
+        assert_eq!(
+            drain_cw(&mut w),
+            vec![],
+            "the wrong event does not release it"
+        );
         w.all_frozen(4);
-        assert_eq!(drain_cw(&mut w), vec![CwOut::Answer { snapshot: 4, event: EventKind::Freeze, answer: Answer::Ack }]);
+        assert_eq!(
+            drain_cw(&mut w),
+            vec![CwOut::Answer {
+                snapshot: 4,
+                event: EventKind::Freeze,
+                answer: Answer::Ack
+            }]
+        );
     }
 
     #[test]
     fn a_failure_heard_between_events_is_the_answer_to_the_next_one() {
         let mut w = ClusterWriter::default();
-        let f = Failure { node: "n3".into(), writer: None, phase: Phase::Frozen, reason: "lost".into() };
+        let f = Failure {
+            node: "n3".into(),
+            writer: None,
+            phase: Phase::Frozen,
+            reason: "lost".into(),
+        };
         w.failed(4, f.clone());
         w.event(4, &WriterEvent::PostSnapshot);
         let answer = Answer::Failed(f);
-        assert_eq!(drain_cw(&mut w), vec![CwOut::Answer { snapshot: 4, event: EventKind::PostSnapshot, answer }]);
+        assert_eq!(
+            drain_cw(&mut w),
+            vec![CwOut::Answer {
+                snapshot: 4,
+                event: EventKind::PostSnapshot,
+                answer
+            }]
+        );
     }
 
     #[test]
@@ -577,12 +787,30 @@ mod tests {
         cs.peer_up("n2");
         cs.prepare_initiator(4, 1_000);
         cs.writer_freeze(4, 100);
-        let notice = PeerMessage::FreezeNotice { snapshot: 4, initiator: "n1".into(), lease_ms: 900 };
-        assert_eq!(cs.poll(), Some(CsOut::Send { to: "n2".into(), msg: notice }));
+        let notice = PeerMessage::FreezeNotice {
+            snapshot: 4,
+            initiator: "n1".into(),
+            lease_ms: 900,
+        };
+        assert_eq!(
+            cs.poll(),
+            Some(CsOut::Send {
+                to: "n2".into(),
+                msg: notice
+            })
+        );
         assert_eq!(cs.poll_timeout(), Some(1_000));
         cs.handle_timeout(1_000);
-        let Some(CsOut::Failed { failure, .. }) = cs.poll() else { panic!("expected a failure") };
-        assert_eq!((failure.node.as_str(), failure.phase), ("n2", Phase::Freezing));
-        assert_eq!(failure.reason, "node n2 did not report frozen before the lease expired");
+        let Some(CsOut::Failed { failure, .. }) = cs.poll() else {
+            panic!("expected a failure")
+        };
+        assert_eq!(
+            (failure.node.as_str(), failure.phase),
+            ("n2", Phase::Freezing)
+        );
+        assert_eq!(
+            failure.reason,
+            "node n2 did not report frozen before the lease expired"
+        );
     }
 }

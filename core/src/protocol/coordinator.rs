@@ -48,13 +48,24 @@ pub enum Answer {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum CoordOut {
     /// Send an event to a writer.
-    Writer { key: WriterKey, snapshot: SnapshotId, event: WriterEvent },
+    Writer {
+        key: WriterKey,
+        snapshot: SnapshotId,
+        event: WriterEvent,
+    },
     /// Call the run's provider; `FlushAndHold`, `Commit` and `Complete` return
     /// through [`Coordinator::provider_returned`].
-    Provider { kind: ProviderKind, snapshot: SnapshotId, call: ProviderCall },
+    Provider {
+        kind: ProviderKind,
+        snapshot: SnapshotId,
+        call: ProviderCall,
+    },
     Phase(PhaseEvent),
     /// The run is over; this is its one result.
-    Finished { requester: Requester, result: RunResult },
+    Finished {
+        requester: Requester,
+        result: RunResult,
+    },
 }
 
 /// The result of one run on this node.
@@ -169,8 +180,21 @@ impl Coordinator {
 
     /// Register a writer. It takes part from the next run on; a writer that
     /// registers during a run is not asked to freeze for it.
-    pub fn add_writer(&mut self, key: WriterKey, name: &str, on_error: OnError, timeout_ms: Option<u64>) {
-        self.writers.insert(key, Registered { name: name.to_string(), on_error, timeout_ms });
+    pub fn add_writer(
+        &mut self,
+        key: WriterKey,
+        name: &str,
+        on_error: OnError,
+        timeout_ms: Option<u64>,
+    ) {
+        self.writers.insert(
+            key,
+            Registered {
+                name: name.to_string(),
+                on_error,
+                timeout_ms,
+            },
+        );
     }
 
     /// A writer disconnected. If it owed an answer, that counts as a failure of
@@ -178,11 +202,19 @@ impl Coordinator {
     pub fn remove_writer(&mut self, key: WriterKey, now: u64) {
         self.writers.remove(&key);
         let Some(run) = self.run.as_mut() else { return };
-        let Some(w) = run.writers.get_mut(&key) else { return };
+        let Some(w) = run.writers.get_mut(&key) else {
+            return;
+        };
         w.gone = true;
         w.frozen_or_freezing = false;
         if w.pending.is_some() {
-            self.writer_failed(key, WriterOutcome::Gone, "writer disconnected".into(), None, now);
+            self.writer_failed(
+                key,
+                WriterOutcome::Gone,
+                "writer disconnected".into(),
+                None,
+                now,
+            );
         } else if w.outcome.is_none() {
             w.outcome = Some(WriterOutcome::Gone);
             w.fail_phase = Some(run.phase);
@@ -216,23 +248,42 @@ impl Coordinator {
     /// The snapshot in flight and its phase, else the last one and how it
     /// ended, else `None`.
     pub fn phase(&self) -> Option<(SnapshotId, Phase)> {
-        self.run.as_ref().map(|r| (r.snapshot, r.phase)).or(self.last)
+        self.run
+            .as_ref()
+            .map(|r| (r.snapshot, r.phase))
+            .or(self.last)
     }
 
     /// Start a snapshot: freeze every registered writer. The whole run must end
     /// by `deadline_ms` (the lease) or it aborts. When busy, finishes at once
     /// with a busy failure.
-    pub fn start(&mut self, requester: Requester, snapshot: SnapshotId, provider: ProviderKind, deadline_ms: u64, now: u64) {
+    pub fn start(
+        &mut self,
+        requester: Requester,
+        snapshot: SnapshotId,
+        provider: ProviderKind,
+        deadline_ms: u64,
+        now: u64,
+    ) {
         if let Some(current) = self.busy() {
             let error = Failure {
                 node: self.node.clone(),
                 writer: None,
                 phase: Phase::Freezing,
-                reason: format!("{BUSY_PREFIX} snapshot {current} is in flight on node {}", self.node),
+                reason: format!(
+                    "{BUSY_PREFIX} snapshot {current} is in flight on node {}",
+                    self.node
+                ),
             };
             self.out.push_back(CoordOut::Finished {
                 requester,
-                result: RunResult { snapshot, error: Some(error), phases: vec![], writers: vec![], io_hold_ms: None },
+                result: RunResult {
+                    snapshot,
+                    error: Some(error),
+                    phases: vec![],
+                    writers: vec![],
+                    io_hold_ms: None,
+                },
             });
             return;
         }
@@ -243,7 +294,10 @@ impl Coordinator {
                 let w = RunWriter {
                     reg: reg.clone(),
                     state: WriterState::Freezing,
-                    pending: Some((EventKind::Freeze, reg.timeout_ms.map(|t| now.saturating_add(t)))),
+                    pending: Some((
+                        EventKind::Freeze,
+                        reg.timeout_ms.map(|t| now.saturating_add(t)),
+                    )),
                     excluded: false,
                     gone: false,
                     frozen_or_freezing: true,
@@ -271,7 +325,11 @@ impl Coordinator {
             release_ms: None,
         });
         self.phase_event(Phase::Freezing, PhaseEdge::Enter, None, now);
-        let keys: Vec<WriterKey> = self.run.as_ref().map(|r| r.writers.keys().copied().collect()).unwrap_or_default();
+        let keys: Vec<WriterKey> = self
+            .run
+            .as_ref()
+            .map(|r| r.writers.keys().copied().collect())
+            .unwrap_or_default();
         for key in keys {
             self.send(key, WriterEvent::Freeze, now);
         }
@@ -288,13 +346,22 @@ impl Coordinator {
 
     /// A writer answered `event` for `snapshot`. Answers that match no pending
     /// event (late, duplicate, other snapshot) are ignored.
-    pub fn writer_reply(&mut self, key: WriterKey, snapshot: SnapshotId, event: EventKind, answer: Answer, now: u64) {
+    pub fn writer_reply(
+        &mut self,
+        key: WriterKey,
+        snapshot: SnapshotId,
+        event: EventKind,
+        answer: Answer,
+        now: u64,
+    ) {
         let Some(run) = self.run.as_mut() else { return };
         if run.snapshot != snapshot {
             return;
         }
         let phase = run.phase;
-        let Some(w) = run.writers.get_mut(&key) else { return };
+        let Some(w) = run.writers.get_mut(&key) else {
+            return;
+        };
         if w.pending.map(|p| p.0) != Some(event) {
             return;
         }
@@ -320,7 +387,9 @@ impl Coordinator {
                 self.phase_event(phase, PhaseEdge::Exit, Some(name), now);
                 self.progress(now);
             }
-            Answer::Veto(reason) => self.writer_failed(key, WriterOutcome::Vetoed, reason, None, now),
+            Answer::Veto(reason) => {
+                self.writer_failed(key, WriterOutcome::Vetoed, reason, None, now)
+            }
             Answer::Failed(f) => {
                 let reason = f.reason.clone();
                 self.writer_failed(key, WriterOutcome::Vetoed, reason, Some(f), now)
@@ -330,7 +399,13 @@ impl Coordinator {
 
     /// The provider returned from `call` (only `FlushAndHold`, `Commit` and
     /// `Complete` return). Stale returns are ignored.
-    pub fn provider_returned(&mut self, snapshot: SnapshotId, call: ProviderCall, result: Result<(), String>, now: u64) {
+    pub fn provider_returned(
+        &mut self,
+        snapshot: SnapshotId,
+        call: ProviderCall,
+        result: Result<(), String>,
+        now: u64,
+    ) {
         let Some(run) = self.run.as_mut() else { return };
         if run.snapshot != snapshot || run.provider_wait != Some(call) {
             return;
@@ -338,7 +413,12 @@ impl Coordinator {
         run.provider_wait = None;
         let phase = run.phase;
         if let Err(reason) = result {
-            let f = Failure { node: self.node.clone(), writer: None, phase, reason: format!("{call}: {reason}") };
+            let f = Failure {
+                node: self.node.clone(),
+                writer: None,
+                phase,
+                reason: format!("{call}: {reason}"),
+            };
             self.abort_run(f, now);
             return;
         }
@@ -361,12 +441,20 @@ impl Coordinator {
                 run.step = Step::Commit;
                 run.provider_wait = Some(ProviderCall::Commit);
                 let (kind, snap) = (run.provider, run.snapshot);
-                self.out.push_back(CoordOut::Provider { kind, snapshot: snap, call: ProviderCall::Commit });
+                self.out.push_back(CoordOut::Provider {
+                    kind,
+                    snapshot: snap,
+                    call: ProviderCall::Commit,
+                });
             }
             ProviderCall::Commit => {
                 run.release_ms = Some(now);
                 let (kind, snap) = (run.provider, run.snapshot);
-                self.out.push_back(CoordOut::Provider { kind, snapshot: snap, call: ProviderCall::Release });
+                self.out.push_back(CoordOut::Provider {
+                    kind,
+                    snapshot: snap,
+                    call: ProviderCall::Release,
+                });
                 self.enter_phase(Phase::PostSnapshot, now);
                 if let Some(run) = self.run.as_mut() {
                     run.step = Step::PostSnapshot;
@@ -386,7 +474,10 @@ impl Coordinator {
     /// The earliest writer deadline or the run's deadline.
     pub fn poll_timeout(&self) -> Option<u64> {
         let run = self.run.as_ref()?;
-        let writers = run.writers.values().filter_map(|w| w.pending.and_then(|p| p.1));
+        let writers = run
+            .writers
+            .values()
+            .filter_map(|w| w.pending.and_then(|p| p.1));
         let mut t = writers.min();
         if run.step != Step::Thawing {
             t = Some(t.map_or(run.deadline_ms, |t| t.min(run.deadline_ms)));
@@ -404,7 +495,9 @@ impl Coordinator {
                 .iter()
                 .find(|(_, w)| w.pending.and_then(|p| p.1).is_some_and(|d| d <= now))
                 .map(|(k, w)| (*k, w.pending.map(|p| p.0), w.reg.timeout_ms.unwrap_or(0)));
-            let Some((key, Some(event), timeout)) = late else { break };
+            let Some((key, Some(event), timeout)) = late else {
+                break;
+            };
             let reason = format!("no answer to {event} within {timeout} ms");
             self.writer_failed(key, WriterOutcome::TimedOut, reason, None, now);
         }
@@ -425,12 +518,21 @@ impl Coordinator {
             return;
         }
         let phase = run.phase;
-        let waiting = run.writers.values().find(|w| w.pending.is_some() && !w.excluded).map(|w| w.reg.name.clone());
+        let waiting = run
+            .writers
+            .values()
+            .find(|w| w.pending.is_some() && !w.excluded)
+            .map(|w| w.reg.name.clone());
         let reason = match &waiting {
             Some(w) => format!("deadline expired in {phase} waiting for writer {w}"),
             None => format!("deadline expired in {phase}"),
         };
-        let f = Failure { node: self.node.clone(), writer: waiting, phase, reason };
+        let f = Failure {
+            node: self.node.clone(),
+            writer: waiting,
+            phase,
+            reason,
+        };
         self.abort_run(f, now);
     }
 
@@ -444,7 +546,9 @@ impl Coordinator {
     /// Writers still taking part (not gone, not excluded); with `all`, also the
     /// excluded ones that still need a thaw or abort.
     fn live_keys(&self, all: bool) -> Vec<WriterKey> {
-        let Some(run) = self.run.as_ref() else { return vec![] };
+        let Some(run) = self.run.as_ref() else {
+            return vec![];
+        };
         run.writers
             .iter()
             .filter(|(_, w)| !w.gone && (!w.excluded || (all && w.frozen_or_freezing)))
@@ -456,10 +560,16 @@ impl Coordinator {
         let Some(run) = self.run.as_mut() else { return };
         let snapshot = run.snapshot;
         let phase = run.phase;
-        let Some(w) = run.writers.get_mut(&key) else { return };
+        let Some(w) = run.writers.get_mut(&key) else {
+            return;
+        };
         let kind = event.kind();
         let wait = !w.excluded && kind != EventKind::Abort;
-        w.pending = if wait { Some((kind, w.reg.timeout_ms.map(|t| now.saturating_add(t)))) } else { None };
+        w.pending = if wait {
+            Some((kind, w.reg.timeout_ms.map(|t| now.saturating_add(t))))
+        } else {
+            None
+        };
         match kind {
             EventKind::Freeze => w.state = WriterState::Freezing,
             EventKind::PostSnapshot => w.state = WriterState::PostSnapshot,
@@ -481,18 +591,31 @@ impl Coordinator {
             }
         }
         let name = w.reg.name.clone();
-        self.out.push_back(CoordOut::Writer { key, snapshot, event });
+        self.out.push_back(CoordOut::Writer {
+            key,
+            snapshot,
+            event,
+        });
         if wait {
             self.phase_event(phase, PhaseEdge::Enter, Some(name), now);
         }
     }
 
-    fn writer_failed(&mut self, key: WriterKey, outcome: WriterOutcome, reason: String, failure: Option<Failure>, now: u64) {
+    fn writer_failed(
+        &mut self,
+        key: WriterKey,
+        outcome: WriterOutcome,
+        reason: String,
+        failure: Option<Failure>,
+        now: u64,
+    ) {
         let node = self.node.clone();
         let Some(run) = self.run.as_mut() else { return };
         let phase = run.phase;
         let step = run.step;
-        let Some(w) = run.writers.get_mut(&key) else { return };
+        let Some(w) = run.writers.get_mut(&key) else {
+            return;
+        };
         let event = w.pending.map(|p| p.0);
         w.pending = None;
         if step == Step::Thawing || event == Some(EventKind::Thaw) {
@@ -512,7 +635,12 @@ impl Coordinator {
             w.excluded = true;
             return self.progress(now);
         }
-        let f = failure.unwrap_or(Failure { node, writer: Some(w.reg.name.clone()), phase, reason });
+        let f = failure.unwrap_or(Failure {
+            node,
+            writer: Some(w.reg.name.clone()),
+            phase,
+            reason,
+        });
         self.abort_run(f, now);
     }
 
@@ -537,7 +665,11 @@ impl Coordinator {
                 run.hold_ms = Some(now);
                 let (kind, snapshot) = (run.provider, run.snapshot);
                 self.enter_phase(commit_phase, now);
-                self.out.push_back(CoordOut::Provider { kind, snapshot, call: ProviderCall::FlushAndHold });
+                self.out.push_back(CoordOut::Provider {
+                    kind,
+                    snapshot,
+                    call: ProviderCall::FlushAndHold,
+                });
             }
             Step::PostSnapshot if !waiting => {
                 run.step = Step::Thawing;
@@ -547,7 +679,11 @@ impl Coordinator {
                 for key in self.live_keys(true) {
                     self.send(key, WriterEvent::Thaw, now);
                 }
-                self.out.push_back(CoordOut::Provider { kind, snapshot, call: ProviderCall::Complete });
+                self.out.push_back(CoordOut::Provider {
+                    kind,
+                    snapshot,
+                    call: ProviderCall::Complete,
+                });
             }
             Step::Thawing if !waiting && run.provider_wait.is_none() => self.finish(None, now),
             _ => {}
@@ -557,7 +693,11 @@ impl Coordinator {
     fn enter_phase(&mut self, phase: Phase, now: u64) {
         let Some(run) = self.run.as_mut() else { return };
         let old = run.phase;
-        run.spans.push(PhaseSpan { name: old, start_ms: run.phase_start, end_ms: now });
+        run.spans.push(PhaseSpan {
+            name: old,
+            start_ms: run.phase_start,
+            end_ms: now,
+        });
         run.phase = phase;
         run.phase_start = now;
         self.phase_event(old, PhaseEdge::Exit, None, now);
@@ -569,28 +709,58 @@ impl Coordinator {
         let Some(run) = self.run.as_ref() else { return };
         let (kind, snapshot) = (run.provider, run.snapshot);
         // Every writer that was sent freeze and not yet thaw gets abort.
-        let keys: Vec<WriterKey> =
-            run.writers.iter().filter(|(_, w)| w.frozen_or_freezing && !w.gone).map(|(k, _)| *k).collect();
+        let keys: Vec<WriterKey> = run
+            .writers
+            .iter()
+            .filter(|(_, w)| w.frozen_or_freezing && !w.gone)
+            .map(|(k, _)| *k)
+            .collect();
         for key in keys {
-            self.send(key, WriterEvent::Abort { reason: reason.clone() }, now);
+            self.send(
+                key,
+                WriterEvent::Abort {
+                    reason: reason.clone(),
+                },
+                now,
+            );
         }
-        self.out.push_back(CoordOut::Provider { kind, snapshot, call: ProviderCall::Abort });
+        self.out.push_back(CoordOut::Provider {
+            kind,
+            snapshot,
+            call: ProviderCall::Abort,
+        });
         self.finish(Some(failure), now);
     }
 
     fn finish(&mut self, error: Option<Failure>, now: u64) {
-        let end = if error.is_some() { Phase::Aborted } else { Phase::Done };
+        let end = if error.is_some() {
+            Phase::Aborted
+        } else {
+            Phase::Done
+        };
         self.enter_phase(end, now);
-        let Some(mut run) = self.run.take() else { return };
-        run.spans.push(PhaseSpan { name: end, start_ms: now, end_ms: now });
-        let io_hold_ms = run.hold_ms.map(|h| run.release_ms.unwrap_or(now).saturating_sub(h));
+        let Some(mut run) = self.run.take() else {
+            return;
+        };
+        run.spans.push(PhaseSpan {
+            name: end,
+            start_ms: now,
+            end_ms: now,
+        });
+        let io_hold_ms = run
+            .hold_ms
+            .map(|h| run.release_ms.unwrap_or(now).saturating_sub(h));
         let writers = run
             .writers
             .iter()
             .map(|(k, w)| {
                 let r = WriterReport {
                     name: w.reg.name.clone(),
-                    outcome: w.outcome.unwrap_or(if error.is_some() { WriterOutcome::Aborted } else { WriterOutcome::Thawed }),
+                    outcome: w.outcome.unwrap_or(if error.is_some() {
+                        WriterOutcome::Aborted
+                    } else {
+                        WriterOutcome::Thawed
+                    }),
                     on_error: w.reg.on_error,
                     phase: w.fail_phase,
                     reason: w.reason.clone(),
@@ -602,7 +772,13 @@ impl Coordinator {
             .collect();
         self.out.push_back(CoordOut::Finished {
             requester: run.requester,
-            result: RunResult { snapshot: run.snapshot, error, phases: run.spans, writers, io_hold_ms },
+            result: RunResult {
+                snapshot: run.snapshot,
+                error,
+                phases: run.spans,
+                writers,
+                io_hold_ms,
+            },
         });
         self.last = Some((run.snapshot, end));
     }
@@ -630,7 +806,9 @@ mod tests {
     const W2: WriterKey = WriterKey::App(2);
 
     fn drain(c: &mut Coordinator) -> Vec<CoordOut> {
-        std::iter::from_fn(|| c.poll()).filter(|o| !matches!(o, CoordOut::Phase(_))).collect()
+        std::iter::from_fn(|| c.poll())
+            .filter(|o| !matches!(o, CoordOut::Phase(_)))
+            .collect()
     }
 
     fn two_writers() -> Coordinator {
@@ -641,18 +819,32 @@ mod tests {
     }
 
     fn provider(call: ProviderCall) -> CoordOut {
-        CoordOut::Provider { kind: ProviderKind::Storage, snapshot: 7, call }
+        CoordOut::Provider {
+            kind: ProviderKind::Storage,
+            snapshot: 7,
+            call,
+        }
     }
 
     fn writer(key: WriterKey, event: WriterEvent) -> CoordOut {
-        CoordOut::Writer { key, snapshot: 7, event }
+        CoordOut::Writer {
+            key,
+            snapshot: 7,
+            event,
+        }
     }
 
     #[test]
     fn runs_freeze_flush_and_hold_commit_release_post_snapshot_thaw_in_order() {
         let mut c = two_writers();
         c.start(Requester::Client(1), 7, ProviderKind::Storage, 10_000, 0);
-        assert_eq!(drain(&mut c), vec![writer(W1, WriterEvent::Freeze), writer(W2, WriterEvent::Freeze)]);
+        assert_eq!(
+            drain(&mut c),
+            vec![
+                writer(W1, WriterEvent::Freeze),
+                writer(W2, WriterEvent::Freeze)
+            ]
+        );
         c.writer_reply(W1, 7, EventKind::Freeze, Answer::Ack, 1);
         assert_eq!(drain(&mut c), vec![], "waits for every writer");
         c.writer_reply(W2, 7, EventKind::Freeze, Answer::Ack, 2);
@@ -672,19 +864,36 @@ mod tests {
         c.writer_reply(W2, 7, EventKind::PostSnapshot, Answer::Ack, 5);
         assert_eq!(
             drain(&mut c),
-            vec![writer(W1, WriterEvent::Thaw), writer(W2, WriterEvent::Thaw), provider(ProviderCall::Complete)]
+            vec![
+                writer(W1, WriterEvent::Thaw),
+                writer(W2, WriterEvent::Thaw),
+                provider(ProviderCall::Complete)
+            ]
         );
         c.writer_reply(W1, 7, EventKind::Thaw, Answer::Ack, 6);
         c.writer_reply(W2, 7, EventKind::Thaw, Answer::Ack, 6);
         c.provider_returned(7, ProviderCall::Complete, Ok(()), 6);
         let out = drain(&mut c);
-        let [CoordOut::Finished { requester: Requester::Client(1), result }] = out.as_slice() else {
+        let [CoordOut::Finished {
+            requester: Requester::Client(1),
+            result,
+        }] = out.as_slice()
+        else {
             panic!("expected one result, got {out:?}")
         };
         assert_eq!(result.error, None);
         assert_eq!(result.io_hold_ms, Some(4 - 2), "flush-and-hold to release");
         let names: Vec<Phase> = result.phases.iter().map(|p| p.name).collect();
-        assert_eq!(names, vec![Phase::Freezing, Phase::Committing, Phase::PostSnapshot, Phase::Thawing, Phase::Done]);
+        assert_eq!(
+            names,
+            vec![
+                Phase::Freezing,
+                Phase::Committing,
+                Phase::PostSnapshot,
+                Phase::Thawing,
+                Phase::Done
+            ]
+        );
         assert_eq!(c.busy(), None);
         assert_eq!(c.phase(), Some((7, Phase::Done)));
     }
@@ -695,13 +904,29 @@ mod tests {
         c.start(Requester::Client(1), 7, ProviderKind::Storage, 10_000, 0);
         drain(&mut c);
         c.writer_reply(W2, 7, EventKind::Freeze, Answer::Ack, 1);
-        c.writer_reply(W1, 7, EventKind::Freeze, Answer::Veto("disk full".into()), 2);
+        c.writer_reply(
+            W1,
+            7,
+            EventKind::Freeze,
+            Answer::Veto("disk full".into()),
+            2,
+        );
         let out = drain(&mut c);
-        assert!(out.contains(&writer(W2, WriterEvent::Abort { reason: "node n1 writer db in freezing: disk full".into() })));
+        assert!(out.contains(&writer(
+            W2,
+            WriterEvent::Abort {
+                reason: "node n1 writer db in freezing: disk full".into()
+            }
+        )));
         assert!(out.contains(&provider(ProviderCall::Abort)));
-        let Some(CoordOut::Finished { result, .. }) = out.last() else { panic!("{out:?}") };
+        let Some(CoordOut::Finished { result, .. }) = out.last() else {
+            panic!("{out:?}")
+        };
         let f = result.error.clone().expect("failed");
-        assert_eq!((f.node.as_str(), f.writer.as_deref(), f.phase), ("n1", Some("db"), Phase::Freezing));
+        assert_eq!(
+            (f.node.as_str(), f.writer.as_deref(), f.phase),
+            ("n1", Some("db"), Phase::Freezing)
+        );
     }
 
     #[test]
@@ -714,7 +939,10 @@ mod tests {
         c.handle_timeout(500);
         assert_eq!(drain(&mut c), vec![provider(ProviderCall::FlushAndHold)]);
         let w = c.writers();
-        assert_eq!(w.iter().find(|w| w.0 == W2).map(|w| w.3), Some(WriterState::TimedOut));
+        assert_eq!(
+            w.iter().find(|w| w.0 == W2).map(|w| w.3),
+            Some(WriterState::TimedOut)
+        );
     }
 
     #[test]
@@ -726,14 +954,33 @@ mod tests {
         c.writer_reply(W2, 7, EventKind::Freeze, Answer::Ack, 1);
         c.provider_returned(7, ProviderCall::FlushAndHold, Ok(()), 2);
         drain(&mut c);
-        assert_eq!(c.phase(), Some((7, Phase::Frozen)), "the helper provider's commit phase");
+        assert_eq!(
+            c.phase(),
+            Some((7, Phase::Frozen)),
+            "the helper provider's commit phase"
+        );
         assert_eq!(c.poll_timeout(), Some(1_000));
         c.handle_timeout(999);
         assert_eq!(drain(&mut c), vec![], "not before the deadline");
         c.handle_timeout(1_000);
         let out = drain(&mut c);
-        assert!(out.contains(&CoordOut::Provider { kind: ProviderKind::Helper, snapshot: 7, call: ProviderCall::Abort }));
-        assert_eq!(out.iter().filter(|o| matches!(o, CoordOut::Writer { event: WriterEvent::Abort { .. }, .. })).count(), 2);
+        assert!(out.contains(&CoordOut::Provider {
+            kind: ProviderKind::Helper,
+            snapshot: 7,
+            call: ProviderCall::Abort
+        }));
+        assert_eq!(
+            out.iter()
+                .filter(|o| matches!(
+                    o,
+                    CoordOut::Writer {
+                        event: WriterEvent::Abort { .. },
+                        ..
+                    }
+                ))
+                .count(),
+            2
+        );
         assert_eq!(c.busy(), None);
     }
 
@@ -744,8 +991,17 @@ mod tests {
         drain(&mut c);
         c.start(Requester::Client(2), 8, ProviderKind::Storage, 10_000, 1);
         let out = drain(&mut c);
-        let [CoordOut::Finished { requester: Requester::Client(2), result }] = out.as_slice() else { panic!("{out:?}") };
-        assert!(result.error.as_ref().is_some_and(|e| e.reason.starts_with(BUSY_PREFIX)));
+        let [CoordOut::Finished {
+            requester: Requester::Client(2),
+            result,
+        }] = out.as_slice()
+        else {
+            panic!("{out:?}")
+        };
+        assert!(result
+            .error
+            .as_ref()
+            .is_some_and(|e| e.reason.starts_with(BUSY_PREFIX)));
         assert_eq!(c.busy(), Some(7));
     }
 
@@ -755,8 +1011,20 @@ mod tests {
         c.start(Requester::Client(1), 7, ProviderKind::Storage, 10_000, 0);
         drain(&mut c);
         c.writer_reply(W1, 6, EventKind::Freeze, Answer::Veto("old".into()), 1);
-        c.writer_reply(W1, 7, EventKind::Thaw, Answer::Veto("wrong event".into()), 1);
-        c.writer_reply(WriterKey::App(99), 7, EventKind::Freeze, Answer::Veto("stranger".into()), 1);
+        c.writer_reply(
+            W1,
+            7,
+            EventKind::Thaw,
+            Answer::Veto("wrong event".into()),
+            1,
+        );
+        c.writer_reply(
+            WriterKey::App(99),
+            7,
+            EventKind::Freeze,
+            Answer::Veto("stranger".into()),
+            1,
+        );
         c.provider_returned(7, ProviderCall::Commit, Ok(()), 1);
         assert_eq!(drain(&mut c), vec![]);
         assert_eq!(c.busy(), Some(7));

@@ -13,19 +13,37 @@ use serde::{Deserialize, Serialize};
 pub enum PeerMessage {
     /// Initiator → node: take part in `snapshot`. The receiving node holds its
     /// freeze at most `lease_ms` from receipt, then aborts on its own.
-    FreezeNotice { snapshot: SnapshotId, initiator: String, lease_ms: u64 },
+    FreezeNotice {
+        snapshot: SnapshotId,
+        initiator: String,
+        lease_ms: u64,
+    },
     /// Node → initiator: my writers are frozen and flushed, my I/O is held.
     Frozen { snapshot: SnapshotId, node: String },
     /// Initiator → node: the block snapshot exists; do post-snapshot and thaw.
     PostSnapshot { snapshot: SnapshotId },
     /// Node → initiator: post-snapshot and thaw finished here.
-    Done { snapshot: SnapshotId, report: NodeReport },
+    Done {
+        snapshot: SnapshotId,
+        report: NodeReport,
+    },
     /// Initiator → node: the snapshot is aborted; thaw now.
-    Abort { snapshot: SnapshotId, reason: String },
+    Abort {
+        snapshot: SnapshotId,
+        reason: String,
+    },
     /// Node → initiator: I am already in snapshot `current`; cannot join.
-    Busy { snapshot: SnapshotId, node: String, current: SnapshotId },
+    Busy {
+        snapshot: SnapshotId,
+        node: String,
+        current: SnapshotId,
+    },
     /// Node → initiator: the snapshot failed here (veto, timeout, lease).
-    Failed { snapshot: SnapshotId, error: Failure, report: NodeReport },
+    Failed {
+        snapshot: SnapshotId,
+        error: Failure,
+        report: NodeReport,
+    },
 }
 
 impl PeerMessage {

@@ -74,12 +74,21 @@ pub enum EngineOp {
 /// What a provider produces.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ProvOut {
-    Engine { snapshot: SnapshotId, op: EngineOp },
+    Engine {
+        snapshot: SnapshotId,
+        op: EngineOp,
+    },
     /// Return from a call to the coordinator.
-    Return { snapshot: SnapshotId, call: ProviderCall, result: Result<(), String> },
+    Return {
+        snapshot: SnapshotId,
+        call: ProviderCall,
+        result: Result<(), String>,
+    },
     /// Helper provider → cluster service: the coordinator committed; this
     /// node is frozen and flushed.
-    Committed { snapshot: SnapshotId },
+    Committed {
+        snapshot: SnapshotId,
+    },
 }
 
 /// Hold-then-flush of one node's live I/O, and its release.
@@ -101,28 +110,46 @@ impl IoHold {
     fn start(&mut self, snapshot: SnapshotId, out: &mut VecDeque<ProvOut>) {
         self.held = true;
         self.step = Some(HoldStep::Holding);
-        out.push_back(ProvOut::Engine { snapshot, op: EngineOp::HoldIo });
+        out.push_back(ProvOut::Engine {
+            snapshot,
+            op: EngineOp::HoldIo,
+        });
     }
 
     fn hold_done(&mut self, snapshot: SnapshotId, out: &mut VecDeque<ProvOut>) {
         if self.step == Some(HoldStep::Holding) {
             self.step = Some(HoldStep::Flushing);
-            out.push_back(ProvOut::Engine { snapshot, op: EngineOp::FlushVolume });
+            out.push_back(ProvOut::Engine {
+                snapshot,
+                op: EngineOp::FlushVolume,
+            });
         }
     }
 
-    fn flush_done(&mut self, snapshot: SnapshotId, result: Result<(), String>, out: &mut VecDeque<ProvOut>) {
+    fn flush_done(
+        &mut self,
+        snapshot: SnapshotId,
+        result: Result<(), String>,
+        out: &mut VecDeque<ProvOut>,
+    ) {
         if self.step == Some(HoldStep::Flushing) {
             self.step = None;
             let result = result.map_err(|e| format!("flushing the volume failed: {e}"));
-            out.push_back(ProvOut::Return { snapshot, call: ProviderCall::FlushAndHold, result });
+            out.push_back(ProvOut::Return {
+                snapshot,
+                call: ProviderCall::FlushAndHold,
+                result,
+            });
         }
     }
 
     fn release(&mut self, snapshot: SnapshotId, out: &mut VecDeque<ProvOut>) {
         self.step = None;
         if std::mem::take(&mut self.held) {
-            out.push_back(ProvOut::Engine { snapshot, op: EngineOp::ReleaseIo });
+            out.push_back(ProvOut::Engine {
+                snapshot,
+                op: EngineOp::ReleaseIo,
+            });
         }
     }
 
@@ -148,31 +175,49 @@ pub struct StorageProvider {
 impl StorageProvider {
     /// A call from the coordinator.
     pub fn call(&mut self, snapshot: SnapshotId, call: ProviderCall) {
-        let out = &mut self.out;
         match call {
             ProviderCall::FlushAndHold => {
-                *self = StorageProvider { snapshot: Some(snapshot), out: std::mem::take(out), ..Default::default() };
+                // A new run: forget everything of the last one.
+                self.reset();
+                self.snapshot = Some(snapshot);
                 self.io.start(snapshot, &mut self.out);
             }
             ProviderCall::Commit => {
                 self.create_pending = true;
-                out.push_back(ProvOut::Engine { snapshot, op: EngineOp::CreateSnapshot });
+                self.out.push_back(ProvOut::Engine {
+                    snapshot,
+                    op: EngineOp::CreateSnapshot,
+                });
             }
-            ProviderCall::Release => self.io.release(snapshot, out),
+            ProviderCall::Release => self.io.release(snapshot, &mut self.out),
             ProviderCall::Complete => {
                 self.seal_pending = true;
-                out.push_back(ProvOut::Engine { snapshot, op: EngineOp::SealSnapshot });
+                self.out.push_back(ProvOut::Engine {
+                    snapshot,
+                    op: EngineOp::SealSnapshot,
+                });
             }
             ProviderCall::Abort => {
                 self.io.release(snapshot, &mut self.out);
                 // A create still in flight may yet succeed: delete after it
                 // (the driver runs actions in order), so nothing half-made stays.
                 if self.created || self.create_pending {
-                    self.out.push_back(ProvOut::Engine { snapshot, op: EngineOp::DeleteSnapshot });
+                    self.out.push_back(ProvOut::Engine {
+                        snapshot,
+                        op: EngineOp::DeleteSnapshot,
+                    });
                 }
-                *self = StorageProvider { out: std::mem::take(&mut self.out), ..Default::default() };
+                self.reset();
             }
         }
+    }
+
+    fn reset(&mut self) {
+        self.snapshot = None;
+        self.io = IoHold::default();
+        self.create_pending = false;
+        self.created = false;
+        self.seal_pending = false;
     }
 
     pub fn hold_done(&mut self, snapshot: SnapshotId) {
@@ -194,7 +239,11 @@ impl StorageProvider {
         }
         self.created = result.is_ok();
         let result = result.map_err(|e| format!("creating snapshot {snapshot} failed: {e}"));
-        self.out.push_back(ProvOut::Return { snapshot, call: ProviderCall::Commit, result });
+        self.out.push_back(ProvOut::Return {
+            snapshot,
+            call: ProviderCall::Commit,
+            result,
+        });
     }
 
     /// The driver's answer to SealSnapshot.
@@ -208,7 +257,11 @@ impl StorageProvider {
             self.snapshot = None;
             self.created = false;
         }
-        self.out.push_back(ProvOut::Return { snapshot, call: ProviderCall::Complete, result });
+        self.out.push_back(ProvOut::Return {
+            snapshot,
+            call: ProviderCall::Complete,
+            result,
+        });
     }
 
     pub fn poll(&mut self) -> Option<ProvOut> {
@@ -242,7 +295,11 @@ impl HelperProvider {
             ProviderCall::Release => self.io.release(snapshot, &mut self.out),
             ProviderCall::Complete => {
                 self.snapshot = None;
-                let ret = ProvOut::Return { snapshot, call: ProviderCall::Complete, result: Ok(()) };
+                let ret = ProvOut::Return {
+                    snapshot,
+                    call: ProviderCall::Complete,
+                    result: Ok(()),
+                };
                 self.out.push_back(ret);
             }
             ProviderCall::Abort => {
@@ -269,11 +326,115 @@ impl HelperProvider {
     /// commit.
     pub fn post_snapshot(&mut self, snapshot: SnapshotId) {
         if self.snapshot == Some(snapshot) && std::mem::take(&mut self.blocked_in_commit) {
-            self.out.push_back(ProvOut::Return { snapshot, call: ProviderCall::Commit, result: Ok(()) });
+            self.out.push_back(ProvOut::Return {
+                snapshot,
+                call: ProviderCall::Commit,
+                result: Ok(()),
+            });
         }
     }
 
     pub fn poll(&mut self) -> Option<ProvOut> {
         self.out.pop_front()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn drain(p: &mut StorageProvider) -> Vec<ProvOut> {
+        std::iter::from_fn(|| p.poll()).collect()
+    }
+
+    fn engine(op: EngineOp) -> ProvOut {
+        ProvOut::Engine { snapshot: 2, op }
+    }
+
+    #[test]
+    fn abort_while_create_is_in_flight_deletes_after_it_and_releases_the_hold() {
+        let mut p = StorageProvider::default();
+        p.call(2, ProviderCall::FlushAndHold);
+        p.hold_done(2);
+        p.flush_done(2, Ok(()));
+        p.call(2, ProviderCall::Commit);
+        drain(&mut p);
+        p.call(2, ProviderCall::Abort);
+        assert_eq!(
+            drain(&mut p),
+            vec![
+                engine(EngineOp::ReleaseIo),
+                engine(EngineOp::DeleteSnapshot)
+            ]
+        );
+        p.created(2, Ok(()));
+        assert_eq!(
+            drain(&mut p),
+            vec![],
+            "the late result of an aborted create is ignored"
+        );
+    }
+
+    #[test]
+    fn abort_before_commit_creates_nothing_to_delete() {
+        let mut p = StorageProvider::default();
+        p.call(2, ProviderCall::FlushAndHold);
+        p.call(2, ProviderCall::Abort);
+        assert_eq!(
+            drain(&mut p),
+            vec![engine(EngineOp::HoldIo), engine(EngineOp::ReleaseIo)]
+        );
+    }
+
+    #[test]
+    fn flush_failure_returns_from_flush_and_hold_with_the_reason() {
+        let mut p = StorageProvider::default();
+        p.call(2, ProviderCall::FlushAndHold);
+        p.flush_done(2, Ok(()));
+        assert_eq!(
+            drain(&mut p),
+            vec![engine(EngineOp::HoldIo)],
+            "no flush result before the hold took effect"
+        );
+        p.hold_done(2);
+        p.flush_done(2, Err("EIO".into()));
+        let result = Err("flushing the volume failed: EIO".to_string());
+        assert_eq!(
+            drain(&mut p),
+            vec![
+                engine(EngineOp::FlushVolume),
+                ProvOut::Return {
+                    snapshot: 2,
+                    call: ProviderCall::FlushAndHold,
+                    result
+                }
+            ]
+        );
+    }
+
+    #[test]
+    fn helper_commit_blocks_until_post_snapshot() {
+        let mut h = HelperProvider::default();
+        h.call(2, ProviderCall::FlushAndHold);
+        h.hold_done(2);
+        h.flush_done(2, Ok(()));
+        h.call(2, ProviderCall::Commit);
+        let out: Vec<ProvOut> = std::iter::from_fn(|| h.poll()).collect();
+        assert_eq!(out.last(), Some(&ProvOut::Committed { snapshot: 2 }));
+        h.post_snapshot(3);
+        assert_eq!(
+            h.poll(),
+            None,
+            "another snapshot's post-snapshot does not release it"
+        );
+        h.post_snapshot(2);
+        assert_eq!(
+            h.poll(),
+            Some(ProvOut::Return {
+                snapshot: 2,
+                call: ProviderCall::Commit,
+                result: Ok(())
+            })
+        );
     }
 }

@@ -142,7 +142,11 @@ pub struct Failure {
 impl fmt::Display for Failure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.writer {
-            Some(w) => write!(f, "node {} writer {} in {}: {}", self.node, w, self.phase, self.reason),
+            Some(w) => write!(
+                f,
+                "node {} writer {} in {}: {}",
+                self.node, w, self.phase, self.reason
+            ),
             None => write!(f, "node {} in {}: {}", self.node, self.phase, self.reason),
         }
     }
@@ -253,7 +257,9 @@ pub struct Report {
 impl Report {
     /// True when the failure is the one-snapshot-in-flight refusal.
     pub fn is_busy(&self) -> bool {
-        self.error.as_ref().is_some_and(|e| e.reason.starts_with(BUSY_PREFIX))
+        self.error
+            .as_ref()
+            .is_some_and(|e| e.reason.starts_with(BUSY_PREFIX))
     }
 }
 
