@@ -161,6 +161,9 @@ pub async fn run_node(cfg: NodeConfig) -> Result<()> {
         };
         d.feed(input);
     }
+    if let Ok(Some(_guard)) = shared.volume.try_begin_snapshot() {
+        delete_orphans(&shared.volume);
+    }
     tracing::info!(node = %cfg.name(), mount = %cfg.raw.node.mount.display(), "node running");
 
     loop {
@@ -316,6 +319,9 @@ impl Driver {
                 return;
             }
         };
+        // Holding the in-flight lock, no snapshot is being taken anywhere: an
+        // Open snapshot now is the leftover of an initiator that died after commit.
+        tokio::task::block_in_place(|| delete_orphans(&volume));
         self.in_flight = Some(guard);
         let req = self.next_req;
         self.next_req += 1;
@@ -560,6 +566,18 @@ impl Driver {
         for (_, tx) in self.waiting.drain() {
             let _ = tx.send(json!({"status":"failed","error":{"reason":"node is shutting down"}}));
         }
+    }
+}
+
+/// Deletes Open snapshots; call only while holding the in-flight lock.
+fn delete_orphans(volume: &Volume) {
+    let Ok(all) = volume.snapshots() else { return };
+    for s in all.into_iter().filter(|s| s.state == freezeframe_core::volume::SnapshotState::Open) {
+        tracing::warn!(snapshot = s.id, "deleting snapshot left open by an initiator that died after commit");
+        if let Err(e) = volume.delete_snapshot(s.id) {
+            tracing::error!(snapshot = s.id, "could not delete the orphaned snapshot: {e}");
+        }
+        let _ = manifest::remove(volume.state_dir(), s.id);
     }
 }
 

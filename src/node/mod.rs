@@ -24,7 +24,6 @@ mod peers;
 mod writers;
 
 use std::path::Path;
-use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use freezeframe_core::volume::Volume;
@@ -34,7 +33,6 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 
 use crate::config::NodeConfig;
 
-pub use driver::Clock;
 
 /// Everything the driver hears, from every task.
 #[derive(Debug)]

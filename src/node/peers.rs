@@ -31,8 +31,9 @@ pub enum PeerWire {
     Status { status: Value },
 }
 
+/// Keeps the endpoint alive; dropping it closes every peer connection.
 pub struct Mesh {
-    pub endpoint: Arc<PeerEndpoint>,
+    _endpoint: Arc<PeerEndpoint>,
 }
 
 pub fn start(cfg: &NodeConfig, driver: DriverTx) -> Result<Mesh> {
@@ -49,7 +50,7 @@ pub fn start(cfg: &NodeConfig, driver: DriverTx) -> Result<Mesh> {
         }
     }
     tokio::spawn(accept_loop(endpoint.clone(), driver));
-    Ok(Mesh { endpoint })
+    Ok(Mesh { _endpoint: endpoint })
 }
 
 async fn dial_loop(ep: Arc<PeerEndpoint>, name: String, addr: std::net::SocketAddr, driver: DriverTx) {
