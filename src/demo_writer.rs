@@ -103,6 +103,7 @@ pub struct Options {
     /// Test knobs: veto every freeze, or never answer one.
     pub veto: bool,
     pub silent: bool,
+    pub freeze_timeout_ms: u64,
 }
 
 struct State {
@@ -176,7 +177,7 @@ pub fn run(opts: Options) -> Result<()> {
         out.write_all(&l)?;
         Ok(())
     };
-    send(&mut out, serde_json::json!({"op":"register","name":opts.name,"freeze_timeout_ms":5000}))?;
+    send(&mut out, serde_json::json!({"op":"register","name":opts.name,"freeze_timeout_ms":opts.freeze_timeout_ms}))?;
     let mut log = std::fs::OpenOptions::new().create(true).append(true).open(&opts.log)?;
     for line in BufReader::new(stream).lines() {
         let line = line?;
