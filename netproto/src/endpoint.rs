@@ -311,16 +311,20 @@ impl PeerEndpoint {
                 }));
             }
         };
-        match self.shared.verified_peer(&conn) {
-            Ok(name) => {
-                tracing::debug!(node = %self.node_name(), peer = %name, peer_addr = %addr, "connected to peer");
-                Ok(self.shared.connection(conn, name))
-            }
+        let name = match self.shared.verified_peer(&conn) {
+            Ok(name) => name,
             Err(reason) => {
                 conn.close(VarInt::from_u32(CLOSE_REFUSED), reason.as_bytes());
-                Err(handshake_err(reason))
+                return Err(handshake_err(reason));
             }
+        };
+        if let Err(reason) = await_welcome(&self.shared, &conn, &name).await {
+            conn.close(VarInt::from_u32(CLOSE_REFUSED), reason.as_bytes());
+            tracing::warn!(node = %self.node_name(), peer = %name, peer_addr = %addr, %reason, "peer did not admit this node");
+            return Err(handshake_err(format!("not admitted: {reason}")));
         }
+        tracing::debug!(node = %self.node_name(), peer = %name, peer_addr = %addr, "connected to peer");
+        Ok(self.shared.connection(conn, name))
     }
 
     /// The next verified incoming connection. Refused handshakes never come
@@ -373,8 +377,13 @@ async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>, tx: mpsc::S
             };
             match shared.verified_peer(&conn) {
                 Ok(name) => {
-                    tracing::debug!(node = %shared.tls.node_name(), peer = %name, peer_addr = %addr, "accepted peer");
-                    if let Err(mpsc::error::SendError(c)) = tx.send(shared.connection(conn, name)).await {
+                    let peer = shared.connection(conn, name);
+                    if let Err(e) = send_welcome(&shared, &peer).await {
+                        tracing::warn!(node = %shared.tls.node_name(), peer = %peer.peer_name(), peer_addr = %addr, error = %e, "peer left during admission");
+                        return;
+                    }
+                    tracing::debug!(node = %shared.tls.node_name(), peer = %peer.peer_name(), peer_addr = %addr, "accepted peer");
+                    if let Err(mpsc::error::SendError(c)) = tx.send(peer).await {
                         c.close("endpoint is shutting down");
                     }
                 }
@@ -384,6 +393,58 @@ async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>, tx: mpsc::S
                 }
             }
         });
+    }
+}
+
+/// The admission message: the accepting node's first and only frame on the
+/// first unidirectional stream, sent once it has verified the dialer. In TLS
+/// 1.3 the dialer finishes its handshake before the acceptor has checked the
+/// dialer's certificate; waiting for this frame is how the dialer learns it
+/// was admitted rather than about to be refused.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct Welcome {
+    node: String,
+    cluster: String,
+}
+
+async fn send_welcome(shared: &Shared, peer: &PeerConnection) -> Result<()> {
+    let send = peer.conn.open_uni().await.map_err(|e| peer.lost(&e))?;
+    let mut send = FramedSend::new(send, FrameCodec::CONTROL)
+        .with_context(format!("to node {} at {}", peer.peer_name, peer.addr));
+    send.send(&Welcome {
+        node: shared.tls.node_name().to_string(),
+        cluster: shared.tls.cluster_name().to_string(),
+    })
+    .await?;
+    send.finish().await
+}
+
+/// Waits for the acceptor's [`Welcome`]; a refusal shows up here as the
+/// connection being closed with the acceptor's reason.
+async fn await_welcome(shared: &Shared, conn: &quinn::Connection, peer_name: &str) -> std::result::Result<(), String> {
+    let idle = shared.options.idle_timeout;
+    let wait = async {
+        let recv = conn.accept_uni().await.map_err(|e| describe(&e, idle))?;
+        let mut recv = FramedRecv::new(recv, FrameCodec::CONTROL);
+        let welcome: Welcome = recv.recv().await.map_err(|e| match conn.close_reason() {
+            Some(c) => describe(&c, idle),
+            None => e.to_string(),
+        })?;
+        if !welcome.node.eq_ignore_ascii_case(peer_name) {
+            return Err(format!("welcomed by node {}, expected {peer_name}", welcome.node));
+        }
+        if welcome.cluster != shared.tls.cluster_name() {
+            return Err(format!(
+                "peer belongs to cluster {}, this node to {}",
+                welcome.cluster,
+                shared.tls.cluster_name()
+            ));
+        }
+        Ok(())
+    };
+    match tokio::time::timeout(idle * 2, wait).await {
+        Ok(r) => r,
+        Err(_) => Err(format!("no admission from the peer within {} ms", (idle * 2).as_millis())),
     }
 }
 
