@@ -66,18 +66,41 @@ async fn messages_bytes_and_blocks_roundtrip_over_a_unix_socket() {
     let mut rx = FramedRecv::new(b, FrameCodec::DATA);
     let block = vec![7u8; 64 * 1024];
     let writer = tokio::spawn(async move {
-        tx.send(&Freeze { snapshot: 9, initiator: "n1".into() }).await.expect("send json");
+        tx.send(&Freeze {
+            snapshot: 9,
+            initiator: "n1".into(),
+        })
+        .await
+        .expect("send json");
         tx.send_bytes(b"raw").await.expect("send bytes");
-        tx.send_with_data(&BlockHeader { index: 3, hash: "abc".into() }, &vec![7u8; 64 * 1024])
-            .await
-            .expect("send block");
+        tx.send_with_data(
+            &BlockHeader {
+                index: 3,
+                hash: "abc".into(),
+            },
+            &vec![7u8; 64 * 1024],
+        )
+        .await
+        .expect("send block");
         tx.finish().await.expect("finish");
     });
     let m: Freeze = rx.recv().await.expect("json frame");
-    assert_eq!(m, Freeze { snapshot: 9, initiator: "n1".into() });
+    assert_eq!(
+        m,
+        Freeze {
+            snapshot: 9,
+            initiator: "n1".into()
+        }
+    );
     assert_eq!(rx.recv_bytes().await.expect("binary frame"), b"raw");
     let (h, data): (BlockHeader, Vec<u8>) = rx.recv_with_data().await.expect("json+binary frame");
-    assert_eq!(h, BlockHeader { index: 3, hash: "abc".into() });
+    assert_eq!(
+        h,
+        BlockHeader {
+            index: 3,
+            hash: "abc".into()
+        }
+    );
     assert_eq!(data, block);
     assert!(rx.recv_opt::<Freeze>().await.expect("clean end").is_none());
     writer.await.expect("writer task");
@@ -89,18 +112,29 @@ async fn a_header_announcing_a_huge_payload_is_refused_before_anything_is_alloca
     let mut rx = FramedRecv::new(b, FrameCodec::CONTROL);
     // 3 GiB announced; the payload never follows and the writer stays open,
     // so a receiver that waited for the payload would hang here.
-    a.write_all(&header(1, 3 << 30)).await.expect("write header");
+    a.write_all(&header(1, 3 << 30))
+        .await
+        .expect("write header");
     let before = LARGEST_ALLOC.load(Ordering::Relaxed);
     let err = tokio::time::timeout(std::time::Duration::from_secs(5), rx.recv::<Freeze>())
         .await
         .expect("refused at once, without waiting for the payload")
         .expect_err("oversized frame must be refused");
-    assert!(matches!(err, Error::FrameTooLarge { len, max, .. } if len == 3 << 30 && max == 1 << 20), "{err}");
+    assert!(
+        matches!(err, Error::FrameTooLarge { len, max, .. } if len == 3 << 30 && max == 1 << 20),
+        "{err}"
+    );
     assert!(err.is_protocol_violation());
     let largest = LARGEST_ALLOC.load(Ordering::Relaxed).max(before);
-    assert!(largest < 64 << 20, "something allocated {largest} bytes for a refused frame");
+    assert!(
+        largest < 64 << 20,
+        "something allocated {largest} bytes for a refused frame"
+    );
     // The stream is now out of sync; it says so instead of misreading.
-    assert!(matches!(rx.recv::<Freeze>().await, Err(Error::StreamBroken { .. })));
+    assert!(matches!(
+        rx.recv::<Freeze>().await,
+        Err(Error::StreamBroken { .. })
+    ));
     drop(a);
 }
 
@@ -109,7 +143,17 @@ async fn a_sender_refuses_to_send_what_its_limit_forbids() {
     let (a, _b) = tokio::io::duplex(1024);
     let mut tx = FramedSend::new(a, FrameCodec::new(16));
     let err = tx.send_bytes(&[0u8; 17]).await.expect_err("17 > 16");
-    assert!(matches!(err, Error::FrameTooLarge { len: 17, max: 16, .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            Error::FrameTooLarge {
+                len: 17,
+                max: 16,
+                ..
+            }
+        ),
+        "{err}"
+    );
 }
 
 #[tokio::test]
@@ -150,7 +194,10 @@ async fn garbage_bytes_are_an_error_not_a_panic() {
         let mut rx = FramedRecv::new(&input[..], FrameCodec::CONTROL);
         let got = rx.recv::<Freeze>().await;
         assert!(got.is_err(), "input {input:?} decoded to {got:?}");
-        assert!(FrameCodec::CONTROL.decode(&input).is_err(), "in-memory decode of {input:?}");
+        assert!(
+            FrameCodec::CONTROL.decode(&input).is_err(),
+            "in-memory decode of {input:?}"
+        );
     }
 }
 
@@ -165,10 +212,17 @@ async fn seeded_random_bytes_never_panic_the_decoder() {
         state
     };
     let valid = FrameCodec::CONTROL
-        .encode_json(&Freeze { snapshot: 1, initiator: "n1".into() })
+        .encode_json(&Freeze {
+            snapshot: 1,
+            initiator: "n1".into(),
+        })
         .expect("encode");
     for round in 0..2000 {
-        let mut bytes = if round % 2 == 0 { valid.clone() } else { vec![0u8; (next() % 64) as usize] };
+        let mut bytes = if round % 2 == 0 {
+            valid.clone()
+        } else {
+            vec![0u8; (next() % 64) as usize]
+        };
         for _ in 0..(next() % 4 + 1) {
             if bytes.is_empty() {
                 break;
@@ -189,10 +243,21 @@ async fn a_message_of_the_wrong_type_is_an_error_but_the_stream_stays_in_sync() 
     let mut rx = FramedRecv::new(b, FrameCodec::CONTROL);
     tx.send(&Thaw { thaw_id: 4 }).await.expect("send thaw");
     tx.send_bytes(b"data").await.expect("send bytes");
-    tx.send(&Freeze { snapshot: 5, initiator: "n2".into() }).await.expect("send freeze");
-    let err = rx.recv::<Freeze>().await.expect_err("a thaw is not a freeze");
+    tx.send(&Freeze {
+        snapshot: 5,
+        initiator: "n2".into(),
+    })
+    .await
+    .expect("send freeze");
+    let err = rx
+        .recv::<Freeze>()
+        .await
+        .expect_err("a thaw is not a freeze");
     assert!(matches!(err, Error::Decode { .. }), "{err}");
-    let err = rx.recv::<Freeze>().await.expect_err("binary where json expected");
+    let err = rx
+        .recv::<Freeze>()
+        .await
+        .expect_err("binary where json expected");
     assert!(matches!(err, Error::UnexpectedKind { .. }), "{err}");
     assert!(!rx.is_broken());
     let m: Freeze = rx.recv().await.expect("next message still readable");
@@ -201,10 +266,15 @@ async fn a_message_of_the_wrong_type_is_an_error_but_the_stream_stays_in_sync() 
 
 #[test]
 fn the_header_is_eight_bytes_magic_version_kind_length() {
-    let frame = FrameCodec::CONTROL.encode_json(&Thaw { thaw_id: 1 }).expect("encode");
+    let frame = FrameCodec::CONTROL
+        .encode_json(&Thaw { thaw_id: 1 })
+        .expect("encode");
     let json = br#"{"thaw_id":1}"#;
     assert_eq!(HEADER_LEN, 8);
     assert_eq!(&frame[..8], &header(1, json.len() as u32)[..]);
     assert_eq!(&frame[8..], json);
-    assert_eq!(FrameCodec::CONTROL.decode(&frame).expect("decode"), Frame::Json(json.to_vec()));
+    assert_eq!(
+        FrameCodec::CONTROL.decode(&frame).expect("decode"),
+        Frame::Json(json.to_vec())
+    );
 }

@@ -28,11 +28,15 @@ struct Cluster {
 
 impl Cluster {
     fn new(name: &str) -> Cluster {
-        Cluster { ca: ClusterCa::generate(name).expect("generate CA") }
+        Cluster {
+            ca: ClusterCa::generate(name).expect("generate CA"),
+        }
     }
 
     fn node(&self, name: &str) -> NodeIdentity {
-        self.ca.issue_node(name, &["127.0.0.1".to_string()]).expect("issue node certificate")
+        self.ca
+            .issue_node(name, &["127.0.0.1".to_string()])
+            .expect("issue node certificate")
     }
 
     fn ca_cert(&self) -> CaCertificate {
@@ -40,8 +44,13 @@ impl Cluster {
     }
 
     fn bind(&self, name: &str, members: &[&str]) -> PeerEndpoint {
-        PeerEndpoint::bind(addr(LOOPBACK), &self.node(name), &self.ca.certificate().clone(), MemberList::new(members.iter().copied()))
-            .expect("bind endpoint")
+        PeerEndpoint::bind(
+            addr(LOOPBACK),
+            &self.node(name),
+            &self.ca.certificate().clone(),
+            MemberList::new(members.iter().copied()),
+        )
+        .expect("bind endpoint")
     }
 }
 
@@ -54,7 +63,9 @@ fn local(ep: &PeerEndpoint) -> SocketAddr {
 }
 
 /// Waits for the next refusal the endpoint reports.
-async fn next_refusal(ep: &mut tokio::sync::broadcast::Receiver<freezeframe_netproto::Refusal>) -> freezeframe_netproto::Refusal {
+async fn next_refusal(
+    ep: &mut tokio::sync::broadcast::Receiver<freezeframe_netproto::Refusal>,
+) -> freezeframe_netproto::Refusal {
     tokio::time::timeout(Duration::from_secs(5), ep.recv())
         .await
         .expect("a refusal within 5 s")
@@ -66,33 +77,70 @@ async fn two_nodes_of_one_ca_exchange_typed_messages_both_ways() {
     let c = Cluster::new("alpha");
     let n1 = c.bind("n1", &["n1", "n2"]);
     let n2 = c.bind("n2", &["n1", "n2"]);
-    assert!(n1.dials("n2") && !n2.dials("n1"), "exactly one side of a pair dials");
+    assert!(
+        n1.dials("n2") && !n2.dials("n1"),
+        "exactly one side of a pair dials"
+    );
 
     let (dialed, accepted) = tokio::join!(n1.connect(local(&n2), "n2"), n2.accept());
     let to_n2 = dialed.expect("n1 connects to n2");
     let to_n1 = accepted.expect("n2 accepts n1");
     assert_eq!(to_n2.peer_name(), "n2");
-    assert_eq!(to_n1.peer_name(), "n1", "the name comes from n1's verified certificate");
+    assert_eq!(
+        to_n1.peer_name(),
+        "n1",
+        "the name comes from n1's verified certificate"
+    );
 
     // n1 -> n2 on a stream n1 opens, answer on the same stream.
     let (mut send, mut recv) = to_n2.open_bi().await.expect("open stream");
-    send.send(&Msg::FreezeNotice { snapshot: 7 }).await.expect("send notice");
+    send.send(&Msg::FreezeNotice { snapshot: 7 })
+        .await
+        .expect("send notice");
     let (mut back, mut inbox) = to_n1.accept_bi().await.expect("accept stream");
-    assert_eq!(inbox.recv::<Msg>().await.expect("notice"), Msg::FreezeNotice { snapshot: 7 });
-    back.send(&Msg::Frozen { snapshot: 7, node: "n2".into() }).await.expect("send frozen");
-    assert_eq!(recv.recv::<Msg>().await.expect("frozen"), Msg::Frozen { snapshot: 7, node: "n2".into() });
+    assert_eq!(
+        inbox.recv::<Msg>().await.expect("notice"),
+        Msg::FreezeNotice { snapshot: 7 }
+    );
+    back.send(&Msg::Frozen {
+        snapshot: 7,
+        node: "n2".into(),
+    })
+    .await
+    .expect("send frozen");
+    assert_eq!(
+        recv.recv::<Msg>().await.expect("frozen"),
+        Msg::Frozen {
+            snapshot: 7,
+            node: "n2".into()
+        }
+    );
 
     // n2 -> n1 on a stream n2 opens.
-    let (mut send, _recv) = to_n1.open_bi().await.expect("open stream from the acceptor");
-    send.send(&Msg::FreezeNotice { snapshot: 8 }).await.expect("send");
+    let (mut send, _recv) = to_n1
+        .open_bi()
+        .await
+        .expect("open stream from the acceptor");
+    send.send(&Msg::FreezeNotice { snapshot: 8 })
+        .await
+        .expect("send");
     send.finish().await.expect("finish");
-    let (_s, mut inbox) = to_n2.accept_bi().await.expect("accept stream on the dialer");
-    assert_eq!(inbox.recv::<Msg>().await.expect("notice"), Msg::FreezeNotice { snapshot: 8 });
+    let (_s, mut inbox) = to_n2
+        .accept_bi()
+        .await
+        .expect("accept stream on the dialer");
+    assert_eq!(
+        inbox.recv::<Msg>().await.expect("notice"),
+        Msg::FreezeNotice { snapshot: 8 }
+    );
     assert!(inbox.recv_opt::<Msg>().await.expect("clean end").is_none());
 
     to_n2.close("test over");
     let lost = to_n1.closed().await;
-    assert!(lost.to_string().contains("test over"), "the close reason reaches the peer: {lost}");
+    assert!(
+        lost.to_string().contains("test over"),
+        "the close reason reaches the peer: {lost}"
+    );
 }
 
 #[tokio::test]
@@ -104,11 +152,18 @@ async fn a_node_from_another_ca_cannot_join() {
     // Same name as a real member, different CA.
     let intruder = beta.bind("n1", &["n1", "n2"]);
 
-    let err = intruder.connect(local(&n2), "n2").await.expect_err("an alpha node must not accept a beta node");
+    let err = intruder
+        .connect(local(&n2), "n2")
+        .await
+        .expect_err("an alpha node must not accept a beta node");
     assert!(matches!(err, Error::Handshake { .. }), "{err}");
     let r = next_refusal(&mut refusals).await;
     assert_eq!(r.addr, local(&intruder));
-    assert!(r.reason.contains("alert") || r.reason.contains("certificate"), "{}", r.reason);
+    assert!(
+        r.reason.contains("alert") || r.reason.contains("certificate"),
+        "{}",
+        r.reason
+    );
 
     // An intruder that trusts the real CA (its certificate is public) and so
     // accepts n2's certificate, but presents its own foreign one: n2 must
@@ -126,7 +181,11 @@ async fn a_node_from_another_ca_cannot_join() {
     assert!(outcome.is_err());
     let r = next_refusal(&mut refusals).await;
     assert_eq!(r.presented_name.as_deref(), Some("n1"));
-    assert!(r.reason.contains("UnknownIssuer"), "refusal says why: {}", r.reason);
+    assert!(
+        r.reason.contains("UnknownIssuer"),
+        "refusal says why: {}",
+        r.reason
+    );
 
     // n2 keeps serving real members.
     let n1 = alpha.bind("n1", &["n1", "n2"]);
@@ -145,10 +204,14 @@ fn raw_client(ca: &CaCertificate, identity: &NodeIdentity) -> quinn::Endpoint {
         .with_protocol_versions(&[&rustls::version::TLS13])
         .expect("tls13")
         .with_root_certificates(roots)
-        .with_client_auth_cert(vec![identity.cert_der().expect("cert")], identity.key_der().expect("key"))
+        .with_client_auth_cert(
+            vec![identity.cert_der().expect("cert")],
+            identity.key_der().expect("key"),
+        )
         .expect("client auth");
     tls.alpn_protocols = vec![freezeframe_netproto::ALPN.to_vec()];
-    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(Arc::new(tls)).expect("quic config");
+    let quic =
+        quinn::crypto::rustls::QuicClientConfig::try_from(Arc::new(tls)).expect("quic config");
     let mut ep = quinn::Endpoint::client(addr(LOOPBACK)).expect("client endpoint");
     ep.set_default_client_config(quinn::ClientConfig::new(Arc::new(quic)));
     ep
@@ -161,17 +224,28 @@ async fn a_node_of_the_right_ca_but_not_a_member_is_refused() {
     let mut refusals = n2.refusals();
     let n9 = c.bind("n9", &["n1", "n2", "n9"]);
 
-    let err = n9.connect(local(&n2), "n2").await.expect_err("n9 is not in n2's member list");
-    assert!(err.to_string().contains("n9"), "the dialer learns why: {err}");
+    let err = n9
+        .connect(local(&n2), "n2")
+        .await
+        .expect_err("n9 is not in n2's member list");
+    assert!(
+        err.to_string().contains("n9"),
+        "the dialer learns why: {err}"
+    );
     let r = next_refusal(&mut refusals).await;
     assert_eq!(r.presented_name.as_deref(), Some("n9"));
     assert!(r.reason.contains("not in the member list"), "{}", r.reason);
 
     // A dialer does not even try a name outside its own list...
     let n1 = c.bind("n1", &["n1", "n2"]);
-    assert!(matches!(n1.connect(local(&n9), "n9").await, Err(Error::NotAMember { peer }) if peer == "n9"));
+    assert!(
+        matches!(n1.connect(local(&n9), "n9").await, Err(Error::NotAMember { peer }) if peer == "n9")
+    );
     // ...and refuses a member address answered by a different node.
-    let err = n1.connect(local(&n9), "n2").await.expect_err("n9 answering as n2");
+    let err = n1
+        .connect(local(&n9), "n2")
+        .await
+        .expect_err("n9 answering as n2");
     assert!(matches!(err, Error::Handshake { .. }), "{err}");
 
     // Admitting n9 later takes effect at once.
@@ -200,15 +274,26 @@ async fn an_oversized_frame_is_refused_and_the_receiver_keeps_serving() {
         .await
         .expect("refused without waiting for the payload")
         .expect_err("oversized");
-    assert!(matches!(err, Error::FrameTooLarge { max, .. } if max == FrameCodec::CONTROL.max_len), "{err}");
-    assert!(err.to_string().contains("from node n1"), "the error names the peer: {err}");
+    assert!(
+        matches!(err, Error::FrameTooLarge { max, .. } if max == FrameCodec::CONTROL.max_len),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains("from node n1"),
+        "the error names the peer: {err}"
+    );
     inbox.stop();
 
     // Same connection, next stream: fine.
     let (mut good, _r) = to_n2.open_bi().await.expect("open");
-    good.send(&Msg::FreezeNotice { snapshot: 1 }).await.expect("send");
+    good.send(&Msg::FreezeNotice { snapshot: 1 })
+        .await
+        .expect("send");
     let (_s, mut inbox) = to_n1.accept_bi().await.expect("accept second stream");
-    assert_eq!(inbox.recv::<Msg>().await.expect("served"), Msg::FreezeNotice { snapshot: 1 });
+    assert_eq!(
+        inbox.recv::<Msg>().await.expect("served"),
+        Msg::FreezeNotice { snapshot: 1 }
+    );
 
     // A data stream may raise its limit; a 4 MiB block passes there.
     let (mut data, _r) = to_n2.open_bi().await.expect("open");
@@ -241,7 +326,10 @@ async fn garbage_on_a_stream_is_an_error_and_the_endpoint_keeps_accepting() {
     let (to_n2, to_n1) = (a.expect("connect"), b.expect("accept"));
 
     let (mut bad, _r) = to_n2.open_bi().await.expect("open");
-    bad.get_mut().write_all(b"\x00\x01garbage that is not a frame").await.expect("write");
+    bad.get_mut()
+        .write_all(b"\x00\x01garbage that is not a frame")
+        .await
+        .expect("write");
     bad.finish().await.expect("finish");
     let (_s, mut inbox) = to_n1.accept_bi().await.expect("accept");
     let err = inbox.recv::<Msg>().await.expect_err("garbage");
@@ -304,7 +392,10 @@ async fn a_lost_peer_is_detected_on_both_sides_within_the_idle_timeout() {
 
     // Quiet for longer than the idle timeout: keep-alives hold it open.
     tokio::time::sleep(opts.idle_timeout + Duration::from_millis(500)).await;
-    assert!(to_n2.close_reason().is_none() && to_n1.close_reason().is_none(), "keep-alive keeps an idle link up");
+    assert!(
+        to_n2.close_reason().is_none() && to_n1.close_reason().is_none(),
+        "keep-alive keeps an idle link up"
+    );
 
     cut.store(true, Ordering::Relaxed);
     let start = Instant::now();
@@ -313,19 +404,36 @@ async fn a_lost_peer_is_detected_on_both_sides_within_the_idle_timeout() {
         tokio::time::timeout(limit, to_n2.closed()),
         tokio::time::timeout(limit, to_n1.closed()),
     );
-    let (l1, l2) = (l1.expect("n1 notices n2 is gone"), l2.expect("n2 notices n1 is gone"));
+    let (l1, l2) = (
+        l1.expect("n1 notices n2 is gone"),
+        l2.expect("n2 notices n1 is gone"),
+    );
     assert!(l1.to_string().contains("idle timeout"), "{l1}");
-    assert!(matches!(l2, Error::ConnectionLost { ref peer, .. } if peer == "n1"), "{l2}");
+    assert!(
+        matches!(l2, Error::ConnectionLost { ref peer, .. } if peer == "n1"),
+        "{l2}"
+    );
     assert!(start.elapsed() < limit);
 }
 
 #[test]
 fn a_node_certificate_from_another_ca_is_refused_at_bind() {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
     let _g = rt.enter();
     let alpha = Cluster::new("alpha");
     let beta = Cluster::new("beta");
-    let err = PeerEndpoint::bind(addr(LOOPBACK), &beta.node("n1"), &alpha.ca_cert(), MemberList::new(["n1"]))
-        .expect_err("misconfigured node must not start");
-    assert!(matches!(err, Error::NotIssuedByCa { ref node, .. } if node == "n1"), "{err}");
+    let err = PeerEndpoint::bind(
+        addr(LOOPBACK),
+        &beta.node("n1"),
+        &alpha.ca_cert(),
+        MemberList::new(["n1"]),
+    )
+    .expect_err("misconfigured node must not start");
+    assert!(
+        matches!(err, Error::NotIssuedByCa { ref node, .. } if node == "n1"),
+        "{err}"
+    );
 }
