@@ -169,7 +169,7 @@ async fn a_node_from_another_ca_cannot_join() {
     // accepts n2's certificate, but presents its own foreign one: n2 must
     // refuse it during the handshake and name what it presented.
     let foreign = beta.node("n1");
-    let raw = raw_client(&alpha.ca_cert(), &foreign);
+    let raw = raw_client(&alpha.ca_cert(), &foreign, freezeframe_netproto::ALPN);
     let connecting = raw.connect(local(&n2), "n2").expect("start handshake");
     let outcome = async {
         let conn = connecting.await?;
@@ -196,7 +196,7 @@ async fn a_node_from_another_ca_cannot_join() {
 
 /// A bare quinn client that trusts `ca` and presents `identity`, bypassing
 /// the endpoint's own checks — what an attacker would write.
-fn raw_client(ca: &CaCertificate, identity: &NodeIdentity) -> quinn::Endpoint {
+fn raw_client(ca: &CaCertificate, identity: &NodeIdentity, alpn: &[u8]) -> quinn::Endpoint {
     let mut roots = rustls::RootCertStore::empty();
     roots.add(ca.der().clone()).expect("root");
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -209,12 +209,41 @@ fn raw_client(ca: &CaCertificate, identity: &NodeIdentity) -> quinn::Endpoint {
             identity.key_der().expect("key"),
         )
         .expect("client auth");
-    tls.alpn_protocols = vec![freezeframe_netproto::ALPN.to_vec()];
+    tls.alpn_protocols = vec![alpn.to_vec()];
     let quic =
         quinn::crypto::rustls::QuicClientConfig::try_from(Arc::new(tls)).expect("quic config");
     let mut ep = quinn::Endpoint::client(addr(LOOPBACK)).expect("client endpoint");
     ep.set_default_client_config(quinn::ClientConfig::new(Arc::new(quic)));
     ep
+}
+
+#[tokio::test]
+async fn a_member_speaking_another_application_protocol_is_refused() {
+    let c = Cluster::new("alpha");
+    let n2 = c.bind("n2", &["n1", "n2"]);
+    let mut refusals = n2.refusals();
+    let raw = raw_client(&c.ca_cert(), &c.node("n1"), b"freezeframe/0");
+    let outcome = async {
+        Err::<(), _>(
+            raw.connect(local(&n2), "n2")
+                .expect("start")
+                .await?
+                .closed()
+                .await,
+        )
+    }
+    .await;
+    assert!(outcome.is_err());
+    let r = next_refusal(&mut refusals).await;
+    assert!(
+        r.reason.contains("protocol"),
+        "the refusal says it is the ALPN: {}",
+        r.reason
+    );
+    assert_eq!(
+        r.presented_name, None,
+        "refused at the ClientHello, before any certificate"
+    );
 }
 
 #[tokio::test]
