@@ -221,6 +221,10 @@ fn a_node_with_a_certificate_from_another_ca_cannot_join() {
     for f in ["node.pem", "node.key"] {
         std::fs::copy(other.join("nodes/n2").join(f), real.join(f)).expect("copy impostor identity");
     }
+    // The impostor trusts its own CA, as a real one would.
+    let toml = std::fs::read_to_string(real.join("node.toml")).expect("toml");
+    let toml = toml.replace("ca_cert = \"../../ca.pem\"", &format!("ca_cert = {:?}", other.join("ca.pem")));
+    std::fs::write(real.join("node.toml"), toml).expect("write toml");
     c.start_node(1);
     std::thread::sleep(Duration::from_secs(3));
     let v = ff_json(&["status", "--json", "--config", c.nodes[0].cfg()]);
