@@ -205,6 +205,9 @@ struct DemoWriterArgs {
     /// How long the node waits for this writer's answer to freeze.
     #[arg(long, default_value = "5s")]
     freeze_timeout: String,
+    /// Mark its region of the virtual snapshot during post-snapshot processing.
+    #[arg(long)]
+    post_mark: bool,
 }
 
 fn main() -> ExitCode {
@@ -293,6 +296,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             veto: a.veto,
             silent: a.silent,
             freeze_timeout_ms: config::parse_ms(&a.freeze_timeout)?,
+            post_mark: a.post_mark,
         })?,
         Command::DemoCheck { image, offset, len, name, log, snapshot } => {
             let got = demo_writer::check_region(&image, offset, len, &name)?;
@@ -301,7 +305,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             println!(
                 "{}",
                 serde_json::json!({
-                    "records": got.records, "frozen_with": want, "problem": got.problem, "consistent": consistent
+                    "records": got.records, "frozen_with": want, "problem": got.problem, "consistent": consistent,
+                    "post_mark": got.post_mark
                 })
             );
         }

@@ -3,6 +3,7 @@
 
 use clap::Subcommand;
 
+pub mod snapshot;
 pub mod volume;
 
 /// The benchmarks.
@@ -10,11 +11,14 @@ pub mod volume;
 pub enum BenchCommand {
     /// Copy-on-write cost of the volume engine and snapshot create time.
     Volume(volume::BenchVolumeArgs),
+    /// Freeze window, I/O hold and phase times of cluster-wide snapshots.
+    Snapshot(snapshot::BenchSnapshotArgs),
 }
 
 /// Runs one benchmark.
 pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
         BenchCommand::Volume(args) => volume::run(args),
+        BenchCommand::Snapshot(args) => snapshot::run(args),
     }
 }
