@@ -267,3 +267,34 @@ fn garbage_and_oversized_frames_do_not_crash_a_node() {
     let (ok, report) = c.create(0, &[]);
     assert!(ok, "node still serves after garbage: {report}");
 }
+
+#[test]
+fn the_example_python_writer_takes_part_in_snapshots() {
+    if !fuse_available() {
+        return;
+    }
+    let c = Cluster::start(ClusterOptions::default());
+    let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/example-writer.py");
+    let n2 = &c.nodes[1];
+    let mut child = std::process::Command::new("python3")
+        .arg(&example)
+        .arg("--socket")
+        .arg(n2.run_dir().join("writer.sock"))
+        .arg("--volume")
+        .arg(n2.live())
+        .args(["--offset", "0", "--name", "py-n2"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3");
+    wait_for(Duration::from_secs(10), || {
+        let v = ff_json(&["status", "--json", "--config", n2.cfg()]);
+        v["writers"].as_array().is_some_and(|ws| ws.iter().any(|w| w["name"] == "py-n2"))
+    });
+    let (ok, report) = c.create(0, &[]);
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(ok, "{report}");
+    let n2r = report["nodes"].as_array().expect("nodes").iter().find(|n| n["node"] == "n2").cloned().expect("n2");
+    let w = n2r["writers"].as_array().expect("writers").iter().find(|w| w["name"] == "py-n2").cloned().expect("py-n2");
+    assert_eq!(w["outcome"], "thawed", "{report}");
+}

@@ -174,3 +174,101 @@ fn an_ext4_frozen_by_a_hook_snapshots_clean_and_loop_mounts_read_only() {
     assert_eq!(std::fs::read(snapfs.join("big.bin")).expect("read big"), pattern(0, 3, 5 * MIB as usize));
     assert!(!snapfs.join("after.txt").exists(), "a file written after the snapshot is not in it");
 }
+
+#[test]
+fn killing_a_daemon_mid_read_fails_the_reader_promptly_and_a_restart_remounts() {
+    if !fuse_available() {
+        return;
+    }
+    let mut c = Cluster::start(ClusterOptions { size: "64MiB", ..Default::default() });
+    let (ok, report) = c.create(0, &[]);
+    assert!(ok, "{report}");
+    let id = report["id"].as_u64().expect("id");
+    let image = c.nodes[1].snapshot_image(id);
+    // A reader going through the image again and again, uncached.
+    let reader = std::thread::spawn(move || -> (std::io::Result<()>, std::time::Instant) {
+        use std::os::unix::fs::OpenOptionsExt;
+        let f = match std::fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(&image) {
+            Ok(f) => f,
+            Err(e) => return (Err(e), std::time::Instant::now()),
+        };
+        let mut buf = AlignedBuf::new(MIB as usize);
+        loop {
+            for i in 0..64u64 {
+                if let Err(e) = f.read_exact_at(buf.as_mut(), i * MIB) {
+                    return (Err(e), std::time::Instant::now());
+                }
+            }
+        }
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let killed_at = std::time::Instant::now();
+    c.kill(1);
+    let (result, failed_at) = reader.join().expect("reader thread");
+    assert!(result.is_err(), "the reader must see an error");
+    assert!(failed_at.duration_since(killed_at) < Duration::from_secs(2), "error came promptly");
+    // Restart: the stale mount is cleared and the node serves again.
+    c.start_node(1);
+    c.wait_connected(Duration::from_secs(20));
+    assert_eq!(hash_file(&c.nodes[1].snapshot_image(id)), hash_file(&c.nodes[0].snapshot_image(id)));
+}
+
+/// A heap buffer aligned for O_DIRECT.
+struct AlignedBuf {
+    ptr: *mut u8,
+    len: usize,
+}
+impl AlignedBuf {
+    fn new(len: usize) -> Self {
+        let layout = std::alloc::Layout::from_size_align(len, 4096).expect("layout");
+        // SAFETY: layout has a non-zero size.
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+        assert!(!ptr.is_null());
+        AlignedBuf { ptr, len }
+    }
+    fn as_mut(&mut self) -> &mut [u8] {
+        // SAFETY: ptr is a live allocation of len bytes owned by self.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+}
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        let layout = std::alloc::Layout::from_size_align(self.len, 4096).expect("layout");
+        // SAFETY: allocated in new with the same layout.
+        unsafe { std::alloc::dealloc(self.ptr, layout) };
+    }
+}
+// SAFETY: the buffer is owned and only used by one thread at a time.
+unsafe impl Send for AlignedBuf {}
+
+#[test]
+fn restic_backs_up_a_snapshot_from_the_mount() {
+    if !fuse_available() || !which("restic") {
+        eprintln!("skipped: needs restic");
+        return;
+    }
+    let c = Cluster::start(ClusterOptions { size: "16MiB", ..Default::default() });
+    let f = std::fs::OpenOptions::new().write(true).open(c.nodes[0].live()).expect("live");
+    f.write_all_at(&pattern(0, 9, 2 * MIB as usize), MIB).expect("write");
+    f.sync_all().expect("fsync");
+    let (ok, report) = c.create(0, &[]);
+    assert!(ok, "{report}");
+    let id = report["id"].as_u64().expect("id");
+    let repo = c.dir.path().join("restic");
+    let restic = |args: &[&str]| {
+        Command::new("restic")
+            .args(args)
+            .env("RESTIC_REPOSITORY", &repo)
+            .env("RESTIC_PASSWORD", "test")
+            .output()
+            .expect("restic")
+    };
+    assert!(restic(&["init", "-q"]).status.success());
+    let snapdir = c.nodes[2].mount().join(format!("snapshots/{id}"));
+    let out = restic(&["backup", "-q", snapdir.to_str().expect("utf-8")]);
+    assert!(out.status.success(), "restic backup of the mount: {}", String::from_utf8_lossy(&out.stderr));
+    let restored = c.dir.path().join("restored");
+    assert!(restic(&["restore", "latest", "--target", restored.to_str().expect("utf-8")]).status.success());
+    let back = restored.join(snapdir.strip_prefix("/").expect("absolute")).join("volume.img");
+    assert_eq!(hash_file(&back), hash_file(&c.nodes[0].snapshot_image(id)));
+}
