@@ -144,7 +144,9 @@ pub(crate) fn update<T>(
     let _lock = locks.catalog()?;
     let mut cat = load(state_dir)?;
     let out = f(&mut cat)?;
-    cat.generation += 1;
+    // Strictly above what `gen` ever said: after a torn write the file can be
+    // ahead of the newest valid slot, and a reused value would hide this change.
+    cat.generation = cat.generation.max(read_gen(gen, &state_dir.join("gen"))?) + 1;
     store(state_dir, &cat)?;
     write_gen(gen, &state_dir.join("gen"), cat.generation)?;
     Ok((out, cat))
