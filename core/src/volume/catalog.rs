@@ -84,8 +84,12 @@ pub(crate) fn load(state_dir: &Path) -> Result<Catalog> {
     match (a, b) {
         (Ok(a), Ok(b)) => Ok(if b.generation > a.generation { b } else { a }),
         (Ok(c), Err(e)) | (Err(e), Ok(c)) => {
-            // Normal after a crash during a catalog change; worth a line in the log otherwise.
-            tracing::warn!("using catalog generation {} because the other slot is unusable: {e}", c.generation);
+            // A slot not written yet (a new volume) is normal; a damaged one is
+            // normal after a crash during a catalog change, worth a line otherwise.
+            let missing = matches!(&e, Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound);
+            if !missing {
+                tracing::warn!("using catalog generation {} because the other slot is unusable: {e}", c.generation);
+            }
             Ok(c)
         }
         (Err(e), Err(_)) => Err(e),
@@ -144,7 +148,9 @@ pub(crate) fn update<T>(
     let _lock = locks.catalog()?;
     let mut cat = load(state_dir)?;
     let out = f(&mut cat)?;
-    cat.generation += 1;
+    // Strictly above what `gen` ever said: after a torn write the file can be
+    // ahead of the newest valid slot, and a reused value would hide this change.
+    cat.generation = cat.generation.max(read_gen(gen, &state_dir.join("gen"))?) + 1;
     store(state_dir, &cat)?;
     write_gen(gen, &state_dir.join("gen"), cat.generation)?;
     Ok((out, cat))

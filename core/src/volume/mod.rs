@@ -33,6 +33,17 @@
 //! is the high-water mark and survives any crash. Space comes back by punching
 //! holes on delete; once no snapshot remains, `diff.dat` is truncated to zero.
 //!
+//! **Pre-copy**: a sequential writer hands the window ahead of it to a
+//! per-process worker thread, which copies the blocks live snapshots lack
+//! under the same gate and claims as a live write. The writer then finds its
+//! blocks already copied, and the diff-area I/O and its flushes overlap the
+//! writer's own writes instead of stalling each of them.
+//!
+//! **Snapshot create** is O(1): under the exclusive gate, flush the volume if
+//! the shared dirty mark says some process wrote since the last create, then
+//! one catalog change (its map was made empty at reserve time). The catalog
+//! is kept in two slots so a change costs one flush (see [`catalog`]).
+//!
 //! **Snapshot read** (seed 003) takes no lock: look the block up in the map
 //! (refreshed from the file's tail when it grew); if absent read the volume,
 //! then look again, and if the block appeared meanwhile read the diff area.
@@ -78,7 +89,7 @@ pub use locks::InFlightGuard;
 use locks::Locks;
 use map::{data_sum, Record, SnapMap, COPIED, INVALID, WRITTEN};
 
-/// How far ahead of a sequential writer copy-before-overwrite copies at once.
+/// How far ahead of a sequential writer the pre-copy worker copies.
 const COPY_AHEAD_BYTES: u64 = 32 << 20;
 
 /// Snapshot id: unique per volume, increasing, never reused.
@@ -154,6 +165,8 @@ struct Inner {
     last_end: AtomicU64,
     /// Generation at which this process last set the shared dirty mark.
     dirty_marked: AtomicU64,
+    /// Sender to the pre-copy worker, started on the first sequential write with snapshots.
+    precopy: Mutex<Option<std::sync::mpsc::Sender<(u64, u64)>>>,
     /// In-process flush-and-hold: live writes wait while `holds > 0`.
     hold: Mutex<HoldState>,
     hold_cv: Condvar,
@@ -258,7 +271,10 @@ impl Volume {
         let cat = Catalog { uuid: new_uuid(), size, block_size, generation: 1, next_id: 1, last_created: 0, snapshots: Vec::new() };
         catalog::store(&dir, &cat)?;
         let gen_path = dir.join("gen");
-        catalog::write_gen(&open_rw(&gen_path, "open")?, &gen_path, cat.generation)?;
+        let gen = open_rw(&gen_path, "open")?;
+        catalog::write_gen(&gen, &gen_path, cat.generation)?;
+        // The volume was just synced (or is untouched): nothing to flush at the first create.
+        catalog::write_dirty(&gen, &gen_path, false)?;
         crate::format::sync_dir(&dir)?;
         location::record(path, &dir)?;
         Volume::open(path)
@@ -289,6 +305,7 @@ impl Volume {
                 locks: Locks::new(&state_dir),
                 cache: Mutex::new(Cache { gen: cat.generation, catalog: cat, maps: HashMap::new() }),
                 last_end: AtomicU64::new(u64::MAX),
+                precopy: Mutex::new(None),
                 dirty_marked: AtomicU64::new(0),
                 hold: Mutex::new(HoldState::default()),
                 hold_cv: Condvar::new(),
@@ -320,7 +337,42 @@ impl Volume {
     /// Writes the live volume, copying every block first to the diff area of
     /// every live snapshot that lacks it (durably, before the overwrite).
     pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
-        self.inner.write_live(buf, offset)
+        if let Some(window) = self.inner.write_live(buf, offset)? {
+            self.precopy_hint(window);
+        }
+        Ok(())
+    }
+
+    /// Asks this process's pre-copy worker to copy a window ahead of a
+    /// sequential writer, so the writer finds its blocks already copied and
+    /// the copy's disk I/O overlaps the writer's own writes. The worker is an
+    /// optimisation only: it takes the same gate and claims as a live write,
+    /// and the writer still copies whatever the worker has not reached.
+    fn precopy_hint(&self, window: (u64, u64)) {
+        let mut tx = self.inner.precopy.lock().unwrap_or_else(|p| p.into_inner());
+        if tx.is_none() {
+            let (t, r) = std::sync::mpsc::channel::<(u64, u64)>();
+            let weak = Arc::downgrade(&self.inner);
+            let spawned = std::thread::Builder::new().name("ff-precopy".into()).spawn(move || {
+                // Ends when the Volume (and with it the sender) is dropped.
+                while let Ok(mut w) = r.recv() {
+                    while let Ok(newer) = r.try_recv() {
+                        w = newer;
+                    }
+                    let Some(inner) = weak.upgrade() else { break };
+                    if let Err(e) = inner.precopy(w.0, w.1) {
+                        tracing::warn!(volume = %inner.path.display(), "pre-copy of blocks {}..={} failed (writers copy themselves): {e}", w.0, w.1);
+                    }
+                }
+            });
+            match spawned {
+                Ok(_) => *tx = Some(t),
+                Err(e) => tracing::warn!("cannot start the pre-copy worker: {e}"),
+            }
+        }
+        if let Some(t) = tx.as_ref() {
+            let _ = t.send(window);
+        }
     }
 
     /// fdatasyncs the live volume.
@@ -551,10 +603,17 @@ impl Inner {
         Ok(())
     }
 
+    /// Caches a catalog this process just wrote (its generation is the `gen` file's value).
     fn install(&self, cat: Catalog) {
+        let g = cat.generation;
+        self.install_at(cat, g);
+    }
+
+    /// Caches `cat`, read when the `gen` file said `gen_seen`, unless a newer one is cached.
+    fn install_at(&self, cat: Catalog, gen_seen: u64) {
         let mut c = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        if cat.generation >= c.gen {
-            c.gen = cat.generation;
+        if cat.generation >= c.catalog.generation {
+            c.gen = gen_seen;
             c.maps.retain(|id, _| cat.get(*id).is_some());
             c.catalog = cat;
         }
@@ -569,8 +628,10 @@ impl Inner {
                 return Ok(c.catalog.clone());
             }
         }
+        // Remember the gen file's value, not the catalog's: after a torn catalog
+        // write they differ, and comparing with the catalog's would reload forever.
         let cat = catalog::load(&self.state_dir)?;
-        self.install(cat.clone());
+        self.install_at(cat.clone(), gen);
         Ok(cat)
     }
 
@@ -629,10 +690,11 @@ impl Inner {
         ActiveWrite { inner: self }
     }
 
-    fn write_live(&self, buf: &[u8], offset: u64) -> Result<()> {
+    /// The live write; returns a window worth pre-copying for a sequential writer.
+    fn write_live(&self, buf: &[u8], offset: u64) -> Result<Option<(u64, u64)>> {
         self.check_range("write", buf.len(), offset)?;
         if buf.is_empty() {
-            return Ok(());
+            return Ok(None);
         }
         let _active = self.enter_live_write();
         let gate = self.locks.gate_shared()?;
@@ -643,20 +705,17 @@ impl Inner {
         let last = (offset + buf.len() as u64 - 1) / self.bs();
         let end = offset + buf.len() as u64;
         let sequential = self.last_end.swap(end, Ordering::Relaxed) == offset;
-        // A sequential writer claims (and may copy) a window ahead of it; see copy_before_overwrite.
-        let ahead = if sequential && !live.is_empty() {
-            (last + (COPY_AHEAD_BYTES / self.bs())).min(self.size / self.bs() - 1)
-        } else {
-            last
-        };
-        let claim = self.locks.claim(first, ahead - first + 1)?;
+        let nblocks = self.size / self.bs();
+        let hint = (sequential && last + 1 < nblocks && live.iter().any(|s| s.diff_limit.is_none()))
+            .then(|| (last + 1, (last + COPY_AHEAD_BYTES / self.bs()).min(nblocks - 1)));
+        let claim = self.locks.claim(first, last - first + 1)?;
         let mut invalidated = Vec::new();
         if !live.is_empty() {
             let mut maps = Vec::with_capacity(live.len());
             for s in &live {
                 maps.push((*s, self.map(s.id)?));
             }
-            invalidated = self.copy_before_overwrite(&maps, first, last, ahead)?;
+            invalidated = self.copy_before_overwrite(&maps, first, last)?;
         }
         self.vol.write_all_at(buf, offset).map_err(|e| Error::io("write", &self.path, e))?;
         drop(claim);
@@ -671,6 +730,50 @@ impl Inner {
             })?;
             self.install(cat);
         }
+        Ok(hint)
+    }
+
+    /// Copies the blocks of `first..=last` that some unlimited live snapshot
+    /// lacks: the pre-copy worker's job, a window ahead of a sequential writer.
+    /// Checks without locks first, so a window already copied costs no lock.
+    ///
+    /// The copies are originals (a block still lacking under its claim was
+    /// never overwritten since the snapshot), so snapshots stay exact; the cost
+    /// is diff-area space for blocks the writer may not reach, which
+    /// `changed_blocks` then reports (its rule is "may differ"). Snapshots with
+    /// a diff limit are left out, so their limit counts only real overwrites.
+    fn precopy(&self, first: u64, last: u64) -> Result<()> {
+        let lacking_range = |cat: &Catalog| -> Result<Option<(u64, u64)>> {
+            let mut range: Option<(u64, u64)> = None;
+            for s in cat.snapshots.iter().filter(|s| !matches!(s.state, SnapshotState::Invalid { .. }) && s.diff_limit.is_none()) {
+                let m = self.map(s.id)?;
+                let mut st = m.lock();
+                m.refresh(&mut st)?;
+                if st.invalid.is_some() {
+                    continue;
+                }
+                for b in (first..=last).filter(|b| !st.entries.contains_key(b)) {
+                    range = Some(match range {
+                        None => (b, b),
+                        Some((lo, hi)) => (lo.min(b), hi.max(b)),
+                    });
+                }
+            }
+            Ok(range)
+        };
+        if lacking_range(&self.sync()?)?.is_none() {
+            return Ok(());
+        }
+        let _gate = self.locks.gate_shared()?;
+        let cat = self.sync()?;
+        let Some((lo, hi)) = lacking_range(&cat)? else { return Ok(()) };
+        let _claim = self.locks.claim(lo, hi - lo + 1)?;
+        let mut maps = Vec::new();
+        for s in cat.snapshots.iter().filter(|s| !matches!(s.state, SnapshotState::Invalid { .. }) && s.diff_limit.is_none()) {
+            maps.push((s, self.map(s.id)?));
+        }
+        // No snapshot with a limit is in `maps`, so nothing can be invalidated here.
+        self.copy_before_overwrite(&maps, lo, hi)?;
         Ok(())
     }
 
@@ -684,23 +787,9 @@ impl Inner {
     }
 
     /// Copies blocks `first..=last` for every snapshot lacking them; returns the
-    /// snapshots invalidated by their diff limit. Caller holds gate and claims
-    /// of `first..=ahead`.
-    ///
-    /// Copy-ahead: when a copy is needed anyway and the writer is sequential
-    /// (`ahead > last`), the lacking blocks up to `ahead` are copied in the same
-    /// batch, so one pair of flushes serves the next writes too. The copies are
-    /// originals, so the snapshot stays exact; the cost is diff-area space and
-    /// blocks reported by `changed_blocks` that may not have changed (the rule
-    /// is "may differ"). Snapshots with a diff limit get no copy-ahead, so the
-    /// limit counts only blocks really overwritten.
-    fn copy_before_overwrite(
-        &self,
-        maps: &[(&SnapshotRecord, Arc<SnapMap>)],
-        first: u64,
-        last: u64,
-        ahead: u64,
-    ) -> Result<Vec<(SnapshotId, String)>> {
+    /// snapshots invalidated by their diff limit. Caller holds the gate and the
+    /// claims of `first..=last`.
+    fn copy_before_overwrite(&self, maps: &[(&SnapshotRecord, Arc<SnapMap>)], first: u64, last: u64) -> Result<Vec<(SnapshotId, String)>> {
         let bs = self.bs();
         // Per snapshot: the blocks it lacks, or None when it is (or becomes) invalid.
         let mut wants: Vec<Option<Vec<u64>>> = Vec::with_capacity(maps.len());
@@ -712,7 +801,7 @@ impl Inner {
                 wants.push(None);
                 continue;
             }
-            let mut lacking: Vec<u64> = (first..=last).filter(|b| !st.entries.contains_key(b)).collect();
+            let lacking: Vec<u64> = (first..=last).filter(|b| !st.entries.contains_key(b)).collect();
             if let Some(limit) = rec.diff_limit {
                 let after = (st.entries.len() + lacking.len()) as u64 * bs;
                 if !lacking.is_empty() && after > limit {
@@ -720,8 +809,6 @@ impl Inner {
                     wants.push(None);
                     continue;
                 }
-            } else if !lacking.is_empty() {
-                lacking.extend((last + 1..=ahead).filter(|b| !st.entries.contains_key(b)));
             }
             wants.push(Some(lacking));
         }
