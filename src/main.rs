@@ -9,6 +9,10 @@
 
 use clap::{Parser, Subcommand};
 
+mod bench {
+    pub mod mount;
+}
+
 #[derive(Parser, Debug)]
 #[command(name = "freezeframe", version, about = "Cluster-wide application-consistent snapshots of a shared volume")]
 struct Cli {
@@ -17,7 +21,17 @@ struct Cli {
 }
 
 #[derive(Subcommand, Debug)]
-enum Command {}
+enum Command {
+    /// Benchmarks that print JSON with the ratio to a peer measured in the same run.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum BenchCommand {
+    /// Snapshot reads through the FUSE mount against bindfs over a plain copy.
+    Mount(bench::mount::Args),
+}
 
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
@@ -25,5 +39,7 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    match cli.command {}
+    match cli.command {
+        Command::Bench(BenchCommand::Mount(args)) => bench::mount::run(&args),
+    }
 }
