@@ -60,9 +60,33 @@ pub struct SnapshotManifest {
     /// Kept as free JSON until the report format settles.
     #[serde(default)]
     pub nodes: serde_json::Value,
+    /// First writer frozen to last writer thawed, cluster-wide, in ms.
+    #[serde(default)]
+    pub freeze_window_ms: Option<u64>,
+    /// How long the initiator held the volume's live I/O, in ms.
+    #[serde(default)]
+    pub io_hold_ms: Option<u64>,
     /// Hex blake3 of the whole image, once `freezeframe snapshot verify` computed it.
     #[serde(default)]
     pub blake3: Option<String>,
+}
+
+impl SnapshotManifest {
+    /// A manifest that knows only what the catalog knows (no protocol report yet).
+    pub fn bare(id: SnapshotId, created_ms: u64, status: ManifestStatus, block_size: u32, size: u64) -> SnapshotManifest {
+        SnapshotManifest {
+            id,
+            created_ms,
+            initiator: None,
+            status,
+            block_size,
+            size,
+            nodes: serde_json::Value::Null,
+            freeze_window_ms: None,
+            io_hold_ms: None,
+            blake3: None,
+        }
+    }
 }
 
 /// The directory holding the manifests of a volume.

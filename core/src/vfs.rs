@@ -342,16 +342,13 @@ impl Vfs {
         let node = Node::Manifest(info.id);
         let mut m = match self.source.manifest(info.id).map_err(|e| engine(node, e))? {
             Some(m) => m,
-            None => SnapshotManifest {
-                id: info.id,
-                created_ms: info.created_ms,
-                initiator: None,
-                status: ManifestStatus::from(&info.state),
-                block_size: self.source.block_size(),
-                size: self.image_size(info.id, node)?,
-                nodes: serde_json::Value::Null,
-                blake3: None,
-            },
+            None => SnapshotManifest::bare(
+                info.id,
+                info.created_ms,
+                ManifestStatus::from(&info.state),
+                self.source.block_size(),
+                self.image_size(info.id, node)?,
+            ),
         };
         m.status = ManifestStatus::from(&info.state);
         let mut bytes = serde_json::to_vec_pretty(&m).map_err(|e| engine(node, Error::ManifestCorrupt { path: node_path(node).into(), reason: e.to_string() }))?;
