@@ -176,17 +176,22 @@ pub enum ErrorClass {
     /// The data is gone or unreadable: report an I/O error, never zeros.
     Invalid,
     WrongKind,
+    /// A post-snapshot write the snapshot's diff area has no room for.
+    NoSpace,
     /// Anything else from the engine or the disks.
     Io,
 }
 
-/// Sorts an error for errno mapping.
+/// Sorts an error for errno mapping, looking through the path wrapper at the engine's
+/// own error (a snapshot deleted, sealed or invalidated underneath an open file).
 pub fn classify(e: &Error) -> ErrorClass {
     match e {
-        Error::VfsNotFound { .. } => ErrorClass::NotFound,
-        Error::VfsReadOnly { .. } => ErrorClass::ReadOnly,
-        Error::VfsSnapshotInvalid { .. } => ErrorClass::Invalid,
-        Error::VfsWrongKind { .. } => ErrorClass::WrongKind,
+        Error::VfsNotFound { .. } | Error::SnapshotNotFound { .. } => ErrorClass::NotFound,
+        Error::VfsReadOnly { .. } | Error::SnapshotSealed { .. } => ErrorClass::ReadOnly,
+        Error::VfsSnapshotInvalid { .. } | Error::SnapshotInvalid { .. } => ErrorClass::Invalid,
+        Error::VfsWrongKind { .. } | Error::OutOfRange { .. } => ErrorClass::WrongKind,
+        Error::DiffAreaFull { .. } => ErrorClass::NoSpace,
+        Error::VfsEngine { source, .. } => classify(source),
         _ => ErrorClass::Io,
     }
 }
