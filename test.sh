@@ -11,6 +11,8 @@ command -v mkfs.ext4   >/dev/null 2>&1 || need+=(e2fsprogs)
 command -v losetup     >/dev/null 2>&1 || need+=(mount)
 command -v tar         >/dev/null 2>&1 || need+=(tar)
 command -v python3     >/dev/null 2>&1 || need+=(python3)
+command -v fsfreeze    >/dev/null 2>&1 || need+=(util-linux)
+command -v restic      >/dev/null 2>&1 || need+=(restic)
 if ((${#need[@]})); then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "test.sh: installing ${need[*]}" >&2

@@ -104,14 +104,15 @@ fn a_writer_that_never_answers_times_out_and_aborts() {
         return;
     }
     let mut c = Cluster::start(ClusterOptions::default());
-    c.start_writer(2, "silent-n3", 0, &["--silent"]);
+    c.start_writer(2, "silent-n3", 0, &["--silent", "--freeze-timeout", "1500ms"]);
     c.start_writer(0, "good-n1", STRIDE, &[]);
     let before = c.list(0).len();
     let t = Instant::now();
-    // demo writers ask for a 5 s freeze timeout; the lease (4 s) is what bounds n3.
     let (ok, report) = c.create(0, &[]);
     assert!(!ok);
     assert_eq!(report["error"]["node"], "n3", "{report}");
+    assert_eq!(report["error"]["writer"], "silent-n3", "{report}");
+    assert!(t.elapsed() < Duration::from_secs(3), "the writer's own 1.5 s timeout fires, not the lease");
     assert_failed_cleanly(&c, &[0, 1, 2], before, &report, t, Duration::from_secs(4));
 }
 
@@ -220,12 +221,17 @@ fn a_node_with_a_certificate_from_another_ca_cannot_join() {
     for f in ["node.pem", "node.key"] {
         std::fs::copy(other.join("nodes/n2").join(f), real.join(f)).expect("copy impostor identity");
     }
+    // The impostor trusts its own CA, as a real one would.
+    let toml = std::fs::read_to_string(real.join("node.toml")).expect("toml");
+    let toml = toml.replace("ca_cert = \"../../ca.pem\"", &format!("ca_cert = {:?}", other.join("ca.pem")));
+    std::fs::write(real.join("node.toml"), toml).expect("write toml");
     c.start_node(1);
     std::thread::sleep(Duration::from_secs(3));
     let v = ff_json(&["status", "--json", "--config", c.nodes[0].cfg()]);
     let n2 = v["peers"].as_array().expect("peers").iter().find(|p| p["node"] == "n2").cloned().expect("n2 listed");
     assert_eq!(n2["connected"], false, "impostor connected: {v}");
-    assert!(c.nodes[0].log().contains("refused") || c.nodes[1].log().contains("refused"), "refusal is logged");
+    let refused = |i: usize| c.nodes[i].log().lines().any(|l| l.contains("refused") && (l.contains("n2") || l.contains("certificate")));
+    assert!(refused(0) && refused(2), "n1 and n3 log the refusal of the impostor");
     // The rest of the cluster still works.
     c.kill(1);
     let (_ok, report) = c.create(0, &["--timeout", "3s"]);
@@ -260,4 +266,35 @@ fn garbage_and_oversized_frames_do_not_crash_a_node() {
     std::thread::sleep(Duration::from_millis(300));
     let (ok, report) = c.create(0, &[]);
     assert!(ok, "node still serves after garbage: {report}");
+}
+
+#[test]
+fn the_example_python_writer_takes_part_in_snapshots() {
+    if !fuse_available() {
+        return;
+    }
+    let c = Cluster::start(ClusterOptions::default());
+    let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/example-writer.py");
+    let n2 = &c.nodes[1];
+    let mut child = std::process::Command::new("python3")
+        .arg(&example)
+        .arg("--socket")
+        .arg(n2.run_dir().join("writer.sock"))
+        .arg("--volume")
+        .arg(n2.live())
+        .args(["--offset", "0", "--name", "py-n2"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3");
+    wait_for(Duration::from_secs(10), || {
+        let v = ff_json(&["status", "--json", "--config", n2.cfg()]);
+        v["writers"].as_array().is_some_and(|ws| ws.iter().any(|w| w["name"] == "py-n2"))
+    });
+    let (ok, report) = c.create(0, &[]);
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(ok, "{report}");
+    let n2r = report["nodes"].as_array().expect("nodes").iter().find(|n| n["node"] == "n2").cloned().expect("n2");
+    let w = n2r["writers"].as_array().expect("writers").iter().find(|w| w["name"] == "py-n2").cloned().expect("py-n2");
+    assert_eq!(w["outcome"], "thawed", "{report}");
 }

@@ -16,6 +16,13 @@
 //! the link going away — the bound the lease logic of the snapshot protocol
 //! builds on.
 //!
+//! Admission: in TLS 1.3 the dialer's handshake completes before the
+//! acceptor has checked the dialer's certificate, so the acceptor, once it
+//! has admitted the dialer, sends one JSON frame (`Welcome`) on the first
+//! unidirectional stream, and `connect` returns only after reading it. A
+//! refusal is therefore an error from `connect`, never a connection that
+//! dies on first use. Unidirectional streams are reserved for this.
+//!
 //! Handshakes run in a background task, each on its own, so a slow or
 //! hostile client cannot stall the others; refused peers are logged with
 //! `tracing::warn!` (address, presented node name, reason) and published on
@@ -34,7 +41,7 @@ use tokio::task::JoinHandle;
 use crate::error::{Error, Result};
 use crate::frame::{FrameCodec, FramedRecv, FramedSend};
 use crate::pki::{node_name_of, CaCertificate, NodeIdentity};
-use crate::tls::{MemberList, PresentedName, TlsSetup, ALPN};
+use crate::tls::{HandshakeNote, MemberList, TlsSetup, ALPN};
 
 /// Application close code: a normal, intended close.
 pub const CLOSE_NORMAL: u32 = 0;
@@ -105,8 +112,8 @@ impl Shared {
         });
     }
 
-    fn server_config(&self, presented: PresentedName) -> Result<quinn::ServerConfig> {
-        let tls = self.tls.server_config(presented)?;
+    fn server_config(&self, note: HandshakeNote) -> Result<quinn::ServerConfig> {
+        let tls = self.tls.server_config(note)?;
         let quic = QuicServerConfig::try_from(Arc::new(tls)).map_err(|e| Error::Tls {
             node: self.tls.node_name().to_string(),
             reason: format!("server config unusable for QUIC: {e}"),
@@ -116,8 +123,8 @@ impl Shared {
         Ok(config)
     }
 
-    fn client_config(&self, presented: PresentedName) -> Result<quinn::ClientConfig> {
-        let tls = self.tls.client_config(presented)?;
+    fn client_config(&self, note: HandshakeNote) -> Result<quinn::ClientConfig> {
+        let tls = self.tls.client_config(note)?;
         let quic = QuicClientConfig::try_from(Arc::new(tls)).map_err(|e| Error::Tls {
             node: self.tls.node_name().to_string(),
             reason: format!("client config unusable for QUIC: {e}"),
@@ -226,7 +233,7 @@ impl PeerEndpoint {
         });
         // The endpoint-level config only matters for connections accepted
         // without `accept_with`, which this module never does.
-        let base = shared.server_config(PresentedName::default())?;
+        let base = shared.server_config(HandshakeNote::default())?;
         let endpoint =
             quinn::Endpoint::server(base, addr).map_err(|source| Error::Bind { addr, source })?;
         let (tx, rx) = mpsc::channel(ACCEPT_QUEUE);
@@ -280,7 +287,7 @@ impl PeerEndpoint {
                 peer: peer_name.to_string(),
             });
         }
-        let presented = PresentedName::default();
+        let presented = HandshakeNote::default();
         let config = self.shared.client_config(presented.clone())?;
         let handshake_err = |reason: String| Error::Handshake {
             peer: peer_name.to_string(),
@@ -294,33 +301,37 @@ impl PeerEndpoint {
         let conn = match connecting.await {
             Ok(c) => c,
             Err(e) => {
-                let reason = describe(&e, self.shared.options.idle_timeout);
+                // Our own verifier's words when it refused the peer; the
+                // connection error otherwise (it carries the peer's reason).
+                let reason = presented
+                    .refusal()
+                    .map(|r| format!("refused by this node: {r}"))
+                    .unwrap_or_else(|| describe(&e, self.shared.options.idle_timeout));
                 tracing::warn!(
                     node = %self.node_name(),
                     peer = %peer_name,
                     peer_addr = %addr,
-                    presented_name = presented.get().as_deref().unwrap_or("<none>"),
+                    presented_name = presented.presented_name().as_deref().unwrap_or("<none>"),
                     %reason,
                     "connection to peer failed"
                 );
-                return Err(handshake_err(match presented.get() {
-                    Some(p) if !p.eq_ignore_ascii_case(peer_name) => {
-                        format!("{reason} (its certificate names node {p})")
-                    }
-                    _ => reason,
-                }));
+                return Err(handshake_err(reason));
             }
         };
-        match self.shared.verified_peer(&conn) {
-            Ok(name) => {
-                tracing::debug!(node = %self.node_name(), peer = %name, peer_addr = %addr, "connected to peer");
-                Ok(self.shared.connection(conn, name))
-            }
+        let name = match self.shared.verified_peer(&conn) {
+            Ok(name) => name,
             Err(reason) => {
                 conn.close(VarInt::from_u32(CLOSE_REFUSED), reason.as_bytes());
-                Err(handshake_err(reason))
+                return Err(handshake_err(reason));
             }
+        };
+        if let Err(reason) = await_welcome(&self.shared, &conn, &name).await {
+            conn.close(VarInt::from_u32(CLOSE_REFUSED), reason.as_bytes());
+            tracing::warn!(node = %self.node_name(), peer = %name, peer_addr = %addr, %reason, "peer did not admit this node");
+            return Err(handshake_err(format!("not admitted: {reason}")));
         }
+        tracing::debug!(node = %self.node_name(), peer = %name, peer_addr = %addr, "connected to peer");
+        Ok(self.shared.connection(conn, name))
     }
 
     /// The next verified incoming connection. Refused handshakes never come
@@ -335,20 +346,25 @@ impl PeerEndpoint {
     /// Closes every connection with `reason` and stops accepting; waits a
     /// short while so the close frames reach the peers.
     pub async fn close(&self, reason: &str) {
-        self.endpoint.close(VarInt::from_u32(CLOSE_NORMAL), reason.as_bytes());
+        self.endpoint
+            .close(VarInt::from_u32(CLOSE_NORMAL), reason.as_bytes());
         self.accept_task.abort();
         let _ = tokio::time::timeout(Duration::from_millis(500), self.endpoint.wait_idle()).await;
     }
 }
 
 /// Takes incoming connections and runs each handshake in its own task.
-async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>, tx: mpsc::Sender<PeerConnection>) {
+async fn accept_loop(
+    endpoint: quinn::Endpoint,
+    shared: Arc<Shared>,
+    tx: mpsc::Sender<PeerConnection>,
+) {
     while let Some(incoming) = endpoint.accept().await {
         let shared = shared.clone();
         let tx = tx.clone();
         tokio::spawn(async move {
             let addr = incoming.remote_address();
-            let presented = PresentedName::default();
+            let presented = HandshakeNote::default();
             let config = match shared.server_config(presented.clone()) {
                 Ok(c) => c,
                 Err(e) => {
@@ -367,30 +383,102 @@ async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>, tx: mpsc::S
             let conn = match connecting.await {
                 Ok(c) => c,
                 Err(e) => {
-                    shared.refused(addr, presented.get(), describe(&e, shared.options.idle_timeout));
+                    let reason = presented
+                        .refusal()
+                        .unwrap_or_else(|| describe(&e, shared.options.idle_timeout));
+                    shared.refused(addr, presented.presented_name(), reason);
                     return;
                 }
             };
             match shared.verified_peer(&conn) {
                 Ok(name) => {
-                    tracing::debug!(node = %shared.tls.node_name(), peer = %name, peer_addr = %addr, "accepted peer");
-                    if let Err(mpsc::error::SendError(c)) = tx.send(shared.connection(conn, name)).await {
+                    let peer = shared.connection(conn, name);
+                    if let Err(e) = send_welcome(&shared, &peer).await {
+                        tracing::warn!(node = %shared.tls.node_name(), peer = %peer.peer_name(), peer_addr = %addr, error = %e, "peer left during admission");
+                        return;
+                    }
+                    tracing::debug!(node = %shared.tls.node_name(), peer = %peer.peer_name(), peer_addr = %addr, "accepted peer");
+                    if let Err(mpsc::error::SendError(c)) = tx.send(peer).await {
                         c.close("endpoint is shutting down");
                     }
                 }
                 Err(reason) => {
                     conn.close(VarInt::from_u32(CLOSE_REFUSED), reason.as_bytes());
-                    shared.refused(addr, presented.get(), reason);
+                    shared.refused(addr, presented.presented_name(), reason);
                 }
             }
         });
     }
 }
 
+/// The admission message: the accepting node's first and only frame on the
+/// first unidirectional stream, sent once it has verified the dialer. In TLS
+/// 1.3 the dialer finishes its handshake before the acceptor has checked the
+/// dialer's certificate; waiting for this frame is how the dialer learns it
+/// was admitted rather than about to be refused.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct Welcome {
+    node: String,
+    cluster: String,
+}
+
+async fn send_welcome(shared: &Shared, peer: &PeerConnection) -> Result<()> {
+    let send = peer.conn.open_uni().await.map_err(|e| peer.lost(&e))?;
+    let mut send = FramedSend::new(send, FrameCodec::CONTROL)
+        .with_context(format!("to node {} at {}", peer.peer_name, peer.addr));
+    send.send(&Welcome {
+        node: shared.tls.node_name().to_string(),
+        cluster: shared.tls.cluster_name().to_string(),
+    })
+    .await?;
+    send.finish().await
+}
+
+/// Waits for the acceptor's [`Welcome`]; a refusal shows up here as the
+/// connection being closed with the acceptor's reason.
+async fn await_welcome(
+    shared: &Shared,
+    conn: &quinn::Connection,
+    peer_name: &str,
+) -> std::result::Result<(), String> {
+    let idle = shared.options.idle_timeout;
+    let wait = async {
+        let recv = conn.accept_uni().await.map_err(|e| describe(&e, idle))?;
+        let mut recv = FramedRecv::new(recv, FrameCodec::CONTROL);
+        let welcome: Welcome = recv.recv().await.map_err(|e| match conn.close_reason() {
+            Some(c) => describe(&c, idle),
+            None => e.to_string(),
+        })?;
+        if !welcome.node.eq_ignore_ascii_case(peer_name) {
+            return Err(format!(
+                "welcomed by node {}, expected {peer_name}",
+                welcome.node
+            ));
+        }
+        if welcome.cluster != shared.tls.cluster_name() {
+            return Err(format!(
+                "peer belongs to cluster {}, this node to {}",
+                welcome.cluster,
+                shared.tls.cluster_name()
+            ));
+        }
+        Ok(())
+    };
+    match tokio::time::timeout(idle * 2, wait).await {
+        Ok(r) => r,
+        Err(_) => Err(format!(
+            "no admission from the peer within {} ms",
+            (idle * 2).as_millis()
+        )),
+    }
+}
+
 /// A human reason for a QUIC connection error.
 fn describe(e: &ConnectionError, idle: Duration) -> String {
     match e {
-        ConnectionError::TimedOut => format!("no packets for {} ms (idle timeout)", idle.as_millis()),
+        ConnectionError::TimedOut => {
+            format!("no packets for {} ms (idle timeout)", idle.as_millis())
+        }
         ConnectionError::ApplicationClosed(c) => format!(
             "closed by the peer (code {}): {}",
             c.error_code,
@@ -449,35 +537,49 @@ impl PeerConnection {
         }
     }
 
-    fn framed(&self, send: quinn::SendStream, recv: quinn::RecvStream) -> (FramedSend<quinn::SendStream>, FramedRecv<quinn::RecvStream>) {
+    fn framed(
+        &self,
+        send: quinn::SendStream,
+        recv: quinn::RecvStream,
+    ) -> (FramedSend<quinn::SendStream>, FramedRecv<quinn::RecvStream>) {
         (
-            FramedSend::new(send, self.codec).with_context(format!("to node {} at {}", self.peer_name, self.addr)),
-            FramedRecv::new(recv, self.codec).with_context(format!("from node {} at {}", self.peer_name, self.addr)),
+            FramedSend::new(send, self.codec)
+                .with_context(format!("to node {} at {}", self.peer_name, self.addr)),
+            FramedRecv::new(recv, self.codec)
+                .with_context(format!("from node {} at {}", self.peer_name, self.addr)),
         )
     }
 
     /// Opens a new bidirectional stream. The peer sees it in
     /// [`PeerConnection::accept_bi`] when the first frame arrives.
-    pub async fn open_bi(&self) -> Result<(FramedSend<quinn::SendStream>, FramedRecv<quinn::RecvStream>)> {
+    pub async fn open_bi(
+        &self,
+    ) -> Result<(FramedSend<quinn::SendStream>, FramedRecv<quinn::RecvStream>)> {
         let (send, recv) = self.conn.open_bi().await.map_err(|e| self.lost(&e))?;
         Ok(self.framed(send, recv))
     }
 
     /// Waits for the peer to open a bidirectional stream.
-    pub async fn accept_bi(&self) -> Result<(FramedSend<quinn::SendStream>, FramedRecv<quinn::RecvStream>)> {
+    pub async fn accept_bi(
+        &self,
+    ) -> Result<(FramedSend<quinn::SendStream>, FramedRecv<quinn::RecvStream>)> {
         let (send, recv) = self.conn.accept_bi().await.map_err(|e| self.lost(&e))?;
         Ok(self.framed(send, recv))
     }
 
     /// Closes the connection; the peer's `closed()` reports `reason`.
     pub fn close(&self, reason: &str) {
-        self.conn.close(VarInt::from_u32(CLOSE_NORMAL), reason.as_bytes());
+        self.conn
+            .close(VarInt::from_u32(CLOSE_NORMAL), reason.as_bytes());
     }
 
     /// Closes the connection because the peer broke the protocol.
     pub fn close_protocol_violation(&self, reason: &str) {
         tracing::warn!(peer = %self.peer_name, peer_addr = %self.addr, %reason, "closing connection: protocol violation");
-        self.conn.close(VarInt::from_u32(CLOSE_PROTOCOL_VIOLATION), reason.as_bytes());
+        self.conn.close(
+            VarInt::from_u32(CLOSE_PROTOCOL_VIOLATION),
+            reason.as_bytes(),
+        );
     }
 
     /// Resolves when the connection ends, for whatever reason (closed by

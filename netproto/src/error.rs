@@ -42,7 +42,11 @@ pub enum Error {
 
     /// This node's own certificate was not issued by the cluster CA it was given.
     #[error("certificate of node {node} is not valid under the cluster CA {ca}: {reason}")]
-    NotIssuedByCa { node: String, ca: String, reason: String },
+    NotIssuedByCa {
+        node: String,
+        ca: String,
+        reason: String,
+    },
 
     /// Building the rustls or quinn TLS configuration failed.
     #[error("TLS configuration for node {node}: {reason}")]
@@ -83,7 +87,10 @@ pub enum Error {
 
     /// A frame header announced a payload larger than this stream accepts.
     /// Nothing was allocated for it; the stream cannot be resynchronised.
-    #[error("frame of {len} bytes exceeds the limit of {max} bytes{}", ctx(context))]
+    #[error(
+        "frame of {len} bytes exceeds the limit of {max} bytes{}",
+        ctx(context)
+    )]
     FrameTooLarge {
         len: u64,
         max: u32,
@@ -98,7 +105,10 @@ pub enum Error {
     },
 
     /// A frame came with a protocol version this build does not speak.
-    #[error("frame version {got} is not supported (this build speaks {supported}){}", ctx(context))]
+    #[error(
+        "frame version {got} is not supported (this build speaks {supported}){}",
+        ctx(context)
+    )]
     UnsupportedVersion {
         got: u8,
         supported: u8,
@@ -114,7 +124,10 @@ pub enum Error {
     },
 
     /// A JSON frame did not hold the message type expected here.
-    #[error("cannot decode {type_name} from a JSON frame{}: {source}", ctx(context))]
+    #[error(
+        "cannot decode {type_name} from a JSON frame{}: {source}",
+        ctx(context)
+    )]
     Decode {
         type_name: &'static str,
         context: Option<String>,
@@ -131,7 +144,10 @@ pub enum Error {
     },
 
     /// The peer finished the stream before the frame was complete.
-    #[error("stream ended inside a frame{}: got {got} of {wanted} bytes", ctx(context))]
+    #[error(
+        "stream ended inside a frame{}: got {got} of {wanted} bytes",
+        ctx(context)
+    )]
     Truncated {
         got: usize,
         wanted: usize,
@@ -205,10 +221,10 @@ impl Error {
             | Error::Truncated { context, .. }
             | Error::StreamFinished { context }
             | Error::StreamBroken { context }
-            | Error::Io { context, .. } => {
-                if context.is_none() {
-                    *context = Some(where_.to_string());
-                }
+            | Error::Io { context, .. }
+                if context.is_none() =>
+            {
+                *context = Some(where_.to_string());
             }
             _ => {}
         }

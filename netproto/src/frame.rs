@@ -147,7 +147,16 @@ impl FrameCodec {
         }
         let len = len as u32; // fits: max_len is a u32
         let l = len.to_be_bytes();
-        Ok([MAGIC[0], MAGIC[1], VERSION, kind.to_byte(), l[0], l[1], l[2], l[3]])
+        Ok([
+            MAGIC[0],
+            MAGIC[1],
+            VERSION,
+            kind.to_byte(),
+            l[0],
+            l[1],
+            l[2],
+            l[3],
+        ])
     }
 
     /// Checks an 8-byte header and returns its kind and payload length.
@@ -310,7 +319,9 @@ impl FrameCodec {
 
 fn bad_json_len(json_len: usize, room: usize) -> Error {
     Error::MalformedFrame {
-        reason: format!("json+binary frame announces {json_len} bytes of json but holds only {room}"),
+        reason: format!(
+            "json+binary frame announces {json_len} bytes of json but holds only {room}"
+        ),
         context: None,
     }
 }
@@ -603,11 +614,20 @@ mod tests {
     #[test]
     fn header_roundtrip_and_limits() {
         let c = FrameCodec::new(100);
-        let h = c.encode_header(FrameKind::Binary, 100).expect("within limit");
-        assert_eq!(c.decode_header(&h).expect("valid"), (FrameKind::Binary, 100));
+        let h = c
+            .encode_header(FrameKind::Binary, 100)
+            .expect("within limit");
+        assert_eq!(
+            c.decode_header(&h).expect("valid"),
+            (FrameKind::Binary, 100)
+        );
         assert!(matches!(
             c.encode_header(FrameKind::Binary, 101),
-            Err(Error::FrameTooLarge { len: 101, max: 100, .. })
+            Err(Error::FrameTooLarge {
+                len: 101,
+                max: 100,
+                ..
+            })
         ));
     }
 

@@ -80,7 +80,8 @@ impl ClusterCa {
         let key = KeyPair::generate().map_err(cert_err)?;
         let cert = params.self_signed(&key).map_err(cert_err)?;
         let key_pem = key.serialize_pem();
-        let cert = CaCertificate::from_der(cert.pem(), cert.der().clone(), "generated CA certificate")?;
+        let cert =
+            CaCertificate::from_der(cert.pem(), cert.der().clone(), "generated CA certificate")?;
         Ok(ClusterCa {
             cluster_name: cluster_name.to_string(),
             cert,
@@ -143,7 +144,9 @@ impl ClusterCa {
         sans.extend(alt_names.iter().filter(|n| *n != node_name).cloned());
         let mut params = CertificateParams::new(sans).map_err(cert_err)?;
         params.is_ca = IsCa::ExplicitNoCa;
-        params.distinguished_name.push(DnType::CommonName, node_name);
+        params
+            .distinguished_name
+            .push(DnType::CommonName, node_name);
         params
             .distinguished_name
             .push(DnType::OrganizationName, ORGANIZATION);
@@ -195,12 +198,11 @@ impl CaCertificate {
 
     /// Parses a CA certificate held in memory (PEM).
     pub fn from_pem(pem: &str) -> Result<CaCertificate> {
-        let der = CertificateDer::from_pem_slice(pem.as_bytes()).map_err(|e| {
-            Error::BadCredential {
+        let der =
+            CertificateDer::from_pem_slice(pem.as_bytes()).map_err(|e| Error::BadCredential {
                 what: "CA certificate".into(),
                 reason: format!("no PEM certificate: {e}"),
-            }
-        })?;
+            })?;
         CaCertificate::from_der(pem.to_string(), der, "CA certificate")
     }
 
@@ -212,7 +214,9 @@ impl CaCertificate {
         let (_, x509) = x509_parser::parse_x509_certificate(der.as_ref())
             .map_err(|e| bad(format!("not an X.509 certificate: {e}")))?;
         if !x509.is_ca() {
-            return Err(bad("not a CA certificate (basicConstraints CA is false)".into()));
+            return Err(bad(
+                "not a CA certificate (basicConstraints CA is false)".into()
+            ));
         }
         let cluster_name = x509
             .subject()
@@ -299,7 +303,11 @@ impl NodeIdentity {
         let key_pem = read_text(key_path, "read node key")?;
         NodeIdentity::from_pem(&cert_pem, &key_pem).map_err(|e| match e {
             Error::BadCredential { what, reason } => {
-                let path = if what == "node key" { key_path } else { cert_path };
+                let path = if what == "node key" {
+                    key_path
+                } else {
+                    cert_path
+                };
                 if reason.starts_with("does not belong") {
                     Error::KeyMismatch {
                         cert: cert_path.to_path_buf(),
@@ -324,11 +332,9 @@ impl NodeIdentity {
 
     /// The certificate in DER, as rustls wants it.
     pub fn cert_der(&self) -> Result<CertificateDer<'static>> {
-        CertificateDer::from_pem_slice(self.cert_pem.as_bytes()).map_err(|e| {
-            Error::BadCredential {
-                what: format!("certificate of node {}", self.node_name),
-                reason: e.to_string(),
-            }
+        CertificateDer::from_pem_slice(self.cert_pem.as_bytes()).map_err(|e| Error::BadCredential {
+            what: format!("certificate of node {}", self.node_name),
+            reason: e.to_string(),
         })
     }
 

@@ -28,7 +28,10 @@ use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::WebPkiClientVerifier;
-use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, OtherError, RootCertStore, SignatureScheme};
+use rustls::{
+    CertificateError, DigitallySignedStruct, DistinguishedName, OtherError, RootCertStore,
+    SignatureScheme,
+};
 
 use crate::error::{Error, Result};
 use crate::pki::{node_name_of, CaCertificate, NodeIdentity};
@@ -93,36 +96,64 @@ fn normalize(name: String) -> String {
     name.to_ascii_lowercase()
 }
 
-/// Where a verifier writes the node name the peer's certificate presented,
-/// so the handshake's caller can name it when it logs a refusal (the
-/// verifier itself does not know the peer's address).
+/// What a verifier saw during one handshake: the node name the peer's
+/// certificate presented and, if it refused it, why. The verifier does not
+/// know the peer's address; the endpoint that drives the handshake does, and
+/// reads this note to log one complete line.
 #[derive(Debug, Clone, Default)]
-pub struct PresentedName(Arc<Mutex<Option<String>>>);
+pub struct HandshakeNote(Arc<Mutex<NoteInner>>);
 
-impl PresentedName {
-    fn record(&self, der: &CertificateDer<'_>) {
+#[derive(Debug, Default)]
+struct NoteInner {
+    presented_name: Option<String>,
+    refusal: Option<String>,
+}
+
+impl HandshakeNote {
+    fn with<R>(&self, f: impl FnOnce(&mut NoteInner) -> R) -> R {
+        match self.0.lock() {
+            Ok(mut g) => f(&mut g),
+            Err(poisoned) => f(&mut poisoned.into_inner()),
+        }
+    }
+
+    /// Records the presented certificate; returns the name for messages.
+    fn record(&self, der: &CertificateDer<'_>) -> String {
         let name = match node_name_of(der) {
             Ok(n) => n,
             Err(reason) => format!("<unreadable certificate: {reason}>"),
         };
-        match self.0.lock() {
-            Ok(mut g) => *g = Some(name),
-            Err(poisoned) => *poisoned.into_inner() = Some(name),
-        }
+        self.with(|n| n.presented_name = Some(name.clone()));
+        name
+    }
+
+    /// Records a refusal and hands back the rustls error to fail with.
+    fn refuse(&self, reason: String, err: rustls::Error) -> rustls::Error {
+        self.with(|n| n.refusal = Some(reason));
+        err
     }
 
     /// The presented name, if the peer got as far as presenting a certificate.
-    pub fn get(&self) -> Option<String> {
-        match self.0.lock() {
-            Ok(g) => g.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        }
+    pub fn presented_name(&self) -> Option<String> {
+        self.with(|n| n.presented_name.clone())
+    }
+
+    /// Why this side refused the peer's certificate, if it did.
+    pub fn refusal(&self) -> Option<String> {
+        self.with(|n| n.refusal.clone())
     }
 }
 
-/// A refusal that names the node; rustls carries it to the handshake error.
-#[derive(Debug)]
+/// A refusal that names the node; rustls carries it to the handshake error
+/// and quinn to the peer in the close reason (formatted with `Debug`, hence
+/// the plain `Debug`).
 struct Refused(String);
+
+impl std::fmt::Debug for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
 
 impl std::fmt::Display for Refused {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -133,16 +164,34 @@ impl std::fmt::Display for Refused {
 impl std::error::Error for Refused {}
 
 fn refuse(reason: String) -> rustls::Error {
-    rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(Refused(reason)))))
+    rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(Refused(
+        reason,
+    )))))
 }
 
-/// Checks the membership of the name a verified certificate carries.
-fn check_member(der: &CertificateDer<'_>, members: &MemberList, cluster: &str) -> Result<String, rustls::Error> {
-    let name = node_name_of(der).map_err(|r| refuse(format!("certificate names no node: {r}")))?;
+/// Runs the webpki check, then the membership of the name the verified
+/// certificate carries; records any refusal in `note`.
+fn check_peer(
+    der: &CertificateDer<'_>,
+    members: &MemberList,
+    cluster: &str,
+    note: &HandshakeNote,
+    webpki: impl FnOnce() -> Result<(), rustls::Error>,
+) -> Result<String, rustls::Error> {
+    let presented = note.record(der);
+    if let Err(e) = webpki() {
+        return Err(note.refuse(
+            format!("certificate presented as node {presented} rejected (trust anchor: the CA of cluster {cluster}): {e}"),
+            e,
+        ));
+    }
+    let name = node_name_of(der).map_err(|r| {
+        let reason = format!("certificate names no node: {r}");
+        note.refuse(reason.clone(), refuse(reason))
+    })?;
     if !members.contains(&name) {
-        return Err(refuse(format!(
-            "node {name} (certificate issued by the CA of cluster {cluster}) is not in the member list"
-        )));
+        let reason = format!("node {name} (certificate issued by the CA of cluster {cluster}) is not in the member list");
+        return Err(note.refuse(reason.clone(), refuse(reason)));
     }
     Ok(name)
 }
@@ -154,7 +203,7 @@ struct MemberClientVerifier {
     inner: Arc<dyn ClientCertVerifier>,
     members: MemberList,
     cluster: String,
-    presented: PresentedName,
+    note: HandshakeNote,
 }
 
 impl ClientCertVerifier for MemberClientVerifier {
@@ -176,9 +225,11 @@ impl ClientCertVerifier for MemberClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        self.presented.record(end_entity);
-        self.inner.verify_client_cert(end_entity, intermediates, now)?;
-        check_member(end_entity, &self.members, &self.cluster)?;
+        check_peer(end_entity, &self.members, &self.cluster, &self.note, || {
+            self.inner
+                .verify_client_cert(end_entity, intermediates, now)
+                .map(|_| ())
+        })?;
         Ok(ClientCertVerified::assertion())
     }
 
@@ -212,7 +263,7 @@ struct MemberServerVerifier {
     inner: Arc<WebPkiServerVerifier>,
     members: MemberList,
     cluster: String,
-    presented: PresentedName,
+    note: HandshakeNote,
 }
 
 impl ServerCertVerifier for MemberServerVerifier {
@@ -224,13 +275,15 @@ impl ServerCertVerifier for MemberServerVerifier {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        self.presented.record(end_entity);
-        self.inner
-            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)?;
-        let name = check_member(end_entity, &self.members, &self.cluster)?;
+        let name = check_peer(end_entity, &self.members, &self.cluster, &self.note, || {
+            self.inner
+                .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+                .map(|_| ())
+        })?;
         let wanted = server_name.to_str();
         if !name.eq_ignore_ascii_case(&wanted) {
-            return Err(refuse(format!("dialed node {wanted} but the certificate is node {name}")));
+            let reason = format!("dialed node {wanted} but the certificate is node {name}");
+            return Err(self.note.refuse(reason.clone(), refuse(reason)));
         }
         Ok(ServerCertVerified::assertion())
     }
@@ -261,7 +314,7 @@ impl ServerCertVerifier for MemberServerVerifier {
 /// Everything needed to build TLS configurations for one node: its
 /// certificate and key, the cluster CA as the only root, the member list.
 /// Configurations are built per connection so that each handshake gets its
-/// own [`PresentedName`] slot.
+/// own [`HandshakeNote`].
 #[derive(Debug)]
 pub struct TlsSetup {
     node_name: String,
@@ -276,16 +329,22 @@ pub struct TlsSetup {
 impl TlsSetup {
     /// Checks that `identity` was issued by `ca` (so a misconfigured node
     /// fails at start, not at its first handshake) and prepares the roots.
-    pub fn new(identity: &NodeIdentity, ca: &CaCertificate, members: MemberList) -> Result<TlsSetup> {
+    pub fn new(
+        identity: &NodeIdentity,
+        ca: &CaCertificate,
+        members: MemberList,
+    ) -> Result<TlsSetup> {
         let node = identity.node_name.clone();
         let tls_err = |reason: String| Error::Tls {
             node: node.clone(),
             reason,
         };
         let mut roots = RootCertStore::empty();
-        roots
-            .add(ca.der().clone())
-            .map_err(|e| tls_err(format!("the cluster CA certificate is not a usable root: {e}")))?;
+        roots.add(ca.der().clone()).map_err(|e| {
+            tls_err(format!(
+                "the cluster CA certificate is not a usable root: {e}"
+            ))
+        })?;
         let setup = TlsSetup {
             node_name: node.clone(),
             cluster: ca.cluster_name().to_string(),
@@ -339,15 +398,16 @@ impl TlsSetup {
     }
 
     /// The rustls server configuration for one incoming connection.
-    pub fn server_config(&self, presented: PresentedName) -> Result<rustls::ServerConfig> {
-        let inner = WebPkiClientVerifier::builder_with_provider(self.roots.clone(), self.provider.clone())
-            .build()
-            .map_err(|e| self.tls_err(format!("client certificate verifier: {e}")))?;
+    pub fn server_config(&self, note: HandshakeNote) -> Result<rustls::ServerConfig> {
+        let inner =
+            WebPkiClientVerifier::builder_with_provider(self.roots.clone(), self.provider.clone())
+                .build()
+                .map_err(|e| self.tls_err(format!("client certificate verifier: {e}")))?;
         let verifier = Arc::new(MemberClientVerifier {
             inner,
             members: self.members.clone(),
             cluster: self.cluster.clone(),
-            presented,
+            note,
         });
         let mut config = rustls::ServerConfig::builder_with_provider(self.provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])
@@ -360,12 +420,12 @@ impl TlsSetup {
     }
 
     /// The rustls client configuration for one outgoing connection.
-    pub fn client_config(&self, presented: PresentedName) -> Result<rustls::ClientConfig> {
+    pub fn client_config(&self, note: HandshakeNote) -> Result<rustls::ClientConfig> {
         let verifier = Arc::new(MemberServerVerifier {
             inner: self.webpki_server_verifier()?,
             members: self.members.clone(),
             cluster: self.cluster.clone(),
-            presented,
+            note,
         });
         let mut config = rustls::ClientConfig::builder_with_provider(self.provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])

@@ -4,6 +4,7 @@
 use clap::Subcommand;
 
 pub mod mount;
+pub mod snapshot;
 pub mod volume;
 
 /// The benchmarks.
@@ -13,6 +14,8 @@ pub enum BenchCommand {
     Volume(volume::BenchVolumeArgs),
     /// Snapshot reads through the FUSE mount against bindfs over a plain copy, live writes.
     Mount(mount::Args),
+    /// Freeze window, I/O hold and phase times of cluster-wide snapshots.
+    Snapshot(snapshot::BenchSnapshotArgs),
 }
 
 /// Runs one benchmark.
@@ -20,5 +23,6 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
         BenchCommand::Volume(args) => volume::run(args),
         BenchCommand::Mount(args) => mount::run(&args),
+        BenchCommand::Snapshot(args) => snapshot::run(args),
     }
 }

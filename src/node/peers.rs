@@ -66,7 +66,9 @@ async fn dial_loop(ep: Arc<PeerEndpoint>, name: String, addr: std::net::SocketAd
             }
             Err(e) => {
                 if !logged {
-                    tracing::info!(peer = %name, %addr, "peer not reachable yet: {e}");
+                    // A refused handshake (foreign CA, wrong name) and a peer that is
+                    // simply down look alike from here; the error says which.
+                    tracing::warn!(peer = %name, %addr, "connection to peer refused or failed: {e}");
                     logged = true;
                 }
             }

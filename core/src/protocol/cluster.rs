@@ -681,10 +681,13 @@ impl ClusterService {
         if run.failed || now < run.deadline_ms {
             return;
         }
+        // Blame a node that never froze before one that froze and waits for
+        // post-snapshot: the first is why the snapshot could not be taken.
         let late = run
             .peers
             .iter()
-            .find(|(_, s)| s.active())
+            .find(|(_, s)| **s == PeerState::Notified)
+            .or_else(|| run.peers.iter().find(|(_, s)| s.active()))
             .map(|(n, s)| (n.clone(), *s));
         if let Some((node, state)) = late {
             let waited = if state == PeerState::Notified {
