@@ -237,10 +237,7 @@ pub fn compute_image_hash(snap: &Snapshot) -> Result<String> {
                 break;
             }
             Err(_) => {
-                outcome = Err(Error::VfsEngine {
-                    path: format!("snapshot {}", snap.id()),
-                    source: Box::new(Error::VfsWrongKind { path: format!("snapshot {}", snap.id()), what: "image reader thread died" }),
-                });
+                outcome = Err(Error::VfsWrongKind { path: format!("snapshot {}", snap.id()), what: "the image reader thread died" });
                 break;
             }
         }
@@ -268,7 +265,7 @@ fn read_full(snap: &Snapshot, buf: &mut [u8], offset: u64) -> Result<()> {
 }
 
 /// Computes snapshot `snap`'s image hash and records it in its manifest (creating a
-/// manifest from `info_fallback` if none was stored). Returns the hash.
+/// manifest with `fallback` if none was stored). Returns the hash.
 pub fn verify_and_record(state_dir: &Path, snap: &Snapshot, fallback: impl FnOnce() -> SnapshotManifest) -> Result<String> {
     let hash = compute_image_hash(snap)?;
     let mut m = load(state_dir, snap.id())?.unwrap_or_else(fallback);
@@ -290,6 +287,8 @@ mod tests {
             block_size: 65536,
             size: 1 << 20,
             nodes: serde_json::json!({"node-a": {"writers": {"db": "ok"}}}),
+            freeze_window_ms: Some(12),
+            io_hold_ms: Some(3),
             blake3: None,
         }
     }
@@ -319,5 +318,27 @@ mod tests {
         std::fs::rename(manifest_path(dir.path(), 9), manifest_path(dir.path(), 10)).expect("rename");
         let err = load(dir.path(), 10).expect_err("wrong id must fail").to_string();
         assert!(err.contains("names snapshot 9"), "{err}");
+    }
+
+    #[test]
+    fn image_hash_is_of_the_point_in_time_data_and_is_recorded() {
+        use crate::volume::{SnapshotOptions, Volume};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let size = 9 * 1024 * 1024 + 64 * 1024; // not a multiple of the hash chunk
+        let vol = Volume::create(&dir.path().join("v.img"), size, 65536, Some(&dir.path().join("state"))).expect("volume");
+        let before: Vec<u8> = (0..size as usize).map(|i| (i % 251) as u8).collect();
+        vol.write_at(&before, 0).expect("write");
+        let id = vol.reserve_snapshot_id().expect("reserve");
+        vol.create_snapshot(id, &SnapshotOptions { diff_limit: None }).expect("snapshot");
+        vol.write_at(&vec![0xEE; 5 * 1024 * 1024], 3 * 1024 * 1024).expect("overwrite");
+        let snap = vol.snapshot(id).expect("open snapshot");
+        let want = blake3::hash(&before).to_hex().to_string();
+        assert_eq!(compute_image_hash(&snap).expect("hash"), want);
+        let got = verify_and_record(vol.state_dir(), &snap, || {
+            SnapshotManifest::bare(id, 1, ManifestStatus::Open, 65536, size)
+        })
+        .expect("verify");
+        assert_eq!(got, want);
+        assert_eq!(load(vol.state_dir(), id).expect("load").expect("stored").blake3, Some(want));
     }
 }

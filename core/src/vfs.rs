@@ -176,17 +176,22 @@ pub enum ErrorClass {
     /// The data is gone or unreadable: report an I/O error, never zeros.
     Invalid,
     WrongKind,
+    /// A post-snapshot write the snapshot's diff area has no room for.
+    NoSpace,
     /// Anything else from the engine or the disks.
     Io,
 }
 
-/// Sorts an error for errno mapping.
+/// Sorts an error for errno mapping, looking through the path wrapper at the engine's
+/// own error (a snapshot deleted, sealed or invalidated underneath an open file).
 pub fn classify(e: &Error) -> ErrorClass {
     match e {
-        Error::VfsNotFound { .. } => ErrorClass::NotFound,
-        Error::VfsReadOnly { .. } => ErrorClass::ReadOnly,
-        Error::VfsSnapshotInvalid { .. } => ErrorClass::Invalid,
-        Error::VfsWrongKind { .. } => ErrorClass::WrongKind,
+        Error::VfsNotFound { .. } | Error::SnapshotNotFound { .. } => ErrorClass::NotFound,
+        Error::VfsReadOnly { .. } | Error::SnapshotSealed { .. } => ErrorClass::ReadOnly,
+        Error::VfsSnapshotInvalid { .. } | Error::SnapshotInvalid { .. } => ErrorClass::Invalid,
+        Error::VfsWrongKind { .. } | Error::OutOfRange { .. } => ErrorClass::WrongKind,
+        Error::DiffAreaFull { .. } => ErrorClass::NoSpace,
+        Error::VfsEngine { source, .. } => classify(source),
         _ => ErrorClass::Io,
     }
 }
@@ -548,4 +553,101 @@ fn read_all(buf: &mut [u8], offset: u64, size: u64, mut read: impl FnMut(&mut [u
         done += n;
     }
     Ok(done)
+}
+
+#[cfg(test)]
+mod tests {
+    //! The tree over a source without a live volume (what a replica directory will be),
+    //! through the [`VfsSource`] seam.
+    use super::*;
+
+    struct Replica {
+        snaps: Mutex<Vec<SnapshotInfo>>,
+    }
+
+    struct Image(Vec<u8>, SnapshotState);
+
+    impl SnapshotImage for Image {
+        fn size(&self) -> u64 {
+            self.0.len() as u64
+        }
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<usize> {
+            let start = (offset as usize).min(self.0.len());
+            let n = buf.len().min(self.0.len() - start);
+            buf[..n].copy_from_slice(&self.0[start..start + n]);
+            Ok(n)
+        }
+        fn write_at(&self, _buf: &[u8], _offset: u64) -> Result<()> {
+            Err(Error::VfsWrongKind { path: "replica".into(), what: "replicas are not written through the tree" })
+        }
+        fn state(&self) -> Result<SnapshotState> {
+            Ok(self.1.clone())
+        }
+    }
+
+    impl VfsSource for Replica {
+        fn describe(&self) -> String {
+            "replica".into()
+        }
+        fn block_size(&self) -> u32 {
+            4096
+        }
+        fn live(&self) -> Option<&dyn LiveImage> {
+            None
+        }
+        fn snapshots(&self) -> Result<Vec<SnapshotInfo>> {
+            Ok(lock(&self.snaps).clone())
+        }
+        fn open_snapshot(&self, id: SnapshotId) -> Result<Arc<dyn SnapshotImage>> {
+            let state = lock(&self.snaps).iter().find(|i| i.id == id).map(|i| i.state.clone()).ok_or(Error::VfsNotFound { path: id.to_string() })?;
+            Ok(Arc::new(Image(vec![id as u8; 10_000], state)))
+        }
+        fn manifest(&self, _id: SnapshotId) -> Result<Option<SnapshotManifest>> {
+            Ok(None)
+        }
+    }
+
+    fn info(id: SnapshotId, state: SnapshotState) -> SnapshotInfo {
+        SnapshotInfo { id, created_ms: 1_000 * id, state, diff_blocks: 0, diff_bytes: 0, diff_limit: None }
+    }
+
+    #[test]
+    fn a_replica_tree_has_no_live_volume_and_latest_is_the_newest_sealed_snapshot() {
+        let source = Arc::new(Replica {
+            snaps: Mutex::new(vec![info(3, SnapshotState::Sealed), info(5, SnapshotState::Sealed), info(6, SnapshotState::Open)]),
+        });
+        let vfs = Vfs::new(source.clone());
+        let names: Vec<String> = vfs.readdir(Node::Root).expect("root").into_iter().map(|(n, _)| n).collect();
+        assert_eq!(names, vec!["snapshots"]);
+        assert_eq!(classify(&vfs.lookup(Node::Root, "live").expect_err("no live")), ErrorClass::NotFound);
+        assert_eq!(vfs.readlink(Node::Latest).expect("latest"), "5");
+        assert_eq!(classify(&vfs.lookup(Node::SnapshotsDir, "005").expect_err("not canonical")), ErrorClass::NotFound);
+
+        let img = vfs.lookup(Node::SnapshotDir(5), "volume.img").expect("image");
+        assert!(img.stable && !img.writable && img.size == 10_000);
+        let open = vfs.lookup(Node::SnapshotDir(6), "volume.img").expect("open image");
+        assert!(!open.stable && open.writable && open.direct_io);
+        let h = vfs.open(Node::SnapshotImage(5), false).expect("open");
+        let mut buf = vec![0u8; 100];
+        assert_eq!(vfs.read(&h, &mut buf, 9_950).expect("read at the end"), 50);
+        assert_eq!(buf[..50], [5u8; 50]);
+        assert_eq!(classify(&vfs.open(Node::SnapshotImage(5), true).expect_err("sealed")), ErrorClass::ReadOnly);
+
+        let manifest = vfs.open(Node::Manifest(5), false).expect("manifest");
+        let mut text = vec![0u8; 4096];
+        let n = vfs.read(&manifest, &mut text, 0).expect("read manifest");
+        let m: SnapshotManifest = serde_json::from_slice(&text[..n]).expect("generated manifest parses");
+        assert_eq!((m.id, m.size, m.status), (5, 10_000, ManifestStatus::Sealed));
+
+        // Invalid and deleted snapshots, seen without waiting for the listing to expire
+        // on a lookup miss; an invalid one cannot be opened at all.
+        lock(&source.snaps)[1].state = SnapshotState::Invalid { reason: "diff area full".into() };
+        lock(&source.snaps).push(info(7, SnapshotState::Sealed));
+        assert!(vfs.lookup(Node::SnapshotsDir, "7").is_ok(), "a new snapshot is found on a lookup miss");
+        assert_eq!(classify(&vfs.open(Node::SnapshotImage(5), false).expect_err("invalid")), ErrorClass::Invalid);
+        lock(&source.snaps).retain(|i| i.id != 3);
+        std::thread::sleep(LISTING_TTL + Duration::from_millis(20));
+        assert_eq!(classify(&vfs.lookup(Node::SnapshotsDir, "3").expect_err("deleted")), ErrorClass::NotFound);
+        assert_eq!(vfs.readlink(Node::Latest).expect("latest"), "7");
+    }
 }

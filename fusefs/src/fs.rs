@@ -83,6 +83,11 @@ enum Op {
 
 fn errno_for(e: &freezeframe_core::Error, op: Op, ctx: &str) -> Errno {
     match (vfs::classify(e), op) {
+        // On an open file, "not found" means the snapshot was deleted underneath it.
+        (ErrorClass::NotFound, Op::Read | Op::Write) => {
+            tracing::warn!(%ctx, error = %e, "snapshot deleted under an open file");
+            Errno::EIO
+        }
         (ErrorClass::NotFound, _) => Errno::ENOENT,
         (ErrorClass::ReadOnly, _) => Errno::EROFS,
         (ErrorClass::Invalid, _) => {
@@ -94,6 +99,7 @@ fn errno_for(e: &freezeframe_core::Error, op: Op, ctx: &str) -> Errno {
         // A write past the end of a fixed-size image: what a block device says.
         (ErrorClass::WrongKind, Op::Write) => Errno::ENOSPC,
         (ErrorClass::WrongKind, Op::Other) => Errno::EINVAL,
+        (ErrorClass::NoSpace, _) => Errno::ENOSPC,
         (ErrorClass::Io, _) => {
             tracing::warn!(%ctx, error = %e, "I/O error on the freezeframe mount");
             Errno::EIO

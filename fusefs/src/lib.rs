@@ -104,8 +104,24 @@ pub fn mount(vfs: Arc<Vfs>, mountpoint: &Path, config: MountConfig) -> Result<Mo
     let session = fuser::Session::new(filesystem, &mountpoint, &fuse_config)
         .and_then(fuser::Session::spawn)
         .map_err(|e| Error::Mount { path: mountpoint.clone(), source: e })?;
+    tune_readahead(&mountpoint);
     tracing::info!(mountpoint = %mountpoint.display(), source = %vfs.source().describe(), "mounted freezeframe");
     Ok(MountHandle { session: Some(session), mountpoint, vfs })
+}
+
+/// Raises the mount's readahead window to [`fs::MAX_IO`]: the kernel starts a FUSE
+/// mount at 128 KiB, which caps sequential reads of a snapshot at 128 KiB requests.
+/// Best effort (needs root and sysfs); without it the mount is only slower.
+fn tune_readahead(mountpoint: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = std::fs::metadata(mountpoint) else { return };
+    let dev = meta.dev();
+    let (major, minor) = (libc::major(dev), libc::minor(dev));
+    let knob = format!("/sys/class/bdi/{major}:{minor}/read_ahead_kb");
+    match std::fs::write(&knob, format!("{}\n", fs::MAX_IO / 1024)) {
+        Ok(()) => tracing::debug!(%knob, kib = fs::MAX_IO / 1024, "readahead raised"),
+        Err(e) => tracing::debug!(%knob, error = %e, "readahead left at the kernel default"),
+    }
 }
 
 impl MountHandle {

@@ -11,15 +11,33 @@ use crate::{Error, Result};
 
 /// Clears a dead FUSE mount at `mountpoint`; returns whether there was one. A live mount
 /// or a plain directory is left alone.
+///
+/// The probe is statfs(2), which FUSE always forwards to the server: a plain stat may be
+/// answered from cached attributes for a while after the server died.
 pub fn clear_stale_mount(mountpoint: &Path) -> Result<bool> {
-    match std::fs::metadata(mountpoint) {
-        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
-            tracing::warn!(mountpoint = %mountpoint.display(), "clearing a dead FUSE mount left by a killed process");
-            lazy_unmount(mountpoint).map_err(|source| Error::Unmount { path: mountpoint.to_path_buf(), source })?;
-            Ok(true)
+    let dead = match mounted_fstype(mountpoint) {
+        Some(fstype) if fstype == "fuse" || fstype.starts_with("fuse.") => {
+            matches!(statfs_errno(mountpoint), Some(libc::ENOTCONN) | Some(libc::ECONNABORTED))
         }
-        _ => Ok(false),
+        // Not a FUSE mount point, but a stat through a dead mount above still says so.
+        _ => std::fs::metadata(mountpoint).is_err_and(|e| e.raw_os_error() == Some(libc::ENOTCONN)),
+    };
+    if !dead {
+        return Ok(false);
     }
+    tracing::warn!(mountpoint = %mountpoint.display(), "clearing a dead FUSE mount left by a killed process");
+    lazy_unmount(mountpoint).map_err(|source| Error::Unmount { path: mountpoint.to_path_buf(), source })?;
+    Ok(true)
+}
+
+/// The errno of statfs(2) on `path`, `None` if it succeeds.
+fn statfs_errno(path: &Path) -> Option<i32> {
+    let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).ok()?;
+    // SAFETY: c_path is NUL-terminated and outlives the call; buf is a plain C struct
+    // the call fills in.
+    let mut buf: libc::statfs = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::statfs(c_path.as_ptr(), &mut buf) };
+    (rc != 0).then(|| io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO))
 }
 
 /// Detaches the mount at `mountpoint` now (MNT_DETACH); the kernel finishes it once no

@@ -3,6 +3,7 @@
 
 use clap::Subcommand;
 
+pub mod mount;
 pub mod snapshot;
 pub mod volume;
 
@@ -11,6 +12,8 @@ pub mod volume;
 pub enum BenchCommand {
     /// Copy-on-write cost of the volume engine and snapshot create time.
     Volume(volume::BenchVolumeArgs),
+    /// Snapshot reads through the FUSE mount against bindfs over a plain copy, live writes.
+    Mount(mount::Args),
     /// Freeze window, I/O hold and phase times of cluster-wide snapshots.
     Snapshot(snapshot::BenchSnapshotArgs),
 }
@@ -19,6 +22,7 @@ pub enum BenchCommand {
 pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
         BenchCommand::Volume(args) => volume::run(args),
+        BenchCommand::Mount(args) => mount::run(&args),
         BenchCommand::Snapshot(args) => snapshot::run(args),
     }
 }
