@@ -43,8 +43,7 @@ fn worker_writes(seed: u64, k: u64) -> Vec<(u64, Vec<u8>)> {
     (0..WRITES_PER_PHASE)
         .map(|_| {
             let len = rng.gen_range(1..=(3 * BS as u64).min(end - start));
-            // Runs of sequential writes start the pre-copy worker, which then
-            // copies ahead into the neighbours' regions while they write.
+            // Runs of sequential writes, as well as random ones.
             let off = if rng.gen_bool(0.4) && prev_end + len <= end { prev_end } else { rng.gen_range(start..=end - len) };
             prev_end = off + len;
             let data: Vec<u8> = (0..len).map(|_| rng.gen()).collect();

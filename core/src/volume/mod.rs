@@ -33,12 +33,6 @@
 //! is the high-water mark and survives any crash. Space comes back by punching
 //! holes on delete; once no snapshot remains, `diff.dat` is truncated to zero.
 //!
-//! **Pre-copy**: a sequential writer hands the window ahead of it to a
-//! per-process worker thread, which copies the blocks live snapshots lack
-//! under the same gate and claims as a live write. The writer then finds its
-//! blocks already copied, and the diff-area I/O and its flushes overlap the
-//! writer's own writes instead of stalling each of them.
-//!
 //! **Snapshot create** is O(1): under the exclusive gate, flush the volume if
 //! the shared dirty mark says some process wrote since the last create, then
 //! one catalog change (its map was made empty at reserve time). The catalog
@@ -88,9 +82,6 @@ use catalog::{Catalog, SnapshotRecord};
 pub use locks::InFlightGuard;
 use locks::Locks;
 use map::{data_sum, Record, SnapMap, COPIED, INVALID, WRITTEN};
-
-/// How far ahead of a sequential writer the pre-copy worker copies.
-const COPY_AHEAD_BYTES: u64 = 32 << 20;
 
 /// Snapshot id: unique per volume, increasing, never reused.
 pub type SnapshotId = u64;
@@ -161,12 +152,8 @@ struct Inner {
     gen_path: PathBuf,
     locks: Locks,
     cache: Mutex<Cache>,
-    /// End of this process's last live write, to recognise a sequential writer.
-    last_end: AtomicU64,
     /// Generation at which this process last set the shared dirty mark.
     dirty_marked: AtomicU64,
-    /// Sender to the pre-copy worker, started on the first sequential write with snapshots.
-    precopy: Mutex<Option<std::sync::mpsc::Sender<(u64, u64)>>>,
     /// In-process flush-and-hold: live writes wait while `holds > 0`.
     hold: Mutex<HoldState>,
     hold_cv: Condvar,
@@ -304,8 +291,6 @@ impl Volume {
                 gen_path,
                 locks: Locks::new(&state_dir),
                 cache: Mutex::new(Cache { gen: cat.generation, catalog: cat, maps: HashMap::new() }),
-                last_end: AtomicU64::new(u64::MAX),
-                precopy: Mutex::new(None),
                 dirty_marked: AtomicU64::new(0),
                 hold: Mutex::new(HoldState::default()),
                 hold_cv: Condvar::new(),
@@ -337,42 +322,7 @@ impl Volume {
     /// Writes the live volume, copying every block first to the diff area of
     /// every live snapshot that lacks it (durably, before the overwrite).
     pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
-        if let Some(window) = self.inner.write_live(buf, offset)? {
-            self.precopy_hint(window);
-        }
-        Ok(())
-    }
-
-    /// Asks this process's pre-copy worker to copy a window ahead of a
-    /// sequential writer, so the writer finds its blocks already copied and
-    /// the copy's disk I/O overlaps the writer's own writes. The worker is an
-    /// optimisation only: it takes the same gate and claims as a live write,
-    /// and the writer still copies whatever the worker has not reached.
-    fn precopy_hint(&self, window: (u64, u64)) {
-        let mut tx = self.inner.precopy.lock().unwrap_or_else(|p| p.into_inner());
-        if tx.is_none() {
-            let (t, r) = std::sync::mpsc::channel::<(u64, u64)>();
-            let weak = Arc::downgrade(&self.inner);
-            let spawned = std::thread::Builder::new().name("ff-precopy".into()).spawn(move || {
-                // Ends when the Volume (and with it the sender) is dropped.
-                while let Ok(mut w) = r.recv() {
-                    while let Ok(newer) = r.try_recv() {
-                        w = newer;
-                    }
-                    let Some(inner) = weak.upgrade() else { break };
-                    if let Err(e) = inner.precopy(w.0, w.1) {
-                        tracing::warn!(volume = %inner.path.display(), "pre-copy of blocks {}..={} failed (writers copy themselves): {e}", w.0, w.1);
-                    }
-                }
-            });
-            match spawned {
-                Ok(_) => *tx = Some(t),
-                Err(e) => tracing::warn!("cannot start the pre-copy worker: {e}"),
-            }
-        }
-        if let Some(t) = tx.as_ref() {
-            let _ = t.send(window);
-        }
+        self.inner.write_live(buf, offset)
     }
 
     /// fdatasyncs the live volume.
@@ -425,8 +375,15 @@ impl Volume {
             if id >= c.next_id {
                 return Err(unusable("it was never reserved"));
             }
-            if id <= c.last_created {
+            if c.get(id).is_some() {
                 return Err(unusable("it is already used (ids are never reused)"));
+            }
+            // Reservations may be created out of order (two processes reserve,
+            // the later one creates first); a reserved id keeps its empty map
+            // until created, and delete removes the map, so an id below the
+            // newest created one without its map was deleted: never reuse it.
+            if id <= c.last_created && !path.exists() {
+                return Err(unusable("it was deleted (ids are never reused)"));
             }
             if !path.exists() {
                 // Reserved by a build that did not pre-create maps, or the file was lost.
@@ -434,7 +391,7 @@ impl Volume {
                 crate::format::sync_dir(&i.state_dir)?;
             }
             let rec = SnapshotRecord { id, created_ms: now_ms(), state: SnapshotState::Open, diff_limit: opts.diff_limit };
-            c.last_created = id;
+            c.last_created = c.last_created.max(id);
             c.snapshots.push(rec.clone());
             Ok(rec)
         })?;
@@ -690,11 +647,14 @@ impl Inner {
         ActiveWrite { inner: self }
     }
 
-    /// The live write; returns a window worth pre-copying for a sequential writer.
-    fn write_live(&self, buf: &[u8], offset: u64) -> Result<Option<(u64, u64)>> {
+    /// The live write: copy-before-overwrite of exactly the blocks it touches.
+    /// (Copying ahead of sequential writers was tried and dropped: it barely
+    /// helped first-write throughput here and made `changed_blocks` report
+    /// blocks nobody wrote, which incremental backups and replicas then read.)
+    fn write_live(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.check_range("write", buf.len(), offset)?;
         if buf.is_empty() {
-            return Ok(None);
+            return Ok(());
         }
         let _active = self.enter_live_write();
         let gate = self.locks.gate_shared()?;
@@ -703,11 +663,6 @@ impl Inner {
         let live: Vec<&SnapshotRecord> = cat.snapshots.iter().filter(|s| !matches!(s.state, SnapshotState::Invalid { .. })).collect();
         let first = offset / self.bs();
         let last = (offset + buf.len() as u64 - 1) / self.bs();
-        let end = offset + buf.len() as u64;
-        let sequential = self.last_end.swap(end, Ordering::Relaxed) == offset;
-        let nblocks = self.size / self.bs();
-        let hint = (sequential && last + 1 < nblocks && live.iter().any(|s| s.diff_limit.is_none()))
-            .then(|| (last + 1, (last + COPY_AHEAD_BYTES / self.bs()).min(nblocks - 1)));
         let claim = self.locks.claim(first, last - first + 1)?;
         let mut invalidated = Vec::new();
         if !live.is_empty() {
@@ -730,50 +685,6 @@ impl Inner {
             })?;
             self.install(cat);
         }
-        Ok(hint)
-    }
-
-    /// Copies the blocks of `first..=last` that some unlimited live snapshot
-    /// lacks: the pre-copy worker's job, a window ahead of a sequential writer.
-    /// Checks without locks first, so a window already copied costs no lock.
-    ///
-    /// The copies are originals (a block still lacking under its claim was
-    /// never overwritten since the snapshot), so snapshots stay exact; the cost
-    /// is diff-area space for blocks the writer may not reach, which
-    /// `changed_blocks` then reports (its rule is "may differ"). Snapshots with
-    /// a diff limit are left out, so their limit counts only real overwrites.
-    fn precopy(&self, first: u64, last: u64) -> Result<()> {
-        let lacking_range = |cat: &Catalog| -> Result<Option<(u64, u64)>> {
-            let mut range: Option<(u64, u64)> = None;
-            for s in cat.snapshots.iter().filter(|s| !matches!(s.state, SnapshotState::Invalid { .. }) && s.diff_limit.is_none()) {
-                let m = self.map(s.id)?;
-                let mut st = m.lock();
-                m.refresh(&mut st)?;
-                if st.invalid.is_some() {
-                    continue;
-                }
-                for b in (first..=last).filter(|b| !st.entries.contains_key(b)) {
-                    range = Some(match range {
-                        None => (b, b),
-                        Some((lo, hi)) => (lo.min(b), hi.max(b)),
-                    });
-                }
-            }
-            Ok(range)
-        };
-        if lacking_range(&self.sync()?)?.is_none() {
-            return Ok(());
-        }
-        let _gate = self.locks.gate_shared()?;
-        let cat = self.sync()?;
-        let Some((lo, hi)) = lacking_range(&cat)? else { return Ok(()) };
-        let _claim = self.locks.claim(lo, hi - lo + 1)?;
-        let mut maps = Vec::new();
-        for s in cat.snapshots.iter().filter(|s| !matches!(s.state, SnapshotState::Invalid { .. }) && s.diff_limit.is_none()) {
-            maps.push((s, self.map(s.id)?));
-        }
-        // No snapshot with a limit is in `maps`, so nothing can be invalidated here.
-        self.copy_before_overwrite(&maps, lo, hi)?;
         Ok(())
     }
 
