@@ -173,8 +173,13 @@ pub fn status(down: &[&str]) -> Status {
     Status { node: "n1".into(), cluster: "demo".into(), mounted: true, phase: "idle".into(), nodes, ..Status::default() }
 }
 
-/// A snapshot row as the node would list it.
+/// A snapshot row as the node would list it (initiated by n1, like the recording).
 pub fn row(id: u64, created_ms: u64, freeze_window_ms: u64) -> SnapshotRow {
+    SnapshotRow { initiator: "n1".into(), ..history_row(id, created_ms, freeze_window_ms) }
+}
+
+/// An earlier snapshot; the initiator rotates, as it does when operators use several nodes.
+fn history_row(id: u64, created_ms: u64, freeze_window_ms: u64) -> SnapshotRow {
     // Varying but repeatable sizes: a busy database changes more between snapshots.
     let blocks = 40 + (id * 37) % 90;
     SnapshotRow {
@@ -191,12 +196,13 @@ pub fn row(id: u64, created_ms: u64, freeze_window_ms: u64) -> SnapshotRow {
     }
 }
 
-/// `n` earlier snapshots, a minute apart, ending before `now_ms`.
-pub fn history(n: u64, now_ms: u64) -> Vec<SnapshotRow> {
+/// `n` earlier snapshots, a minute apart, ending before `now_ms`, with freeze
+/// windows around the recording's, stretched by `scale` like the replay.
+pub fn history(n: u64, now_ms: u64, scale: u64) -> Vec<SnapshotRow> {
     (1..=n)
         .map(|id| {
             let jitter = (id * 7919) % 260;
-            row(id, now_ms.saturating_sub((n + 1 - id) * 60_000), 520 + jitter)
+            history_row(id, now_ms.saturating_sub((n + 1 - id) * 60_000), (520 + jitter) * scale)
         })
         .collect()
 }
@@ -210,14 +216,15 @@ fn wall_ms() -> u64 {
 pub fn run(mut fake: FakeBackend, scale: u64, period: Duration) {
     let sink = fake.sink.clone();
     let start = wall_ms();
-    let mut rows = history(12, start);
+    let mut rows = history(12, start, scale);
     let mut next_id = rows.len() as u64 + 1;
     if !sink.send(Update::Link(Link::Connected)) {
         return;
     }
     sink.send(Update::Status(status(&[])));
     sink.send(Update::Snapshots(rows.clone()));
-    let mut next_snapshot = Instant::now() + Duration::from_millis(1500);
+    // The first one once the window is surely up.
+    let mut next_snapshot = Instant::now() + Duration::from_secs(4);
     loop {
         // Requests first; the UI's clicks must feel immediate.
         let mut take = false;

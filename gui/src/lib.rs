@@ -55,25 +55,33 @@ pub const DEMO_ENV: &str = "FREEZEFRAME_CONSOLE_DEMO";
 
 /// Opens the console window on `control_socket` (the node called `node`) and
 /// returns when the window is closed. `freezeframe_exe` runs verify and backup.
+/// With `FREEZEFRAME_CONSOLE_DEMO=1` in the environment it opens on the
+/// recorded demo cluster instead ([`run_demo`]).
 pub fn run(control_socket: PathBuf, node: String, freezeframe_exe: PathBuf) -> Result<()> {
-    let demo = std::env::var(DEMO_ENV).is_ok_and(|v| v == "1");
-    let backend = if demo {
-        let (handle, fake) = BackendHandle::fake();
-        std::thread::Builder::new()
-            .name("console-demo".into())
-            .spawn(move || demo::run(fake, 3, Duration::from_secs(6)))
-            .map_err(Error::Runtime)?;
-        handle
-    } else {
-        BackendHandle::spawn(BackendConfig {
-            control_socket,
-            node: node.clone(),
-            freezeframe_exe,
-            snapshot_timeout_ms: 60_000,
-        })?
-    };
-    let shown_node = if demo { "n1".to_string() } else { node };
-    let mut app = ConsoleApp::new(backend, shown_node);
+    if std::env::var(DEMO_ENV).is_ok_and(|v| v == "1") {
+        return run_demo();
+    }
+    let backend = BackendHandle::spawn(BackendConfig {
+        control_socket,
+        node: node.clone(),
+        freezeframe_exe,
+        snapshot_timeout_ms: 60_000,
+    })?;
+    open_window(ConsoleApp::new(backend, node))
+}
+
+/// Opens the console on the recorded 3-node demo cluster: a snapshot every
+/// few seconds (three times slower than recorded, so people can follow it).
+pub fn run_demo() -> Result<()> {
+    let (handle, fake) = BackendHandle::fake();
+    std::thread::Builder::new()
+        .name("console-demo".into())
+        .spawn(move || demo::run(fake, 3, Duration::from_secs(6)))
+        .map_err(Error::Runtime)?;
+    open_window(ConsoleApp::new(handle, "n1"))
+}
+
+fn open_window(mut app: ConsoleApp) -> Result<()> {
     if let Some(path) = Settings::default_path() {
         app = app.with_settings_file(path);
     }

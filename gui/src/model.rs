@@ -671,7 +671,7 @@ mod tests {
     #[test]
     fn freeze_history_keeps_the_last_snapshots_and_counts_a_fresh_report() {
         let mut m = connected_cluster();
-        m.apply(Update::Snapshots(demo::history(12, T0)));
+        m.apply(Update::Snapshots(demo::history(12, T0, 1)));
         m.apply(Update::Report(demo::complete_report(13, T0, 1)));
         let h = m.freeze_history(5);
         assert_eq!(h.iter().map(|(id, _)| *id).collect::<Vec<_>>(), [9, 10, 11, 12, 13]);

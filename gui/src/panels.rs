@@ -112,8 +112,8 @@ pub fn cluster(ui: &mut Ui, model: &Model) {
             phase_chip(ui, &n.phase);
             ui.end_row();
             for w in &n.writers {
-                ui.label(format!("    writer {}", w.name));
-                ui.label("writer");
+                ui.label(RichText::new(format!("      {}", w.name)));
+                ui.label(RichText::new("writer").weak());
                 phase_chip(ui, &w.state);
                 ui.end_row();
             }
@@ -216,7 +216,8 @@ fn draw_tracks(ui: &mut Ui, t: &Timeline) {
     let visuals = ui.visuals().clone();
     let span = (t.end_ms.saturating_sub(t.start_ms)).max(1) as f32;
     let plot_left = rect.left() + name_w;
-    let plot_w = (rect.right() - plot_left - 8.0).max(10.0);
+    // Room on the right for the end-state marker drawn after the last bar.
+    let plot_w = (rect.right() - plot_left - row_h * 0.6 - 8.0).max(10.0);
     let x_of = |ms: u64| plot_left + (ms.saturating_sub(t.start_ms)) as f32 / span * plot_w;
     let body = FontId::proportional(ui.text_style_height(&egui::TextStyle::Body) * 0.85);
     let small = egui::TextStyle::Small.resolve(ui.style());
@@ -224,8 +225,10 @@ fn draw_tracks(ui: &mut Ui, t: &Timeline) {
     // The freeze window behind every track.
     if let Some((a, b)) = t.freeze_window {
         let shade = Rect::from_x_y_ranges(x_of(a)..=x_of(b).max(x_of(a) + 1.0), rect.top()..=rect.bottom() - axis_h);
-        painter.rect_filled(shade, 0.0, visuals.selection.bg_fill.gamma_multiply(0.25));
-        painter.rect_stroke(shade, 0.0, Stroke::new(1.0, visuals.selection.bg_fill), egui::StrokeKind::Inside);
+        painter.rect_filled(shade, 0.0, visuals.text_color().gamma_multiply(0.10));
+        let edge = Stroke::new(2.0, visuals.text_color().gamma_multiply(0.8));
+        painter.line_segment([shade.left_top(), shade.left_bottom()], edge);
+        painter.line_segment([shade.right_top(), shade.right_bottom()], edge);
     }
 
     for (i, track) in t.tracks.iter().enumerate() {

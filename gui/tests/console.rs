@@ -18,7 +18,7 @@ fn console(history: u64, scale: f32) -> (Harness<'static, ConsoleApp>, FakeBacke
     let app = ConsoleApp::new(handle, "n1").with_clock(T0 + 60_000);
     fake.push(Update::Link(Link::Connected));
     fake.push(Update::Status(demo::status(&[])));
-    fake.push(Update::Snapshots(demo::history(history, T0)));
+    fake.push(Update::Snapshots(demo::history(history, T0, 1)));
     let mut harness = Harness::builder()
         .with_size([1280.0, 800.0])
         .with_pixels_per_point(scale)
@@ -51,7 +51,7 @@ fn take_snapshot_asks_the_node_and_every_node_reaches_done_on_the_timeline() {
         fake.push(Update::Event(ev));
     }
     fake.push(Update::Report(demo::complete_report(6, T0, 1)));
-    let mut rows = demo::history(5, T0);
+    let mut rows = demo::history(5, T0, 1);
     rows.push(demo::row(6, T0, demo::FREEZE_WINDOW_MS));
     fake.push(Update::Snapshots(rows));
     fake.push(Update::Status(demo::status(&[])));
