@@ -320,6 +320,107 @@ async fn connected_session(cfg: &BackendConfig, sink: &UpdateSink, refresh: &Arc
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+    /// A node's control socket in miniature: answers status, snapshot_list and
+    /// snapshot_create, and streams two events to each subscriber.
+    async fn fake_node(listener: tokio::net::UnixListener) {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { return };
+            tokio::spawn(async move {
+                let (r, mut w) = stream.into_split();
+                let mut lines = BufReader::new(r).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    let req: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+                    let answers: Vec<serde_json::Value> = match req["op"].as_str() {
+                        Some("status") => vec![json!({"node":"n1","cluster":"t","phase":"idle",
+                            "nodes":[{"node":"n1","connected":true,"phase":"idle","writers":[]},
+                                     {"node":"n2","connected":false,"phase":"idle","writers":[]}]})],
+                        Some("snapshot_list") => vec![json!([{"id":1,"created_ms":5,"initiator":"n1","status":"complete",
+                            "diff_bytes":0,"changed_blocks":0,"freeze_window_ms":9,"path":"/m/1"}])],
+                        Some("snapshot_create") => vec![json!({"id":2,"status":"complete","initiator":"n1",
+                            "requested_ms":1,"finished_ms":3,"freeze_window_ms":2,"nodes":[]})],
+                        Some("events") => vec![
+                            json!({"snapshot":2,"node":"n1","phase":"freezing","edge":"enter","at_ms":1}),
+                            json!({"snapshot":2,"node":"n1","phase":"freezing","edge":"exit","at_ms":2}),
+                        ],
+                        _ => vec![],
+                    };
+                    for a in answers {
+                        let line = format!("{}\n", json!({"ok": true, "result": a}));
+                        if w.write_all(line.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    }
+
+    /// Collects updates until `done` holds for everything seen so far.
+    fn wait_for(handle: &BackendHandle, what: &str, done: impl Fn(&[Update]) -> bool) -> Vec<Update> {
+        let mut seen = Vec::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::time::Instant::now() < deadline {
+            match handle.try_recv() {
+                Some(u) => {
+                    seen.push(u);
+                    if done(&seen) {
+                        return seen;
+                    }
+                }
+                None => std::thread::sleep(Duration::from_millis(10)),
+            }
+        }
+        panic!("no {what} within 10 s; saw {seen:?}");
+    }
+
+    #[test]
+    fn the_backend_follows_a_node_takes_a_snapshot_and_reconnects_after_the_node_restarts() {
+        let dir = std::env::temp_dir().join(format!("ff-gui-backend-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let sock = dir.join("control.sock");
+        // The node runs on its own runtime so that shutting it down closes every connection.
+        let serve = || {
+            let rt = tokio::runtime::Runtime::new().unwrap();
+            let listener = rt.block_on(async { tokio::net::UnixListener::bind(&sock) }).unwrap();
+            rt.spawn(fake_node(listener));
+            rt
+        };
+        let node = serve();
+        let cfg = BackendConfig {
+            control_socket: sock.clone(),
+            node: "n1".into(),
+            freezeframe_exe: PathBuf::from("/bin/false"),
+            snapshot_timeout_ms: 1000,
+        };
+        let handle = BackendHandle::spawn(cfg).unwrap();
+        wait_for(&handle, "connection, status, list and events", |seen| {
+            seen.contains(&Update::Link(Link::Connected))
+                && seen.iter().any(|u| matches!(u, Update::Status(s) if s.nodes.len() == 2))
+                && seen.iter().any(|u| matches!(u, Update::Snapshots(r) if r[0].path.as_deref() == Some("/m/1")))
+                && seen.iter().any(|u| matches!(u, Update::Event(e) if e.edge == wire::Edge::Exit))
+        });
+
+        handle.send(Request::TakeSnapshot);
+        wait_for(&handle, "report", |seen| {
+            seen.iter().any(|u| matches!(u, Update::Report(r) if r.id == 2 && r.freeze_window_ms == Some(2)))
+        });
+
+        // The node goes away: the console says so, keeps trying, and comes back by itself.
+        node.shutdown_background();
+        std::fs::remove_file(&sock).unwrap();
+        let seen = wait_for(&handle, "unreachable", |seen| {
+            seen.iter().any(|u| matches!(u, Update::Link(Link::Unreachable { .. })))
+        });
+        assert!(seen.iter().any(|u| matches!(u, Update::Link(Link::Unreachable { reason }) if !reason.is_empty())));
+        let node = serve();
+        wait_for(&handle, "reconnect", |seen| seen.contains(&Update::Link(Link::Connected)));
+        node.shutdown_background();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn an_absent_node_is_reported_unreachable_with_the_reason_and_retried() {
