@@ -25,6 +25,9 @@
 //! inside an `egui_kittest::Harness`. Against a real node, use
 //! `BackendHandle::spawn(BackendConfig { control_socket, .. })` instead.
 
+// Tests may unwrap: a panic there is a failed test with its message.
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
 pub mod app;
 pub mod backend;
 pub mod client;

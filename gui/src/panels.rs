@@ -56,7 +56,11 @@ pub fn toolbar(ui: &mut Ui, model: &Model) -> Vec<Command> {
         ui.with_layout(egui::Layout::right_to_left(egui::Align::Center), |ui| {
             let can = model.link == Link::Connected && !model.creating;
             let resp = ui
-                .add_enabled(can, egui::Button::new(RichText::new("Take snapshot").strong()))
+                .add_enabled(
+                    can,
+                    egui::Button::new(RichText::new("Take snapshot").strong().color(Color32::WHITE))
+                        .fill(PhaseKind::Frozen.color()),
+                )
                 .on_hover_text("Take a cluster-wide application-consistent snapshot with this node as initiator")
                 .on_disabled_hover_text(if model.creating {
                     "A snapshot is being taken"

@@ -29,8 +29,10 @@ fn console(history: u64, scale: f32) -> (Harness<'static, ConsoleApp>, FakeBacke
 
 /// Lets a few frames pass (spinners and progress bars animate forever, so
 /// `Harness::run` would never settle while a snapshot or job runs).
+/// Each time, egui_kittest also checks that every input widget has an accessible name.
 fn settle(h: &mut Harness<'_, ConsoleApp>) {
     h.run_steps(4);
+    h.check_accessibility();
 }
 
 /// Whether the widget labelled `label` is greyed out.
