@@ -113,6 +113,25 @@ impl ConsoleApp {
         n
     }
 
+    /// Polls the backend until `done(&model)` holds or `timeout` passes;
+    /// `true` when it held. For tests and scripts against a real node (the
+    /// window itself never waits): updates arrive from the backend thread
+    /// whenever the node answers, so a test waits for the state it expects
+    /// before drawing and querying a frame.
+    pub fn wait_for(&mut self, timeout: Duration, done: impl Fn(&Model) -> bool) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            self.poll();
+            if done(&self.model) {
+                return true;
+            }
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// The one place commands take effect.
     pub fn apply(&mut self, ctx: &egui::Context, cmd: Command) {
         match cmd {

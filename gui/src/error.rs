@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// node {node} unreachable at {path}: {source}
+    /// The control socket cannot be reached (the node is down or the path is wrong).
     #[error("cannot connect to {path}: {source}")]
     Connect { path: PathBuf, source: std::io::Error },
     /// The connection broke while talking to the node.

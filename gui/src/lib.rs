@@ -23,7 +23,22 @@
 //! [`model::Update`]s into the fake end and reads the [`Request`]s the UI made,
 //! and `app.show(ui)` (which calls `app.poll()`) draws one frame, for example
 //! inside an `egui_kittest::Harness`. Against a real node, use
-//! `BackendHandle::spawn(BackendConfig { control_socket, .. })` instead.
+//! `BackendHandle::spawn(BackendConfig { control_socket, .. })` instead and
+//! let the state arrive before querying a frame:
+//!
+//! ```text
+//! let handle = BackendHandle::spawn(BackendConfig { control_socket, node: "n1".into(),
+//!     freezeframe_exe, snapshot_timeout_ms: 30_000 })?;
+//! let mut h = Harness::builder().with_size([1280.0, 800.0])
+//!     .build_ui_state(|ui, app: &mut ConsoleApp| app.show(ui), ConsoleApp::new(handle, "n1"));
+//! h.state_mut().wait_for(Duration::from_secs(10), |m| m.nodes.len() == 3);
+//! h.run_steps(4);
+//! h.get_by_label("Take snapshot").click();
+//! h.run_steps(4);
+//! h.state_mut().wait_for(Duration::from_secs(30), |m| !m.creating);
+//! h.run_steps(4);
+//! h.get_by_label("n1: done"); // and n2, n3; a failure: get_by_label_contains("failed on node n3")
+//! ```
 
 // Tests may unwrap: a panic there is a failed test with its message.
 #![cfg_attr(test, allow(clippy::unwrap_used))]

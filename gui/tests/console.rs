@@ -71,6 +71,25 @@ fn take_snapshot_asks_the_node_and_every_node_reaches_done_on_the_timeline() {
 }
 
 #[test]
+fn wait_for_returns_once_updates_from_another_thread_arrive() {
+    let (mut h, fake) = console(1, 1.0);
+    let pusher = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        for ev in demo::complete_events(2, T0, 1) {
+            fake.push(Update::Event(ev));
+        }
+        fake
+    });
+    let all_done = |m: &freezeframe_gui::model::Model| {
+        m.timeline(T0).is_some_and(|t| t.tracks.len() == 3 && !t.running)
+    };
+    assert!(h.state_mut().wait_for(std::time::Duration::from_secs(5), all_done));
+    let _fake = pusher.join().unwrap();
+    settle(&mut h);
+    h.get_by_label("n2: done");
+}
+
+#[test]
 fn a_killed_node_shows_as_the_failure_with_its_name() {
     let (mut h, mut fake) = console(3, 1.0);
     h.get_by_label("Take snapshot").click();
