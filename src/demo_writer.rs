@@ -44,15 +44,39 @@ pub struct RegionCheck {
     pub records: u64,
     /// Why the region is not a clean prefix, if it is not.
     pub problem: Option<String>,
+    /// The snapshot whose post-snapshot processing marked the region's last record.
+    pub post_mark: Option<u64>,
 }
 
-/// Reads a writer's region and checks it holds a clean prefix of its records.
+/// Reads a writer's region and checks it holds a clean prefix of its records
+/// (and, in its last record, nothing or a valid post-snapshot mark).
 pub fn check_region(image: &Path, offset: u64, len: u64, writer: &str) -> Result<RegionCheck> {
     let f = std::fs::File::open(image).with_context(|| format!("opening {}", image.display()))?;
     let mut buf = vec![0u8; len as usize];
     f.read_exact_at(&mut buf, offset).with_context(|| format!("reading {} at {offset}", image.display()))?;
+    let (body, last) = buf.split_at(buf.len().saturating_sub(RECORD));
+    let post_mark = if last.iter().all(|&b| b == 0) {
+        None
+    } else {
+        let text = String::from_utf8_lossy(last);
+        let parsed = text
+            .strip_prefix("POSTSNAP ")
+            .and_then(|rest| rest.split_whitespace().nth(1))
+            .and_then(|n| n.parse::<u64>().ok())
+            .filter(|&id| last == post_mark(writer, id));
+        match parsed {
+            Some(id) => Some(id),
+            None => {
+                return Ok(RegionCheck {
+                    records: 0,
+                    problem: Some(format!("the last record of {writer}'s region is neither empty nor a post-snapshot mark")),
+                    post_mark: None,
+                })
+            }
+        }
+    };
     let mut n = 0u64;
-    for chunk in buf.chunks(RECORD) {
+    for chunk in body.chunks(RECORD) {
         if chunk.iter().all(|&b| b == 0) {
             break;
         }
@@ -60,19 +84,21 @@ pub fn check_region(image: &Path, offset: u64, len: u64, writer: &str) -> Result
             return Ok(RegionCheck {
                 records: n,
                 problem: Some(format!("record {n} of {writer} is torn or out of order")),
+                post_mark,
             });
         }
         n += 1;
     }
     // Everything after the prefix must be untouched (zero).
-    let rest = &buf[(n as usize * RECORD).min(buf.len())..];
+    let rest = &body[(n as usize * RECORD).min(body.len())..];
     if let Some(p) = rest.iter().position(|&b| b != 0) {
         return Ok(RegionCheck {
             records: n,
             problem: Some(format!("bytes after record {n} are not empty (offset {})", n as usize * RECORD + p)),
+            post_mark,
         });
     }
-    Ok(RegionCheck { records: n, problem: None })
+    Ok(RegionCheck { records: n, problem: None, post_mark })
 }
 
 /// The freeze counts a writer recorded, by snapshot id (`<log>` is JSON lines).
@@ -103,6 +129,19 @@ pub struct Options {
     /// Test knobs: veto every freeze, or never answer one.
     pub veto: bool,
     pub silent: bool,
+    pub freeze_timeout_ms: u64,
+    /// On post_snapshot, write [`post_mark`] into the last record of its region
+    /// of the virtual snapshot (at the path the node sends), then ack.
+    pub post_mark: bool,
+}
+
+/// What `--post-mark` writes into a snapshot during post-snapshot processing.
+pub fn post_mark(writer: &str, snapshot: u64) -> [u8; RECORD] {
+    let s = format!("POSTSNAP {writer:<16.16} {snapshot:010}");
+    let mut r = [b' '; RECORD];
+    r[..s.len()].copy_from_slice(s.as_bytes());
+    r[RECORD - 1] = b'\n';
+    r
 }
 
 struct State {
@@ -118,7 +157,8 @@ pub fn run(opts: Options) -> Result<()> {
         .write(true)
         .open(&opts.volume)
         .with_context(|| format!("opening the live volume {}", opts.volume.display()))?;
-    let capacity = opts.len / RECORD as u64;
+    // The last record of the region is kept for the post-snapshot mark.
+    let capacity = opts.len / RECORD as u64 - 1;
     let state = Arc::new((Mutex::new(State { taken: 0, written: 0, frozen: false }), Condvar::new()));
     let file = Arc::new(file);
 
@@ -176,7 +216,7 @@ pub fn run(opts: Options) -> Result<()> {
         out.write_all(&l)?;
         Ok(())
     };
-    send(&mut out, serde_json::json!({"op":"register","name":opts.name,"freeze_timeout_ms":5000}))?;
+    send(&mut out, serde_json::json!({"op":"register","name":opts.name,"freeze_timeout_ms":opts.freeze_timeout_ms}))?;
     let mut log = std::fs::OpenOptions::new().create(true).append(true).open(&opts.log)?;
     for line in BufReader::new(stream).lines() {
         let line = line?;
@@ -206,7 +246,17 @@ pub fn run(opts: Options) -> Result<()> {
                 st.frozen = false;
                 cv.notify_all();
             }
-            ("post_snapshot", Some(_)) => {}
+            ("post_snapshot", Some(s)) => {
+                if opts.post_mark {
+                    let path = ev["path"].as_str().unwrap_or_default();
+                    let f = std::fs::OpenOptions::new()
+                        .write(true)
+                        .open(path)
+                        .with_context(|| format!("opening the virtual snapshot {path}"))?;
+                    f.write_all_at(&post_mark(&opts.name, s), opts.offset + opts.len - RECORD as u64)?;
+                    f.sync_data()?;
+                }
+            }
             _ => bail!("unexpected event from node: {line}"),
         }
         if let Some(s) = snap {
@@ -230,13 +280,28 @@ mod tests {
         }
         std::fs::write(&img, &data).unwrap();
         let c = check_region(&img, 0, data.len() as u64, "w1").unwrap();
-        assert_eq!(c, RegionCheck { records: 10, problem: None });
+        assert_eq!(c, RegionCheck { records: 10, problem: None, post_mark: None });
 
         data[5 * 64 + 20] ^= 1;
         std::fs::write(&img, &data).unwrap();
         let c = check_region(&img, 0, data.len() as u64, "w1").unwrap();
         assert_eq!(c.records, 5);
         assert!(c.problem.unwrap().contains("record 5"));
+    }
+
+    #[test]
+    fn a_post_snapshot_mark_in_the_last_record_is_recognised() {
+        let d = tempfile::tempdir().unwrap();
+        let img = d.path().join("img");
+        let mut data = vec![0u8; 64 * 10];
+        data[..64].copy_from_slice(&record("w", 0));
+        data[9 * 64..].copy_from_slice(&post_mark("w", 12));
+        std::fs::write(&img, &data).unwrap();
+        let c = check_region(&img, 0, data.len() as u64, "w").unwrap();
+        assert_eq!(c, RegionCheck { records: 1, problem: None, post_mark: Some(12) });
+        data[9 * 64..].copy_from_slice(&post_mark("other", 12));
+        std::fs::write(&img, &data).unwrap();
+        assert!(check_region(&img, 0, data.len() as u64, "w").unwrap().problem.is_some());
     }
 
     #[test]

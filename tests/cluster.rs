@@ -104,14 +104,15 @@ fn a_writer_that_never_answers_times_out_and_aborts() {
         return;
     }
     let mut c = Cluster::start(ClusterOptions::default());
-    c.start_writer(2, "silent-n3", 0, &["--silent"]);
+    c.start_writer(2, "silent-n3", 0, &["--silent", "--freeze-timeout", "1500ms"]);
     c.start_writer(0, "good-n1", STRIDE, &[]);
     let before = c.list(0).len();
     let t = Instant::now();
-    // demo writers ask for a 5 s freeze timeout; the lease (4 s) is what bounds n3.
     let (ok, report) = c.create(0, &[]);
     assert!(!ok);
     assert_eq!(report["error"]["node"], "n3", "{report}");
+    assert_eq!(report["error"]["writer"], "silent-n3", "{report}");
+    assert!(t.elapsed() < Duration::from_secs(3), "the writer's own 1.5 s timeout fires, not the lease");
     assert_failed_cleanly(&c, &[0, 1, 2], before, &report, t, Duration::from_secs(4));
 }
 
@@ -220,12 +221,17 @@ fn a_node_with_a_certificate_from_another_ca_cannot_join() {
     for f in ["node.pem", "node.key"] {
         std::fs::copy(other.join("nodes/n2").join(f), real.join(f)).expect("copy impostor identity");
     }
+    // The impostor trusts its own CA, as a real one would.
+    let toml = std::fs::read_to_string(real.join("node.toml")).expect("toml");
+    let toml = toml.replace("ca_cert = \"../../ca.pem\"", &format!("ca_cert = {:?}", other.join("ca.pem")));
+    std::fs::write(real.join("node.toml"), toml).expect("write toml");
     c.start_node(1);
     std::thread::sleep(Duration::from_secs(3));
     let v = ff_json(&["status", "--json", "--config", c.nodes[0].cfg()]);
     let n2 = v["peers"].as_array().expect("peers").iter().find(|p| p["node"] == "n2").cloned().expect("n2 listed");
     assert_eq!(n2["connected"], false, "impostor connected: {v}");
-    assert!(c.nodes[0].log().contains("refused") || c.nodes[1].log().contains("refused"), "refusal is logged");
+    let refused = |i: usize| c.nodes[i].log().lines().any(|l| l.contains("refused") && (l.contains("n2") || l.contains("certificate")));
+    assert!(refused(0) && refused(2), "n1 and n3 log the refusal of the impostor");
     // The rest of the cluster still works.
     c.kill(1);
     let (_ok, report) = c.create(0, &["--timeout", "3s"]);

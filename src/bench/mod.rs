@@ -1,0 +1,24 @@
+//! `freezeframe bench …`: benchmarks as commands that print JSON with the
+//! ratio to a peer measured in the same run (never timed assertions in tests).
+
+use clap::Subcommand;
+
+pub mod snapshot;
+pub mod volume;
+
+/// The benchmarks.
+#[derive(Subcommand, Debug)]
+pub enum BenchCommand {
+    /// Copy-on-write cost of the volume engine and snapshot create time.
+    Volume(volume::BenchVolumeArgs),
+    /// Freeze window, I/O hold and phase times of cluster-wide snapshots.
+    Snapshot(snapshot::BenchSnapshotArgs),
+}
+
+/// Runs one benchmark.
+pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
+    match cmd {
+        BenchCommand::Volume(args) => volume::run(args),
+        BenchCommand::Snapshot(args) => snapshot::run(args),
+    }
+}
