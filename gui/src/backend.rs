@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, Notify};
 
-use crate::client::{self, Client};
+use freezeframe_netproto::control::{ControlClient, ControlRequest};
 use crate::jobs;
 use crate::model::{JobKind, Link, Update};
 use crate::wire::{self, PhaseEvent, Report, SnapshotRow, Status};
@@ -169,7 +169,7 @@ async fn run(cfg: BackendConfig, mut fake: FakeBackend) {
                 let (cfg, sink, refresh) = (cfg.clone(), sink.clone(), refresh.clone());
                 tokio::spawn(async move {
                     let timeout_ms = cfg.snapshot_timeout_ms;
-                    let r = one_call(&cfg, client::Request::SnapshotCreate { timeout_ms }).await;
+                    let r = one_call(&cfg, ControlRequest::SnapshotCreate { timeout_ms: Some(timeout_ms) }).await;
                     sink.send(match r.and_then(|v| wire::decode::<Report>("snapshot_create", v)) {
                         Ok(report) => Update::Report(report),
                         Err(e) => Update::SnapshotFailed(e.to_string()),
@@ -180,7 +180,7 @@ async fn run(cfg: BackendConfig, mut fake: FakeBackend) {
             Request::Delete(id) => {
                 let (cfg, sink, refresh) = (cfg.clone(), sink.clone(), refresh.clone());
                 tokio::spawn(async move {
-                    sink.send(match one_call(&cfg, client::Request::SnapshotDelete { id }).await {
+                    sink.send(match one_call(&cfg, ControlRequest::SnapshotDelete { id }).await {
                         Ok(_) => Update::Deleted(id),
                         Err(e) => Update::ActionFailed(format!("Could not delete snapshot {id}: {e}")),
                     });
@@ -229,8 +229,8 @@ fn start_job(
 }
 
 /// One request on a fresh connection (snapshot and delete run beside the refresh loop).
-async fn one_call(cfg: &BackendConfig, req: client::Request) -> Result<serde_json::Value> {
-    Client::connect(&cfg.control_socket).await?.call(req).await
+async fn one_call(cfg: &BackendConfig, req: ControlRequest) -> Result<serde_json::Value> {
+    Ok(ControlClient::connect(&cfg.control_socket).await?.call(&req).await?)
 }
 
 /// `xdg-open PATH`; `false` when there is no `xdg-open` or it failed.
@@ -265,8 +265,8 @@ async fn connection_loop(cfg: BackendConfig, sink: UpdateSink, refresh: Arc<Noti
 
 /// One connected session; returns the error that ended it, or `Ok` when the UI has gone.
 async fn connected_session(cfg: &BackendConfig, sink: &UpdateSink, refresh: &Arc<Notify>) -> Result<()> {
-    let mut calls = Client::connect(&cfg.control_socket).await?;
-    let mut events = Client::connect(&cfg.control_socket).await?;
+    let mut calls = ControlClient::connect(&cfg.control_socket).await?;
+    let mut events = ControlClient::connect(&cfg.control_socket).await?;
     events.subscribe().await?;
     if !sink.send(Update::Link(Link::Connected)) {
         return Ok(());
@@ -286,8 +286,8 @@ async fn connected_session(cfg: &BackendConfig, sink: &UpdateSink, refresh: &Arc
                         // One bad event should not cost the whole stream.
                         Err(e) => tracing::warn!("skipping an event: {e}"),
                     },
-                    Ok(None) => break Error::Closed { path, doing: "streaming events" },
-                    Err(e) => break e,
+                    Ok(None) => break Error::Control(freezeframe_netproto::Error::NodeClosed { path }),
+                    Err(e) => break Error::Control(e),
                 }
             };
             let _ = ended_tx.send(err);
@@ -295,8 +295,8 @@ async fn connected_session(cfg: &BackendConfig, sink: &UpdateSink, refresh: &Arc
     };
     let result: Result<()> = async {
         loop {
-            let status: Status = wire::decode("status", calls.call(client::Request::Status).await?)?;
-            let rows: Vec<SnapshotRow> = wire::decode("snapshot_list", calls.call(client::Request::SnapshotList).await?)?;
+            let status: Status = wire::decode("status", calls.call(&ControlRequest::Status).await?)?;
+            let rows: Vec<SnapshotRow> = wire::decode("snapshot_list", calls.call(&ControlRequest::SnapshotList).await?)?;
             if !sink.send(Update::Status(status)) || !sink.send(Update::Snapshots(rows)) {
                 return Ok(());
             }
@@ -307,7 +307,8 @@ async fn connected_session(cfg: &BackendConfig, sink: &UpdateSink, refresh: &Arc
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
                 err = &mut ended_rx => {
-                    return Err(err.unwrap_or(Error::Closed { path: cfg.control_socket.clone(), doing: "streaming events" }));
+                    let closed = freezeframe_netproto::Error::NodeClosed { path: cfg.control_socket.clone() };
+                    return Err(err.unwrap_or(Error::Control(closed)));
                 }
             }
         }

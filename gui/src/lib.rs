@@ -12,7 +12,6 @@
 //! - [`panels`]: drawing functions that return [`panels::Command`]s.
 //! - [`app`]: [`ConsoleApp`]; the one place commands are applied.
 //! - [`backend`]: the I/O thread (control socket, events, child processes).
-//! - [`client`]: the control-socket client the backend uses.
 //! - [`jobs`]: verify and backup as child processes with progress and cancel.
 //! - [`demo`]: a recorded 3-node snapshot and a backend that replays it.
 //! - [`format`]: sizes, durations and UTC times for people.
@@ -45,7 +44,6 @@
 
 pub mod app;
 pub mod backend;
-pub mod client;
 pub mod demo;
 mod error;
 pub mod format;
