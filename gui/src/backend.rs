@@ -295,10 +295,14 @@ async fn connected_session(cfg: &BackendConfig, sink: &UpdateSink, refresh: &Arc
     };
     let result: Result<()> = async {
         loop {
-            let status: Status = wire::decode("status", calls.call(&ControlRequest::Status).await?)?;
-            let rows: Vec<SnapshotRow> = wire::decode("snapshot_list", calls.call(&ControlRequest::SnapshotList).await?)?;
-            if !sink.send(Update::Status(status)) || !sink.send(Update::Snapshots(rows)) {
-                return Ok(());
+            // An answer the console cannot read is not a lost node: say so and keep following.
+            let status = wire::decode::<Status>("status", calls.call(&ControlRequest::Status).await?);
+            let rows = wire::decode::<Vec<SnapshotRow>>("snapshot_list", calls.call(&ControlRequest::SnapshotList).await?);
+            for u in [status.map(Update::Status), rows.map(Update::Snapshots)] {
+                let u = u.unwrap_or_else(|e| Update::ActionFailed(e.to_string()));
+                if !sink.send(u) {
+                    return Ok(());
+                }
             }
             tokio::select! {
                 _ = tokio::time::sleep(TICK) => {}

@@ -333,6 +333,8 @@ pub fn freeze_plot(ui: &mut Ui, model: &Model) {
         .allow_zoom(false)
         .allow_scroll(false)
         .x_axis_label("snapshot")
+        // Snapshot ids are whole numbers; no ticks between them.
+        .x_axis_formatter(|mark, _| if mark.value.fract() == 0.0 { format!("{}", mark.value) } else { String::new() })
         .y_axis_label("ms")
         .include_y(0.0)
         .show(ui, |p| p.bar_chart(chart));

@@ -14,20 +14,20 @@ use serde::Deserialize;
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 pub struct Status {
     pub node: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub cluster: String,
     #[serde(default)]
     pub mount: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub mounted: bool,
-    #[serde(default = "idle")]
+    #[serde(default = "idle", deserialize_with = "null_as_idle")]
     pub phase: String,
     #[serde(default)]
     pub in_flight: Option<u64>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub writers: Vec<WriterStatus>,
     /// The whole cluster as this node hears it (itself included).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub nodes: Vec<NodeStatus>,
 }
 
@@ -35,17 +35,27 @@ fn idle() -> String {
     "idle".into()
 }
 
+/// `null` reads as the default: a node leaves a field `null` while it does
+/// not know it yet (the initiator of a snapshot still being written, say).
+fn null_as_default<'de, D: serde::Deserializer<'de>, T: Default + Deserialize<'de>>(d: D) -> Result<T, D::Error> {
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
+}
+
+fn null_as_idle<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    Ok(Option::<String>::deserialize(d)?.unwrap_or_else(idle))
+}
+
 /// One node in `status.nodes`.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 pub struct NodeStatus {
     pub node: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub connected: bool,
-    #[serde(default = "idle")]
+    #[serde(default = "idle", deserialize_with = "null_as_idle")]
     pub phase: String,
     #[serde(default)]
     pub snapshot: Option<u64>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub writers: Vec<WriterStatus>,
 }
 
@@ -53,7 +63,7 @@ pub struct NodeStatus {
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 pub struct WriterStatus {
     pub name: String,
-    #[serde(default = "idle")]
+    #[serde(default = "idle", deserialize_with = "null_as_idle")]
     pub state: String,
 }
 
@@ -108,7 +118,7 @@ pub struct PhaseSpan {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct NodeReport {
     pub node: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub phases: Vec<PhaseSpan>,
 }
 
@@ -119,17 +129,17 @@ pub struct Report {
     pub status: String,
     #[serde(default)]
     pub error: Option<Failure>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub initiator: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub requested_ms: u64,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub finished_ms: u64,
     #[serde(default)]
     pub freeze_window_ms: Option<u64>,
     #[serde(default)]
     pub io_hold_ms: Option<u64>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub nodes: Vec<NodeReport>,
 }
 
@@ -137,15 +147,15 @@ pub struct Report {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct SnapshotRow {
     pub id: u64,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub created_ms: u64,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub initiator: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub status: String,
     #[serde(default)]
     pub reason: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub diff_bytes: u64,
     #[serde(default)]
     pub changed_blocks: Option<u64>,
@@ -204,6 +214,15 @@ mod tests {
         )
         .unwrap();
         assert_eq!(st.nodes[0].writers[0].state, "frozen");
+    }
+
+    #[test]
+    fn a_row_still_being_written_has_nulls_and_still_decodes() {
+        let row: SnapshotRow = serde_json::from_str(
+            r#"{"id":5,"created_ms":1,"initiator":null,"status":"open","diff_bytes":null,"changed_blocks":null,"path":null}"#,
+        )
+        .unwrap();
+        assert_eq!((row.initiator.as_str(), row.diff_bytes, row.path), ("", 0, None));
     }
 
     #[test]
