@@ -189,7 +189,7 @@ fn track_height(ui: &Ui) -> f32 {
 pub fn timeline(ui: &mut Ui, model: &Model, now_ms: u64) {
     let Some(t) = model.timeline(now_ms) else {
         ui.heading("Timeline");
-        ui.label("No snapshot yet. Take one to see every node's phases here.");
+        ui.label("No snapshot since the console opened. Take one (or wait for one) to see every node's phases here.");
         return;
     };
     ui.horizontal(|ui| {
@@ -336,6 +336,9 @@ pub fn freeze_plot(ui: &mut Ui, model: &Model) {
         // Snapshot ids are whole numbers; no ticks between them.
         .x_axis_formatter(|mark, _| if mark.value.fract() == 0.0 { format!("{}", mark.value) } else { String::new() })
         .y_axis_label("ms")
+        // Wide enough for "2000": a narrow axis drops its labels.
+        .y_axis_min_width(ui.text_style_height(&egui::TextStyle::Body) * 2.5)
+        .y_axis_formatter(|mark, _| format!("{:.0}", mark.value))
         .include_y(0.0)
         .show(ui, |p| p.bar_chart(chart));
 }
