@@ -78,6 +78,8 @@ enum Command {
     Snapshot(SnapshotCmd),
     /// Follow the phase events of this node (and those it hears from its peers).
     Events(Out),
+    /// Open the desktop console on this node (FREEZEFRAME_CONSOLE_DEMO=1: on a recorded demo cluster).
+    Console,
     /// The demo application (a checkable writer); used by `demo` and the tests.
     #[command(hide = true)]
     DemoWriter(DemoWriterArgs),
@@ -285,6 +287,20 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Snapshot(SnapshotCmd::Delete { id, out: Out { json } }) => client::snapshot_delete(&cfg()?, id, json)?,
         Command::Snapshot(SnapshotCmd::Verify { id, out: Out { json }, progress }) => client::snapshot_verify(&cfg()?, id, json, progress)?,
         Command::Events(Out { json }) => client::events(&cfg()?, json)?,
+        Command::Console => {
+            let exe = std::env::current_exe()?;
+            match cfg() {
+                Ok(c) => {
+                    // Verify and backup run as children of the console; they must find the same node.
+                    std::env::set_var("FREEZEFRAME_CONFIG", &c.file);
+                    freezeframe_gui::run(c.control_socket(), c.name().to_string(), exe)?
+                }
+                Err(_) if std::env::var_os(freezeframe_gui::DEMO_ENV).is_some() => {
+                    freezeframe_gui::run(PathBuf::new(), "n1".into(), exe)?
+                }
+                Err(e) => return Err(e),
+            }
+        }
         Command::DemoWriter(a) => demo_writer::run(demo_writer::Options {
             socket: a.socket,
             volume: a.volume,
