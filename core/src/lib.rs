@@ -7,3 +7,9 @@
 //!
 //! # Layout
 //! - [`error`]: the crate's one error type.
+//! - [`backup`]: the deduplicating backup repository (express-full backups).
+
+pub mod backup;
+pub mod error;
+
+pub use error::{Error, Result};
