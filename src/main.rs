@@ -6,24 +6,256 @@
 //!
 //! Everything here translates between the world (flags, sockets, terminals)
 //! and the libraries; decisions live in `freezeframe-core`.
+//!
+//! # Layout
+//! - `config`: node.toml.
+//! - `cluster`: a whole cluster on one host (init, up, down).
+//! - `node`: the daemon and its drivers.
+//! - `client`: status, snapshot and events commands.
+//! - `demo_writer`: the checkable demo application.
 
-use clap::{Parser, Subcommand};
+mod client;
+mod cluster;
+mod config;
+mod demo_writer;
+mod node;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Result;
+use clap::{Args, Parser, Subcommand};
 
 #[derive(Parser, Debug)]
 #[command(name = "freezeframe", version, about = "Cluster-wide application-consistent snapshots of a shared volume")]
 struct Cli {
+    /// The node to talk to (its node.toml).
+    #[arg(long, global = true, env = "FREEZEFRAME_CONFIG")]
+    config: Option<PathBuf>,
+    /// Print one JSON value for scripts instead of text.
+    #[arg(long, global = true)]
+    json: bool,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand, Debug)]
-enum Command {}
+enum Command {
+    /// Run a node daemon, or manage one.
+    #[command(subcommand)]
+    Node(NodeCmd),
+    /// A cluster on this host: init, up, down.
+    #[command(subcommand)]
+    Cluster(ClusterCmd),
+    /// This node, its peers and writers.
+    Status,
+    /// Cluster-wide snapshots.
+    #[command(subcommand)]
+    Snapshot(SnapshotCmd),
+    /// Follow the phase events of this node (and those it hears from its peers).
+    Events,
+    /// The demo application (a checkable writer); used by `demo` and the tests.
+    #[command(hide = true)]
+    DemoWriter(DemoWriterArgs),
+    /// Checks one demo application's region of a snapshot image (JSON).
+    #[command(hide = true)]
+    DemoCheck {
+        #[arg(long)]
+        image: PathBuf,
+        #[arg(long)]
+        offset: u64,
+        #[arg(long)]
+        len: u64,
+        #[arg(long)]
+        name: String,
+        /// The writer's freeze log and the snapshot to compare with.
+        #[arg(long)]
+        log: PathBuf,
+        #[arg(long)]
+        snapshot: u64,
+    },
+}
 
-fn main() -> anyhow::Result<()> {
+#[derive(Subcommand, Debug)]
+enum NodeCmd {
+    /// Run the daemon in the foreground until SIGTERM/SIGINT.
+    Run,
+}
+
+#[derive(Subcommand, Debug)]
+enum ClusterCmd {
+    /// Create a cluster on this host: shared volume, CA, one folder per node.
+    Init {
+        dir: PathBuf,
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+        #[arg(long, default_value = "1GiB")]
+        size: String,
+        #[arg(long, default_value = "64KiB")]
+        block_size: String,
+        /// Freeze lease of every node.
+        #[arg(long, default_value = "10s")]
+        lease: String,
+    },
+    /// Start every node of DIR in the background and wait until the mesh is connected.
+    Up {
+        dir: PathBuf,
+        #[arg(long, default_value = "30s")]
+        wait: String,
+    },
+    /// Stop every node of DIR cleanly.
+    Down {
+        dir: PathBuf,
+        #[arg(long, default_value = "15s")]
+        wait: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum SnapshotCmd {
+    /// Take a cluster-wide application-consistent snapshot with this node as initiator.
+    Create {
+        /// Give up (and abort everywhere) after this long.
+        #[arg(long)]
+        timeout: Option<String>,
+    },
+    List,
+    Show { id: u64 },
+    Delete { id: u64 },
+    /// Compute the blake3 hash of the snapshot image and record it in its manifest.
+    Verify { id: u64 },
+}
+
+#[derive(Args, Debug)]
+struct DemoWriterArgs {
+    #[arg(long)]
+    socket: PathBuf,
+    #[arg(long)]
+    volume: PathBuf,
+    #[arg(long)]
+    name: String,
+    #[arg(long)]
+    offset: u64,
+    #[arg(long, default_value_t = 4 << 20)]
+    len: u64,
+    /// Where the writer records its freeze counts (JSON lines).
+    #[arg(long)]
+    log: PathBuf,
+    #[arg(long, default_value = "2ms")]
+    interval: String,
+    #[arg(long)]
+    veto: bool,
+    #[arg(long)]
+    silent: bool,
+}
+
+fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    match cli.command {}
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn dur(s: &str) -> Result<Duration> {
+    Ok(Duration::from_millis(config::parse_ms(s)?))
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    let json = cli.json;
+    let cfg = || config::resolve(cli.config.as_deref());
+    match cli.command {
+        Command::Node(NodeCmd::Run) => node::run(cfg()?)?,
+        Command::Cluster(ClusterCmd::Init { dir, nodes, size, block_size, lease }) => {
+            let opts = cluster::InitOptions {
+                nodes,
+                size: freezeframe_core::units::parse_size(&size)?,
+                block_size: u32::try_from(freezeframe_core::units::parse_size(&block_size)?)?,
+                lease,
+            };
+            let configs = cluster::init(&dir, &opts)?;
+            if json {
+                println!("{}", serde_json::json!({ "dir": dir, "configs": configs }));
+            } else {
+                println!("cluster created in {}", dir.display());
+                for c in configs {
+                    println!("  {}", c.display());
+                }
+                println!("start it with: freezeframe cluster up {}", dir.display());
+            }
+        }
+        Command::Cluster(ClusterCmd::Up { dir, wait }) => {
+            cluster::up(&dir, dur(&wait)?)?;
+            if !json {
+                println!("cluster {} is up", dir.display());
+            }
+        }
+        Command::Cluster(ClusterCmd::Down { dir, wait }) => {
+            cluster::down(&dir, dur(&wait)?)?;
+            if !json {
+                println!("cluster {} is down", dir.display());
+            }
+        }
+        Command::Status => client::status(&cfg()?, json)?,
+        Command::Snapshot(SnapshotCmd::Create { timeout }) => {
+            let t = timeout.as_deref().map(config::parse_ms).transpose()?;
+            if !client::snapshot_create(&cfg()?, t, json)? {
+                return Ok(ExitCode::from(2));
+            }
+        }
+        Command::Snapshot(SnapshotCmd::List) => client::snapshot_list(&cfg()?, json)?,
+        Command::Snapshot(SnapshotCmd::Show { id }) => client::snapshot_show(&cfg()?, id, json)?,
+        Command::Snapshot(SnapshotCmd::Delete { id }) => client::snapshot_delete(&cfg()?, id, json)?,
+        Command::Snapshot(SnapshotCmd::Verify { id }) => client::snapshot_verify(&cfg()?, id, json)?,
+        Command::Events => client::events(&cfg()?, json)?,
+        Command::DemoWriter(a) => demo_writer::run(demo_writer::Options {
+            socket: a.socket,
+            volume: a.volume,
+            name: a.name,
+            offset: a.offset,
+            len: a.len,
+            log: a.log,
+            interval: dur(&a.interval)?,
+            veto: a.veto,
+            silent: a.silent,
+        })?,
+        Command::DemoCheck { image, offset, len, name, log, snapshot } => {
+            let got = demo_writer::check_region(&image, offset, len, &name)?;
+            let want = demo_writer::read_freeze_log(&log)?.get(&snapshot).copied();
+            let consistent = want == Some(got.records) && got.problem.is_none();
+            println!(
+                "{}",
+                serde_json::json!({
+                    "records": got.records, "frozen_with": want, "problem": got.problem, "consistent": consistent
+                })
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `1.5 GiB`-style sizes for people.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
 }

@@ -1,0 +1,201 @@
+//! Client commands: `status`, `snapshot …`, `events`. Each is one request on
+//! the selected node's control socket, printed for people or, with `--json`,
+//! as one JSON value for scripts.
+
+use anyhow::{Context, Result};
+use freezeframe_netproto::control::{ControlClient, ControlRequest};
+use serde_json::Value;
+
+use crate::config::NodeConfig;
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?)
+}
+
+/// One request, one answer, on a throwaway runtime.
+pub fn call_blocking(cfg: &NodeConfig, req: &ControlRequest) -> Result<Value> {
+    let path = cfg.control_socket();
+    runtime()?.block_on(async {
+        let mut c = ControlClient::connect(&path)
+            .await
+            .with_context(|| format!("node {} is not running (no answer on {})", cfg.name(), path.display()))?;
+        Ok(c.call(req).await.with_context(|| format!("node {}", cfg.name()))?)
+    })
+}
+
+fn print(json: bool, v: &Value, human: impl FnOnce(&Value) -> String) {
+    if json {
+        println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+    } else {
+        print!("{}", human(v));
+    }
+}
+
+pub fn status(cfg: &NodeConfig, json: bool) -> Result<()> {
+    let v = call_blocking(cfg, &ControlRequest::Status)?;
+    print(json, &v, human_status);
+    Ok(())
+}
+
+fn human_status(v: &Value) -> String {
+    let mut s = format!(
+        "node {}  phase {}  volume {}\n",
+        v["node"].as_str().unwrap_or("?"),
+        v["phase"].as_str().unwrap_or("?"),
+        v["volume"].as_str().unwrap_or("?")
+    );
+    if let Some(snap) = v["in_flight"].as_u64() {
+        s += &format!("snapshot in flight: {snap}\n");
+    }
+    s += "peers:\n";
+    for p in v["peers"].as_array().into_iter().flatten() {
+        s += &format!(
+            "  {:<10} {}\n",
+            p["node"].as_str().unwrap_or("?"),
+            if p["connected"].as_bool() == Some(true) { "connected" } else { "disconnected" }
+        );
+    }
+    s += "writers:\n";
+    for w in v["writers"].as_array().into_iter().flatten() {
+        s += &format!("  {:<20} {}\n", w["name"].as_str().unwrap_or("?"), w["state"].as_str().unwrap_or("?"));
+    }
+    s
+}
+
+/// `snapshot create`: exits non-zero when the snapshot failed.
+pub fn snapshot_create(cfg: &NodeConfig, timeout_ms: Option<u64>, json: bool) -> Result<bool> {
+    let v = call_blocking(cfg, &ControlRequest::SnapshotCreate { timeout_ms })?;
+    let ok = v["status"].as_str() == Some("complete");
+    print(json, &v, |v| {
+        if ok {
+            let mut s = format!(
+                "snapshot {} complete (initiator {}, freeze window {} ms)\n",
+                v["id"],
+                v["initiator"].as_str().unwrap_or("?"),
+                v["freeze_window_ms"]
+            );
+            for n in v["nodes"].as_array().into_iter().flatten() {
+                s += &format!("  {}:", n["node"].as_str().unwrap_or("?"));
+                for p in n["phases"].as_array().into_iter().flatten() {
+                    let d = p["end_ms"].as_u64().unwrap_or(0).saturating_sub(p["start_ms"].as_u64().unwrap_or(0));
+                    s += &format!(" {} {d}ms", p["name"].as_str().unwrap_or("?"));
+                }
+                s += "\n";
+            }
+            s
+        } else {
+            let e = &v["error"];
+            format!(
+                "snapshot {} failed on node {} in phase {}{}: {}\n",
+                v["id"],
+                e["node"].as_str().unwrap_or("?"),
+                e["phase"].as_str().unwrap_or("?"),
+                e["writer"].as_str().map(|w| format!(" (writer {w})")).unwrap_or_default(),
+                e["reason"].as_str().unwrap_or("?")
+            )
+        }
+    });
+    Ok(ok)
+}
+
+pub fn snapshot_list(cfg: &NodeConfig, json: bool) -> Result<()> {
+    let v = call_blocking(cfg, &ControlRequest::SnapshotList)?;
+    print(json, &v, |v| {
+        let mut s = format!("{:<6} {:<24} {:<10} {:<10} {:>12}  {}\n", "ID", "CREATED", "INITIATOR", "STATUS", "DIFF", "PATH");
+        for x in v.as_array().into_iter().flatten() {
+            s += &format!(
+                "{:<6} {:<24} {:<10} {:<10} {:>12}  {}\n",
+                x["id"],
+                fmt_time(x["created_ms"].as_u64().unwrap_or(0)),
+                x["initiator"].as_str().unwrap_or("-"),
+                x["status"].as_str().unwrap_or("?"),
+                crate::human_bytes(x["diff_bytes"].as_u64().unwrap_or(0)),
+                x["path"].as_str().unwrap_or("")
+            );
+        }
+        s
+    });
+    Ok(())
+}
+
+pub fn snapshot_show(cfg: &NodeConfig, id: u64, json: bool) -> Result<()> {
+    let v = call_blocking(cfg, &ControlRequest::SnapshotShow { id })?;
+    print(json, &v, |v| serde_json::to_string_pretty(v).unwrap_or_default() + "\n");
+    Ok(())
+}
+
+pub fn snapshot_delete(cfg: &NodeConfig, id: u64, json: bool) -> Result<()> {
+    let v = call_blocking(cfg, &ControlRequest::SnapshotDelete { id })?;
+    print(json, &v, |_| format!("snapshot {id} deleted\n"));
+    Ok(())
+}
+
+pub fn snapshot_verify(cfg: &NodeConfig, id: u64, json: bool) -> Result<()> {
+    let v = call_blocking(cfg, &ControlRequest::SnapshotVerify { id })?;
+    print(json, &v, |v| format!("snapshot {id}: blake3 {}\n", v["blake3"].as_str().unwrap_or("?")));
+    Ok(())
+}
+
+/// Follows the event stream until the node goes away or the user interrupts.
+pub fn events(cfg: &NodeConfig, json: bool) -> Result<()> {
+    let path = cfg.control_socket();
+    runtime()?.block_on(async {
+        let mut c = ControlClient::connect(&path)
+            .await
+            .with_context(|| format!("node {} is not running", cfg.name()))?;
+        c.subscribe().await?;
+        while let Some(ev) = c.next_event().await? {
+            if json {
+                println!("{ev}");
+            } else {
+                println!(
+                    "{}  {:<6} snapshot {:<4} {:<14} {}{}",
+                    fmt_time(ev["at_ms"].as_u64().unwrap_or(0)),
+                    ev["node"].as_str().unwrap_or("?"),
+                    ev["snapshot"],
+                    ev["phase"].as_str().unwrap_or("?"),
+                    ev["kind"].as_str().unwrap_or(""),
+                    ev["writer"].as_str().map(|w| format!(" writer {w}")).unwrap_or_default()
+                );
+            }
+        }
+        Ok(())
+    })
+}
+
+/// UTC time as `2026-11-22 02:31:07.123`.
+pub fn fmt_time(ms: u64) -> String {
+    let secs = ms / 1000;
+    let (d, rem) = (secs / 86400, secs % 86400);
+    let (y, m, day) = civil_from_days(d as i64);
+    format!(
+        "{y:04}-{m:02}-{day:02} {:02}:{:02}:{:02}.{:03}",
+        rem / 3600,
+        (rem / 60) % 60,
+        rem % 60,
+        ms % 1000
+    )
+}
+
+/// Days since 1970-01-01 to (year, month, day), proleptic Gregorian (H. Hinnant's algorithm).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn formats_utc_times() {
+        assert_eq!(super::fmt_time(0), "1970-01-01 00:00:00.000");
+        assert_eq!(super::fmt_time(1_795_313_600_123), "2026-11-22 02:13:20.123");
+    }
+}

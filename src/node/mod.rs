@@ -1,0 +1,94 @@
+//! `freezeframe node run`: the daemon of one node.
+//!
+//! ```text
+//!   control.sock ─┐                         ┌─ QUIC peers (mTLS, cluster CA)
+//!   writer.sock ──┼─► driver (NodeMachine) ◄┤
+//!   hooks.d ──────┘         │               └─ FUSE mount (live/, snapshots/)
+//!                           ▼
+//!                  volume engine (shared volume + state dir)
+//! ```
+//!
+//! Everything that talks to the world is a task that turns what it hears into
+//! a [`DriverEvent`] on one channel. The driver task owns the protocol
+//! machine, feeds it those events with the time, and executes what it asks
+//! for in order (send to a peer, send to a writer, hold/release I/O, create,
+//! seal or delete the snapshot). It decides nothing itself.
+//!
+//! Shutdown: SIGTERM or SIGINT aborts a snapshot in flight (writers get
+//! abort/thaw), closes the peers, unmounts, removes the sockets.
+
+mod control;
+mod driver;
+pub mod hooks;
+mod peers;
+mod writers;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use freezeframe_core::volume::Volume;
+use freezeframe_netproto::writer::{OnError, WriterEvent, WriterRequest};
+use serde_json::Value;
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+use crate::config::NodeConfig;
+
+pub use driver::Clock;
+
+/// Everything the driver hears, from every task.
+#[derive(Debug)]
+pub enum DriverEvent {
+    Status { reply: oneshot::Sender<Value> },
+    Create { timeout_ms: Option<u64>, reply: oneshot::Sender<Value> },
+    Delete { id: u64, reply: oneshot::Sender<Result<()>> },
+    WriterRegistered {
+        id: u64,
+        name: String,
+        on_error: OnError,
+        freeze_timeout_ms: Option<u64>,
+        tx: mpsc::UnboundedSender<WriterEvent>,
+    },
+    WriterReply { id: u64, req: WriterRequest },
+    WriterGone { id: u64 },
+    PeerUp { node: String, tx: mpsc::UnboundedSender<freezeframe_core::protocol::PeerMsg> },
+    PeerMsg { node: String, msg: freezeframe_core::protocol::PeerMsg },
+    PeerDown { node: String },
+    /// The result of an engine action the driver ran off the async threads.
+    Engine(driver::EngineDone),
+    Shutdown,
+}
+
+pub type DriverTx = mpsc::UnboundedSender<DriverEvent>;
+
+/// State every task may read.
+pub struct Shared {
+    pub cfg: NodeConfig,
+    pub volume: Volume,
+    pub events: broadcast::Sender<Value>,
+}
+
+/// Binds a Unix socket readable only by the daemon's user (mode 0600),
+/// replacing a stale socket file left by a killed daemon.
+pub fn bind_private_socket(path: &Path) -> Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            anyhow::bail!("{} is in use: another daemon runs for this node", path.display());
+        }
+        std::fs::remove_file(path).with_context(|| format!("removing stale socket {}", path.display()))?;
+    }
+    let l = tokio::net::UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(l)
+}
+
+/// Runs the daemon until SIGTERM/SIGINT.
+pub fn run(cfg: NodeConfig) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .thread_name("ff-node")
+        .build()?;
+    rt.block_on(driver::run_node(cfg))
+}

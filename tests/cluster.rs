@@ -1,0 +1,263 @@
+//! Issue 3: cluster-wide application-consistent snapshots with real node
+//! processes, real QUIC with mutual TLS on loopback and real writers.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+
+const STRIDE: u64 = 8 << 20;
+
+/// Every writer's region in the snapshot holds exactly the records it had
+/// when it acknowledged freeze, as seen on `node`'s mount.
+fn assert_consistent(c: &Cluster, id: u64, logs: &[(String, u64, std::path::PathBuf)], node: usize) {
+    for (name, offset, log) in logs {
+        let image = c.nodes[node].snapshot_image(id);
+        let v = ff_json(&[
+            "demo-check", "--image", image.to_str().expect("utf-8"), "--offset", &offset.to_string(), "--len",
+            &REGION.to_string(), "--name", name, "--log", log.to_str().expect("utf-8"), "--snapshot", &id.to_string(),
+        ]);
+        assert_eq!(v["consistent"], true, "writer {name} in snapshot {id} on {}: {v}", c.nodes[node].name);
+        assert!(v["records"].as_u64().is_some_and(|r| r > 0), "writer {name} had written nothing: {v}");
+    }
+}
+
+#[test]
+fn snapshots_from_every_node_hold_exactly_what_each_writer_had_at_freeze() {
+    if !fuse_available() {
+        eprintln!("skipped: no FUSE");
+        return;
+    }
+    let mut c = Cluster::start(ClusterOptions::default());
+    let mut logs = Vec::new();
+    for i in 0..3 {
+        let name = format!("app-n{}", i + 1);
+        let off = i as u64 * STRIDE;
+        let log = c.start_writer(i, &name, off, &[]);
+        logs.push((name, off, log));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    for initiator in 0..3 {
+        let (ok, report) = c.create(initiator, &[]);
+        assert!(ok, "snapshot from {} failed: {report}", c.nodes[initiator].name);
+        assert_eq!(report["status"], "complete");
+        assert_eq!(report["initiator"], c.nodes[initiator].name.as_str());
+        let nodes = report["nodes"].as_array().expect("nodes");
+        assert_eq!(nodes.len(), 3, "every node reports: {report}");
+        for n in nodes {
+            let phases: Vec<&str> = n["phases"].as_array().expect("phases").iter().filter_map(|p| p["name"].as_str()).collect();
+            assert!(phases.contains(&"post_snapshot") && phases.contains(&"thawing"), "{n}");
+            assert!(n["writers"].as_array().expect("writers").iter().all(|w| w["outcome"] == "thawed"), "{n}");
+        }
+        let id = report["id"].as_u64().expect("id");
+        for node in 0..3 {
+            assert_consistent(&c, id, &logs, node);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let listed = c.list(0);
+    assert_eq!(listed.iter().filter(|s| s["status"] == "complete").count(), 3, "{listed:?}");
+}
+
+/// A failed request: within lease + 2 s, every surviving writer got abort or
+/// thaw (so it writes again), no new snapshot is in the catalog.
+fn assert_failed_cleanly(c: &Cluster, survivors: &[usize], before: usize, report: &Value, started: Instant, lease: Duration) {
+    assert_eq!(report["status"], "failed", "{report}");
+    assert!(started.elapsed() <= lease + Duration::from_secs(2), "took {:?}", started.elapsed());
+    let err = &report["error"];
+    assert!(err["node"].is_string() && err["phase"].is_string() && err["reason"].is_string(), "{report}");
+    for &i in survivors {
+        let v = ff_json(&["status", "--json", "--config", c.nodes[i].cfg()]);
+        assert!(
+            v["writers"].as_array().expect("writers").iter().all(|w| w["state"] != "frozen"),
+            "a writer stayed frozen on {}: {v}",
+            c.nodes[i].name
+        );
+    }
+    let after = c.list(survivors[0]).len();
+    assert_eq!(after, before, "a failed snapshot left something in the catalog");
+}
+
+#[test]
+fn a_vetoing_writer_aborts_the_snapshot_everywhere_and_names_itself() {
+    if !fuse_available() {
+        return;
+    }
+    let mut c = Cluster::start(ClusterOptions::default());
+    c.start_writer(0, "good-n1", 0, &[]);
+    c.start_writer(1, "grumpy-n2", STRIDE, &["--veto"]);
+    let before = c.list(0).len();
+    let t = Instant::now();
+    let (ok, report) = c.create(0, &[]);
+    assert!(!ok);
+    assert_eq!(report["error"]["node"], "n2", "{report}");
+    assert_eq!(report["error"]["writer"], "grumpy-n2", "{report}");
+    assert_eq!(report["error"]["phase"], "freezing", "{report}");
+    assert_failed_cleanly(&c, &[0, 1, 2], before, &report, t, Duration::from_secs(4));
+}
+
+#[test]
+fn a_writer_that_never_answers_times_out_and_aborts() {
+    if !fuse_available() {
+        return;
+    }
+    let mut c = Cluster::start(ClusterOptions::default());
+    c.start_writer(2, "silent-n3", 0, &["--silent"]);
+    c.start_writer(0, "good-n1", STRIDE, &[]);
+    let before = c.list(0).len();
+    let t = Instant::now();
+    // demo writers ask for a 5 s freeze timeout; the lease (4 s) is what bounds n3.
+    let (ok, report) = c.create(0, &[]);
+    assert!(!ok);
+    assert_eq!(report["error"]["node"], "n3", "{report}");
+    assert_failed_cleanly(&c, &[0, 1, 2], before, &report, t, Duration::from_secs(4));
+}
+
+#[test]
+fn a_failing_hook_vetoes_with_its_script_name() {
+    if !fuse_available() {
+        return;
+    }
+    let c = Cluster::start(ClusterOptions::default());
+    let hook = c.nodes[1].dir().join("hooks.d/50-flush-db");
+    std::fs::write(&hook, "#!/bin/sh\necho \"db is read-only\" >&2\nexit 1\n").expect("hook");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let before = c.list(0).len();
+    let t = Instant::now();
+    let (ok, report) = c.create(0, &[]);
+    assert!(!ok);
+    assert_eq!(report["error"]["node"], "n2", "{report}");
+    let reason = report["error"]["reason"].as_str().unwrap_or("");
+    assert!(reason.contains("50-flush-db") && reason.contains("read-only"), "{report}");
+    assert_failed_cleanly(&c, &[0, 1, 2], before, &report, t, Duration::from_secs(4));
+}
+
+#[test]
+fn killing_a_frozen_non_initiator_fails_the_snapshot_and_thaws_the_rest() {
+    if !fuse_available() {
+        return;
+    }
+    let mut c = Cluster::start(ClusterOptions::default());
+    c.start_writer(0, "app-n1", 0, &[]);
+    // n3's writer never answers freeze, so n3 sits in freeze when we kill it.
+    c.start_writer(2, "stuck-n3", STRIDE, &["--silent"]);
+    let before = c.list(0).len();
+    let cfg = c.nodes[0].config.clone();
+    let t = Instant::now();
+    let req = std::thread::spawn(move || {
+        let out = ff(&["snapshot", "create", "--json", "--config", cfg.to_str().expect("utf-8")]);
+        serde_json::from_slice::<Value>(&out.stdout).expect("json report")
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    c.kill(2);
+    let report = req.join().expect("request thread");
+    assert_eq!(report["error"]["node"], "n3", "{report}");
+    assert_failed_cleanly(&c, &[0, 1], before, &report, t, Duration::from_secs(4));
+}
+
+#[test]
+fn killing_the_initiator_after_the_others_froze_makes_them_abort_by_themselves() {
+    if !fuse_available() {
+        return;
+    }
+    let mut c = Cluster::start(ClusterOptions::default());
+    let log2 = c.start_writer(1, "app-n2", 0, &[]);
+    c.start_writer(2, "app-n3", STRIDE, &[]);
+    // n1's own writer never answers, so n1 waits in freeze while n2 and n3 are frozen.
+    c.start_writer(0, "stuck-n1", 2 * STRIDE, &["--silent"]);
+    let before = c.list(1).len();
+    let cfg = c.nodes[0].config.clone();
+    let req = std::thread::spawn(move || ff(&["snapshot", "create", "--json", "--config", cfg.to_str().expect("utf-8")]));
+    // Wait until n2's writer acknowledged freeze.
+    wait_for(Duration::from_secs(5), || std::fs::read_to_string(&log2).map(|s| !s.is_empty()).unwrap_or(false));
+    let t = Instant::now();
+    c.kill(0);
+    let _ = req.join();
+    for i in [1, 2] {
+        let cfg = c.nodes[i].cfg().to_string();
+        wait_for(Duration::from_secs(4 + 2), || {
+            let v = ff_json(&["status", "--json", "--config", &cfg]);
+            v["writers"].as_array().is_some_and(|ws| ws.iter().all(|w| w["state"] != "frozen"))
+        });
+    }
+    assert!(t.elapsed() <= Duration::from_secs(6), "survivors stayed frozen {:?}", t.elapsed());
+    assert_eq!(c.list(1).len(), before, "no half snapshot stays registered");
+}
+
+#[test]
+fn a_second_request_while_one_is_in_flight_is_busy_at_once() {
+    if !fuse_available() {
+        return;
+    }
+    let mut c = Cluster::start(ClusterOptions::default());
+    c.start_writer(1, "slow-n2", 0, &["--silent"]);
+    let cfg = c.nodes[0].config.clone();
+    let first = std::thread::spawn(move || ff(&["snapshot", "create", "--json", "--config", cfg.to_str().expect("utf-8")]));
+    std::thread::sleep(Duration::from_millis(400));
+    let t = Instant::now();
+    let (ok, report) = c.create(2, &[]);
+    assert!(!ok);
+    assert!(t.elapsed() < Duration::from_secs(1), "busy must be immediate, took {:?}", t.elapsed());
+    assert!(report["error"]["reason"].as_str().is_some_and(|r| r.starts_with("busy")), "{report}");
+    let _ = first.join();
+}
+
+#[test]
+fn a_node_with_a_certificate_from_another_ca_cannot_join() {
+    if !fuse_available() {
+        return;
+    }
+    let mut c = Cluster::start(ClusterOptions::default());
+    // An impostor: a second cluster's n2 identity, using the real n2's address.
+    let other = c.dir.path().join("other");
+    let out = ff(&["cluster", "init", other.to_str().expect("utf-8"), "--nodes", "3", "--size", "16MiB"]);
+    assert!(out.status.success());
+    c.stop(1);
+    let real = c.nodes[1].dir();
+    for f in ["node.pem", "node.key"] {
+        std::fs::copy(other.join("nodes/n2").join(f), real.join(f)).expect("copy impostor identity");
+    }
+    c.start_node(1);
+    std::thread::sleep(Duration::from_secs(3));
+    let v = ff_json(&["status", "--json", "--config", c.nodes[0].cfg()]);
+    let n2 = v["peers"].as_array().expect("peers").iter().find(|p| p["node"] == "n2").cloned().expect("n2 listed");
+    assert_eq!(n2["connected"], false, "impostor connected: {v}");
+    assert!(c.nodes[0].log().contains("refused") || c.nodes[1].log().contains("refused"), "refusal is logged");
+    // The rest of the cluster still works.
+    c.kill(1);
+    let (_ok, report) = c.create(0, &["--timeout", "3s"]);
+    assert_eq!(report["status"], "failed", "n2 is a member that is down: {report}");
+}
+
+#[test]
+fn garbage_and_oversized_frames_do_not_crash_a_node() {
+    if !fuse_available() {
+        return;
+    }
+    let c = Cluster::start(ClusterOptions::default());
+    let toml = std::fs::read_to_string(&c.nodes[0].config).expect("toml");
+    let listen = toml
+        .lines()
+        .find_map(|l| l.strip_prefix("listen = ").map(|s| s.trim_matches('"').to_string()))
+        .expect("listen");
+    // Raw UDP garbage at the QUIC port, and garbage / oversized lines on both local sockets.
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").expect("udp");
+    for i in 0..200u32 {
+        let junk: Vec<u8> = (0..1200).map(|j| (i.wrapping_mul(31) ^ j) as u8).collect();
+        let _ = sock.send_to(&junk, &listen);
+    }
+    use std::io::Write;
+    for s in ["control.sock", "writer.sock"] {
+        let mut u = std::os::unix::net::UnixStream::connect(c.nodes[0].run_dir().join(s)).expect("connect");
+        let _ = u.write_all(b"{not json\n\x00\xff\xfe\n");
+        let big = vec![b'a'; 5 << 20];
+        let _ = u.write_all(&big);
+        let _ = u.write_all(b"\n");
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let (ok, report) = c.create(0, &[]);
+    assert!(ok, "node still serves after garbage: {report}");
+}
