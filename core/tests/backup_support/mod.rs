@@ -141,6 +141,9 @@ impl BlockSource for TestSnapshot<'_> {
             Some((created, _, _)) if *created == earlier.created_ms => {}
             _ => return Ok(ChangedSince::Unknown { reason: format!("snapshot {} is no longer in the catalog", earlier.id) }),
         }
+        if earlier.id >= self.id {
+            return Ok(ChangedSince::Blocks(Vec::new()));
+        }
         let mut all: Vec<u64> = self
             .volume
             .snapshots
