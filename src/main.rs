@@ -13,7 +13,11 @@
 //! - `node`: the daemon and its drivers.
 //! - `client`: status, snapshot and events commands.
 //! - `demo_writer`: the checkable demo application.
+//! - `cli`: one module per tool command (`backup`).
+//! - `bench`: `freezeframe bench …`.
 
+mod bench;
+mod cli;
 mod client;
 mod cluster;
 mod config;
@@ -55,6 +59,11 @@ enum Command {
     Snapshot(SnapshotCmd),
     /// Follow the phase events of this node (and those it hears from its peers).
     Events,
+    /// Backups of this node's volume: init, run, list, restore, verify, forget, gc.
+    Backup(cli::backup::BackupArgs),
+    /// Benchmarks that print JSON.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
     /// The demo application (a checkable writer); used by `demo` and the tests.
     #[command(hide = true)]
     DemoWriter(DemoWriterArgs),
@@ -218,6 +227,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Snapshot(SnapshotCmd::Delete { id }) => client::snapshot_delete(&cfg()?, id, json)?,
         Command::Snapshot(SnapshotCmd::Verify { id }) => client::snapshot_verify(&cfg()?, id, json)?,
         Command::Events => client::events(&cfg()?, json)?,
+        Command::Backup(a) => return cli::backup::run(a, json, cli.config.as_deref()),
+        Command::Bench(b) => bench::run(b, json)?,
         Command::DemoWriter(a) => demo_writer::run(demo_writer::Options {
             socket: a.socket,
             volume: a.volume,

@@ -92,6 +92,9 @@ impl Repository {
         let mut stats = BackupStats { blocks_total: n_blocks, blocks_read: read_blocks, bytes_read: read_bytes, ..Default::default() };
         let sealed = pipeline(source, &self.root, self.config.pack_size, &index, &to_read, &mut blocks, &mut stats, progress)?;
         progress.finish();
+        // The snapshot may have been invalidated while we read it (diff area
+        // full); then what we read cannot be trusted and no manifest is written.
+        source.check_complete()?;
         stats.packs_written = sealed as u64;
         stats.blocks_zero = blocks.iter().filter(|b| b.is_none()).count() as u64;
         stats.duration_ms = started.elapsed().as_millis() as u64;
