@@ -105,7 +105,7 @@ pub fn snapshot_list(cfg: &NodeConfig, json: bool) -> Result<()> {
         for x in v.as_array().into_iter().flatten() {
             s += &format!(
                 "{:<6} {:<24} {:<10} {:<10} {:>12}  {}\n",
-                x["id"],
+                x["id"].as_u64().map(|i| i.to_string()).unwrap_or_default(),
                 fmt_time(x["created_ms"].as_u64().unwrap_or(0)),
                 x["initiator"].as_str().unwrap_or("-"),
                 x["status"].as_str().unwrap_or("?"),
@@ -130,7 +130,7 @@ pub fn snapshot_delete(cfg: &NodeConfig, id: u64, json: bool) -> Result<()> {
     Ok(())
 }
 
-pub fn snapshot_verify(cfg: &NodeConfig, id: u64, json: bool) -> Result<()> {
+pub fn snapshot_verify(cfg: &NodeConfig, id: u64, json: bool, _progress: bool) -> Result<()> {
     let v = call_blocking(cfg, &ControlRequest::SnapshotVerify { id })?;
     print(json, &v, |v| format!("snapshot {id}: blake3 {}\n", v["blake3"].as_str().unwrap_or("?")));
     Ok(())

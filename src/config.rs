@@ -193,7 +193,7 @@ impl NodeConfig {
 
 /// Milliseconds from "10s", "500ms", "2m" or a bare number of milliseconds.
 pub fn parse_ms(s: &str) -> Result<u64> {
-    Ok(freezeframe_core::units::parse_duration_ms(s)?)
+    Ok(freezeframe_core::units::parse_duration(s)?.as_millis() as u64)
 }
 
 /// The node config to use for a client command: `--config`, `FREEZEFRAME_CONFIG`,

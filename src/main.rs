@@ -13,14 +13,13 @@
 //! - `node`: the daemon and its drivers.
 //! - `client`: status, snapshot and events commands.
 //! - `demo_writer`: the checkable demo application.
-//! - `cli`: one module per tool command (`backup`).
-//! - `bench`: `freezeframe bench …`.
 
 mod bench;
 mod cli;
 mod client;
 mod cluster;
 mod config;
+mod demo;
 mod demo_writer;
 mod node;
 
@@ -37,9 +36,6 @@ struct Cli {
     /// The node to talk to (its node.toml).
     #[arg(long, global = true, env = "FREEZEFRAME_CONFIG")]
     config: Option<PathBuf>,
-    /// Print one JSON value for scripts instead of text.
-    #[arg(long, global = true)]
-    json: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -52,18 +48,38 @@ enum Command {
     /// A cluster on this host: init, up, down.
     #[command(subcommand)]
     Cluster(ClusterCmd),
+    /// The whole story on this machine: a local cluster, applications writing,
+    /// snapshots from every node, consistency checked on every mount.
+    Demo {
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+        /// Where to put the cluster (default: a temporary folder, removed afterwards).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Leave the cluster running and its folder in place.
+        #[arg(long)]
+        keep: bool,
+        /// Open the desktop console on the running cluster.
+        #[arg(long)]
+        console: bool,
+        /// How many snapshots to take.
+        #[arg(long, default_value_t = 3)]
+        snapshots: usize,
+    },
+    /// Shared volume with copy-on-write snapshots: create, write, snapshot, read, diff.
+    Volume(cli::volume::VolumeArgs),
+    /// Benchmarks that print JSON.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
     /// This node, its peers and writers.
-    Status,
+    Status(Out),
     /// Cluster-wide snapshots.
     #[command(subcommand)]
     Snapshot(SnapshotCmd),
     /// Follow the phase events of this node (and those it hears from its peers).
-    Events,
+    Events(Out),
     /// Backups of this node's volume: init, run, list, restore, verify, forget, gc.
     Backup(cli::backup::BackupArgs),
-    /// Benchmarks that print JSON.
-    #[command(subcommand)]
-    Bench(bench::BenchCommand),
     /// The demo application (a checkable writer); used by `demo` and the tests.
     #[command(hide = true)]
     DemoWriter(DemoWriterArgs),
@@ -106,18 +122,24 @@ enum ClusterCmd {
         /// Freeze lease of every node.
         #[arg(long, default_value = "10s")]
         lease: String,
+        #[command(flatten)]
+        out: Out,
     },
     /// Start every node of DIR in the background and wait until the mesh is connected.
     Up {
         dir: PathBuf,
         #[arg(long, default_value = "30s")]
         wait: String,
+        #[command(flatten)]
+        out: Out,
     },
     /// Stop every node of DIR cleanly.
     Down {
         dir: PathBuf,
         #[arg(long, default_value = "15s")]
         wait: String,
+        #[command(flatten)]
+        out: Out,
     },
 }
 
@@ -128,12 +150,37 @@ enum SnapshotCmd {
         /// Give up (and abort everywhere) after this long.
         #[arg(long)]
         timeout: Option<String>,
+        #[command(flatten)]
+        out: Out,
     },
-    List,
-    Show { id: u64 },
-    Delete { id: u64 },
+    List(Out),
+    Show {
+        id: u64,
+        #[command(flatten)]
+        out: Out,
+    },
+    Delete {
+        id: u64,
+        #[command(flatten)]
+        out: Out,
+    },
     /// Compute the blake3 hash of the snapshot image and record it in its manifest.
-    Verify { id: u64 },
+    Verify {
+        id: u64,
+        #[command(flatten)]
+        out: Out,
+        /// Print progress lines ({"progress":{…}}) on stderr for the console.
+        #[arg(long)]
+        progress: bool,
+    },
+}
+
+/// Output format of a command.
+#[derive(Args, Debug, Clone, Copy)]
+struct Out {
+    /// Print one JSON value for scripts instead of text.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -157,6 +204,9 @@ struct DemoWriterArgs {
     veto: bool,
     #[arg(long)]
     silent: bool,
+    /// How long the node waits for this writer's answer to freeze.
+    #[arg(long, default_value = "5s")]
+    freeze_timeout: String,
 }
 
 fn main() -> ExitCode {
@@ -165,6 +215,7 @@ fn main() -> ExitCode {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
     match run(cli) {
@@ -181,11 +232,17 @@ fn dur(s: &str) -> Result<Duration> {
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
-    let json = cli.json;
     let cfg = || config::resolve(cli.config.as_deref());
     match cli.command {
         Command::Node(NodeCmd::Run) => node::run(cfg()?)?,
-        Command::Cluster(ClusterCmd::Init { dir, nodes, size, block_size, lease }) => {
+        Command::Demo { nodes, dir, keep, console, snapshots } => {
+            if !demo::run(demo::DemoOptions { nodes, dir, keep, console, snapshots })? {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        Command::Volume(args) => cli::volume::run(args)?,
+        Command::Bench(cmd) => bench::run(cmd)?,
+        Command::Cluster(ClusterCmd::Init { dir, nodes, size, block_size, lease, out: Out { json } }) => {
             let opts = cluster::InitOptions {
                 nodes,
                 size: freezeframe_core::units::parse_size(&size)?,
@@ -203,32 +260,31 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 println!("start it with: freezeframe cluster up {}", dir.display());
             }
         }
-        Command::Cluster(ClusterCmd::Up { dir, wait }) => {
+        Command::Cluster(ClusterCmd::Up { dir, wait, out: Out { json } }) => {
             cluster::up(&dir, dur(&wait)?)?;
             if !json {
                 println!("cluster {} is up", dir.display());
             }
         }
-        Command::Cluster(ClusterCmd::Down { dir, wait }) => {
+        Command::Cluster(ClusterCmd::Down { dir, wait, out: Out { json } }) => {
             cluster::down(&dir, dur(&wait)?)?;
             if !json {
                 println!("cluster {} is down", dir.display());
             }
         }
-        Command::Status => client::status(&cfg()?, json)?,
-        Command::Snapshot(SnapshotCmd::Create { timeout }) => {
+        Command::Status(Out { json }) => client::status(&cfg()?, json)?,
+        Command::Snapshot(SnapshotCmd::Create { timeout, out: Out { json } }) => {
             let t = timeout.as_deref().map(config::parse_ms).transpose()?;
             if !client::snapshot_create(&cfg()?, t, json)? {
                 return Ok(ExitCode::from(2));
             }
         }
-        Command::Snapshot(SnapshotCmd::List) => client::snapshot_list(&cfg()?, json)?,
-        Command::Snapshot(SnapshotCmd::Show { id }) => client::snapshot_show(&cfg()?, id, json)?,
-        Command::Snapshot(SnapshotCmd::Delete { id }) => client::snapshot_delete(&cfg()?, id, json)?,
-        Command::Snapshot(SnapshotCmd::Verify { id }) => client::snapshot_verify(&cfg()?, id, json)?,
-        Command::Events => client::events(&cfg()?, json)?,
-        Command::Backup(a) => return cli::backup::run(a, json, cli.config.as_deref()),
-        Command::Bench(b) => bench::run(b, json)?,
+        Command::Snapshot(SnapshotCmd::List(Out { json })) => client::snapshot_list(&cfg()?, json)?,
+        Command::Snapshot(SnapshotCmd::Show { id, out: Out { json } }) => client::snapshot_show(&cfg()?, id, json)?,
+        Command::Snapshot(SnapshotCmd::Delete { id, out: Out { json } }) => client::snapshot_delete(&cfg()?, id, json)?,
+        Command::Snapshot(SnapshotCmd::Verify { id, out: Out { json }, progress }) => client::snapshot_verify(&cfg()?, id, json, progress)?,
+        Command::Events(Out { json }) => client::events(&cfg()?, json)?,
+        Command::Backup(a) => return cli::backup::run(a, cli.config.as_deref()),
         Command::DemoWriter(a) => demo_writer::run(demo_writer::Options {
             socket: a.socket,
             volume: a.volume,
@@ -239,6 +295,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             interval: dur(&a.interval)?,
             veto: a.veto,
             silent: a.silent,
+            freeze_timeout_ms: config::parse_ms(&a.freeze_timeout)?,
         })?,
         Command::DemoCheck { image, offset, len, name, log, snapshot } => {
             let got = demo_writer::check_region(&image, offset, len, &name)?;

@@ -1,17 +1,98 @@
-//! Error type of freezeframe-core.
+//! The one error type of freezeframe-core.
 //!
-//! One enum for the whole crate. Every variant names the file, block,
-//! snapshot or backup it is about, so the message alone tells an operator
-//! what failed and where.
+//! Every variant's message names what failed and where (file, block,
+//! snapshot), so an operator can act on it without reading the code. Other
+//! parts of the crate add their variants here.
 
 use std::path::PathBuf;
 
+use crate::format::FormatProblem;
+
 /// Result with the crate's [`Error`].
-pub type Result<T, E = Error> = std::result::Result<T, E>;
+pub type Result<T> = std::result::Result<T, Error>;
 
 /// Everything that can go wrong in freezeframe-core.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// An operating-system call on a file failed.
+    #[error("cannot {op} {}: {source}", path.display())]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A state file failed to decode (wrong magic, version, truncation, checksum, payload).
+    #[error("state file {} is unusable: {problem}", file.display())]
+    Format { file: PathBuf, problem: FormatProblem },
+    /// A size such as `64KiB` could not be parsed or is out of range.
+    #[error("invalid size {input:?}: {why}")]
+    InvalidSize { input: String, why: String },
+    /// A duration such as `10s` could not be parsed.
+    #[error("invalid duration {input:?}: {why}")]
+    InvalidDuration { input: String, why: String },
+    /// The volume has no state directory recorded with it.
+    #[error("no freezeframe state found for volume {} (looked for {}); create it with `freezeframe volume create`", volume.display(), looked.display())]
+    NoState { volume: PathBuf, looked: PathBuf },
+    /// `create` found state already recorded for the volume.
+    #[error("volume {} already has freezeframe state at {}", volume.display(), state.display())]
+    StateExists { volume: PathBuf, state: PathBuf },
+    /// The volume file is shorter than its catalog says: truncated or the wrong file.
+    #[error("volume file {} is {actual} bytes but its catalog says {recorded}", path.display())]
+    VolumeTooShort { path: PathBuf, actual: u64, recorded: u64 },
+    /// A block device volume needs an explicit state directory on shared storage.
+    #[error("volume {} is a block device: give --state DIR on the shared storage", path.display())]
+    StateDirRequired { path: PathBuf },
+    /// An I/O request reaches past the end of the volume.
+    #[error("{what} of {len} bytes at offset {offset} is beyond the end of volume {} ({size} bytes)", path.display())]
+    OutOfRange { what: &'static str, path: PathBuf, offset: u64, len: u64, size: u64 },
+    /// The volume geometry given to `create` is unusable.
+    #[error("cannot create volume {}: {why}", path.display())]
+    BadGeometry { path: PathBuf, why: String },
+    /// No snapshot with this id exists (deleted, never created, or aborted).
+    #[error("snapshot {id} of volume {} does not exist", volume.display())]
+    SnapshotNotFound { volume: PathBuf, id: u64 },
+    /// The snapshot id was never handed out by `reserve_snapshot_id`, or is already used.
+    #[error("snapshot id {id} of volume {} cannot be created: {why}", volume.display())]
+    SnapshotIdUnusable { volume: PathBuf, id: u64, why: String },
+    /// A post-snapshot write reached a sealed snapshot.
+    #[error("snapshot {id} is sealed (read-only)")]
+    SnapshotSealed { id: u64 },
+    /// The snapshot was invalidated (diff area full or damaged); its data cannot be served.
+    #[error("snapshot {id} is invalid: {reason}; its data cannot be read")]
+    SnapshotInvalid { id: u64, reason: String },
+    /// A post-snapshot write would take the snapshot past its diff-area limit.
+    #[error("snapshot {id}: diff area full (limit {limit} bytes); the post-snapshot write was refused")]
+    DiffAreaFull { id: u64, limit: u64 },
+    /// A diff-area block does not match the checksum its map record holds.
+    #[error("snapshot {id}: block {block} in diff area {} (slot {slot}) fails its checksum", file.display())]
+    DiffChecksum { id: u64, block: u64, slot: u64, file: PathBuf },
+
+    // --- snapshot manifests (core::manifest) ---
+    /// A manifest file or the manifests directory could not be read or written.
+    #[error("snapshot manifest {path}: {source}")]
+    ManifestIo { path: PathBuf, source: std::io::Error },
+    /// A manifest file exists but is not a valid manifest.
+    #[error("snapshot manifest {path} is corrupt: {reason}")]
+    ManifestCorrupt { path: PathBuf, reason: String },
+
+    // --- the mounted tree (core::vfs) ---
+    /// No such entry in the mounted tree (or the snapshot was deleted).
+    #[error("{path}: no such file or directory")]
+    VfsNotFound { path: String },
+    /// A write to something that is read-only: a sealed snapshot, a manifest, a directory.
+    #[error("{path}: read-only ({why})")]
+    VfsReadOnly { path: String, why: String },
+    /// The snapshot behind the path is invalid (diff area overflow): its data is gone.
+    #[error("{path}: snapshot {id} is invalid: {reason}")]
+    VfsSnapshotInvalid { path: String, id: u64, reason: String },
+    /// The operation makes no sense for this kind of entry (read on a directory, …).
+    #[error("{path}: {what}")]
+    VfsWrongKind { path: String, what: &'static str },
+    /// The engine failed underneath a path of the mounted tree.
+    #[error("{path}: {source}")]
+    VfsEngine { path: String, source: Box<Error> },
+
     /// An I/O call on a backup repository file failed.
     #[error("backup repository: cannot {action} {path}: {source}")]
     RepoIo { action: &'static str, path: PathBuf, source: std::io::Error },
@@ -55,4 +136,11 @@ pub enum Error {
     /// The restore target cannot take the image.
     #[error("cannot restore to {path}: {reason}")]
     RestoreTarget { path: PathBuf, reason: String },
+}
+
+impl Error {
+    /// Wraps an `io::Error` with the operation and the file it concerned.
+    pub fn io(op: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Error {
+        Error::Io { op, path: path.into(), source }
+    }
 }

@@ -21,16 +21,7 @@ use serde::{Deserialize, Serialize};
 /// Longest line a writer may send.
 pub const MAX_WRITER_LINE: usize = 64 * 1024;
 
-/// What a writer wants when it cannot freeze (veto or timeout).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum OnError {
-    /// The whole snapshot fails (default).
-    #[default]
-    Fail,
-    /// The snapshot goes on without this writer's consistency; the outcome is recorded.
-    Continue,
-}
+pub use freezeframe_core::protocol::{EventKind, OnError};
 
 /// A line from the application.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -43,29 +34,8 @@ pub enum WriterRequest {
         #[serde(default)]
         freeze_timeout_ms: Option<u64>,
     },
-    Ack { event: EventName, snapshot: u64 },
-    Veto { event: EventName, snapshot: u64, reason: String },
-}
-
-/// The events a node sends to its writers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum EventName {
-    Freeze,
-    Thaw,
-    PostSnapshot,
-    Abort,
-}
-
-impl EventName {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            EventName::Freeze => "freeze",
-            EventName::Thaw => "thaw",
-            EventName::PostSnapshot => "post_snapshot",
-            EventName::Abort => "abort",
-        }
-    }
+    Ack { event: EventKind, snapshot: u64 },
+    Veto { event: EventKind, snapshot: u64, reason: String },
 }
 
 /// A line from the node.
@@ -107,7 +77,7 @@ mod tests {
         let r = parse_writer_line(r#"{"op":"veto","event":"freeze","snapshot":3,"reason":"busy"}"#).unwrap();
         assert_eq!(
             r,
-            WriterRequest::Veto { event: EventName::Freeze, snapshot: 3, reason: "busy".into() }
+            WriterRequest::Veto { event: EventKind::Freeze, snapshot: 3, reason: "busy".into() }
         );
     }
 

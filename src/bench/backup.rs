@@ -40,6 +40,9 @@ pub struct BenchBackupArgs {
     /// Skip restic and borg.
     #[arg(long)]
     only_ours: bool,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 /// Timing and growth of one backup.
@@ -48,7 +51,8 @@ struct Step {
     growth: u64,
 }
 
-pub fn run(args: BenchBackupArgs, json_out: bool) -> Result<()> {
+pub fn run(args: BenchBackupArgs) -> Result<()> {
+    let json_out = args.json;
     let size = freezeframe_core::units::parse_size(&args.size)?;
     let bs = u32::try_from(freezeframe_core::units::parse_size(&args.block_size)?).context("--block-size")?;
     let pct: f64 = args

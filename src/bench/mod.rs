@@ -4,17 +4,21 @@
 use clap::Subcommand;
 
 pub mod backup;
+pub mod volume;
 
 /// The benchmarks.
 #[derive(Subcommand, Debug)]
 pub enum BenchCommand {
+    /// Copy-on-write cost of the volume engine and snapshot create time.
+    Volume(volume::BenchVolumeArgs),
     /// Express-full backups against restic and borg on the same volume.
     Backup(backup::BenchBackupArgs),
 }
 
 /// Runs one benchmark.
-pub fn run(cmd: BenchCommand, json: bool) -> anyhow::Result<()> {
+pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
-        BenchCommand::Backup(args) => backup::run(args, json),
+        BenchCommand::Volume(args) => volume::run(args),
+        BenchCommand::Backup(args) => backup::run(args),
     }
 }

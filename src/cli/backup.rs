@@ -26,6 +26,9 @@ pub enum BackupCommand {
         /// Target size of pack files.
         #[arg(long, default_value = "32MiB")]
         pack_size: String,
+        /// Print one JSON value instead of text.
+        #[arg(long)]
+        json: bool,
     },
     /// Back up a complete snapshot of this node's volume: full the first time,
     /// then only the blocks changed since the last backed-up snapshot.
@@ -38,11 +41,17 @@ pub enum BackupCommand {
         /// Snapshot id, or `latest` (the newest sealed snapshot).
         #[arg(long, default_value = "latest")]
         snapshot: String,
+        /// Print one JSON value instead of text.
+        #[arg(long)]
+        json: bool,
     },
     /// The backups in a repository, oldest first.
     List {
         #[arg(long)]
         repo: PathBuf,
+        /// Print one JSON value instead of text.
+        #[arg(long)]
+        json: bool,
     },
     /// Restore a backup, bit-exact, to an image file (created or overwritten) or a block device.
     Restore {
@@ -52,6 +61,9 @@ pub enum BackupCommand {
         backup_id: String,
         #[arg(long)]
         to: PathBuf,
+        /// Print one JSON value instead of text.
+        #[arg(long)]
+        json: bool,
     },
     /// Check the repository; with --read-data also every byte of every pack.
     Verify {
@@ -59,24 +71,33 @@ pub enum BackupCommand {
         repo: PathBuf,
         #[arg(long)]
         read_data: bool,
+        /// Print one JSON value instead of text.
+        #[arg(long)]
+        json: bool,
     },
     /// Delete a backup and collect the data no other backup uses.
     Forget {
         #[arg(long)]
         repo: PathBuf,
         backup_id: String,
+        /// Print one JSON value instead of text.
+        #[arg(long)]
+        json: bool,
     },
     /// Collect unreferenced data and debris of interrupted backups.
     Gc {
         #[arg(long)]
         repo: PathBuf,
+        /// Print one JSON value instead of text.
+        #[arg(long)]
+        json: bool,
     },
 }
 
 /// Runs one backup command. `config` is the node config selected with `--config`.
-pub fn run(args: BackupArgs, json: bool, config: Option<&Path>) -> Result<ExitCode> {
+pub fn run(args: BackupArgs, config: Option<&Path>) -> Result<ExitCode> {
     match args.command {
-        BackupCommand::Init { repo, pack_size } => {
+        BackupCommand::Init { repo, pack_size, json } => {
             let pack_size = freezeframe_core::units::parse_size(&pack_size).context("--pack-size")?;
             let r = Repository::init(&repo, pack_size)?;
             if json {
@@ -85,7 +106,7 @@ pub fn run(args: BackupArgs, json: bool, config: Option<&Path>) -> Result<ExitCo
                 println!("backup repository {} created in {}", r.config().repo_id, repo.display());
             }
         }
-        BackupCommand::Run { repo, volume, snapshot } => {
+        BackupCommand::Run { repo, volume, snapshot, json } => {
             let volume_path = match (volume, config) {
                 (Some(v), _) => v,
                 (None, Some(cfg)) => crate::config::NodeConfig::load(cfg)?.raw.volume.path,
@@ -107,7 +128,7 @@ pub fn run(args: BackupArgs, json: bool, config: Option<&Path>) -> Result<ExitCo
                 print_run(&m.header);
             }
         }
-        BackupCommand::List { repo } => {
+        BackupCommand::List { repo, json } => {
             let listing = Repository::open(&repo)?.list()?;
             if json {
                 let unreadable: Vec<_> =
@@ -135,7 +156,7 @@ pub fn run(args: BackupArgs, json: bool, config: Option<&Path>) -> Result<ExitCo
                 }
             }
         }
-        BackupCommand::Restore { repo, backup_id, to } => {
+        BackupCommand::Restore { repo, backup_id, to, json } => {
             let repo = Repository::open(&repo)?;
             let bar = Bar::new(json);
             let r = repo.restore(&backup_id, &to, &bar)?;
@@ -153,7 +174,7 @@ pub fn run(args: BackupArgs, json: bool, config: Option<&Path>) -> Result<ExitCo
                 );
             }
         }
-        BackupCommand::Verify { repo, read_data } => {
+        BackupCommand::Verify { repo, read_data, json } => {
             let repo = Repository::open(&repo)?;
             let bar = Bar::new(json);
             let r = repo.verify(read_data, &bar)?;
@@ -179,7 +200,7 @@ pub fn run(args: BackupArgs, json: bool, config: Option<&Path>) -> Result<ExitCo
                 return Ok(ExitCode::FAILURE);
             }
         }
-        BackupCommand::Forget { repo, backup_id } => {
+        BackupCommand::Forget { repo, backup_id, json } => {
             let r = Repository::open(&repo)?.forget(&backup_id)?;
             if json {
                 println!("{}", serde_json::to_string(&r)?);
@@ -193,7 +214,7 @@ pub fn run(args: BackupArgs, json: bool, config: Option<&Path>) -> Result<ExitCo
                 );
             }
         }
-        BackupCommand::Gc { repo } => {
+        BackupCommand::Gc { repo, json } => {
             let r = Repository::open(&repo)?.gc()?;
             if json {
                 println!("{}", serde_json::to_string(&r)?);

@@ -2,3 +2,4 @@
 //! and prints; no decision is made here.
 
 pub mod backup;
+pub mod volume;

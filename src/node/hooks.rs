@@ -16,7 +16,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use freezeframe_netproto::writer::EventName;
+use freezeframe_core::protocol::EventKind as EventName;
 use tokio::process::Command;
 
 /// The executables of a hooks folder in lexical order (non-executables and

@@ -24,7 +24,6 @@ mod peers;
 mod writers;
 
 use std::path::Path;
-use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use freezeframe_core::volume::Volume;
@@ -34,7 +33,6 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 
 use crate::config::NodeConfig;
 
-pub use driver::Clock;
 
 /// Everything the driver hears, from every task.
 #[derive(Debug)]
@@ -51,9 +49,15 @@ pub enum DriverEvent {
     },
     WriterReply { id: u64, req: WriterRequest },
     WriterGone { id: u64 },
-    PeerUp { node: String, tx: mpsc::UnboundedSender<freezeframe_core::protocol::PeerMsg> },
-    PeerMsg { node: String, msg: freezeframe_core::protocol::PeerMsg },
-    PeerDown { node: String },
+    /// A peer connection `conn` is up; `tx` sends to it.
+    PeerUp { node: String, conn: usize, tx: mpsc::UnboundedSender<peers::PeerWire> },
+    PeerMsg { node: String, msg: freezeframe_core::protocol::PeerMessage },
+    /// A peer forwarded one of its own phase events.
+    PeerEvent { node: String, event: freezeframe_core::protocol::PhaseEvent },
+    /// A peer's status summary changed.
+    PeerStatus { node: String, status: Value },
+    /// Connection `conn` to the peer closed (ignored if a newer one is up).
+    PeerDown { node: String, conn: usize },
     /// The result of an engine action the driver ran off the async threads.
     Engine(driver::EngineDone),
     Shutdown,

@@ -39,6 +39,7 @@ pub mod hash;
 mod index;
 pub mod manifest;
 mod pack;
+pub mod volume_source;
 pub mod repo;
 pub mod restore;
 pub mod run;
@@ -52,6 +53,7 @@ pub use repo::{Listing, RepoConfig, Repository, DEFAULT_PACK_SIZE};
 pub use restore::RestoreReport;
 pub use source::{BlockSource, ChangedSince, ImageFileSource};
 pub use verify::{VerifyProblem, VerifyReport};
+pub use volume_source::VolumeSnapshotSource;
 
 /// Told how far a long operation has come (the CLI draws a bar from it).
 pub trait Progress: Sync {

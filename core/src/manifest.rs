@@ -1,0 +1,323 @@
+//! Snapshot manifests: what a finished snapshot was — who asked for it, which nodes and
+//! writers took part and how each phase went, its geometry, and the blake3 hash of the
+//! whole image once someone computed it.
+//!
+//! One JSON file per snapshot in the volume's state directory,
+//! `<state_dir>/manifests/<id>.json`, written atomically (temporary file, fsync, rename,
+//! fsync of the directory) so a crash leaves either the old or the new manifest, never a
+//! torn one. Files larger than [`MAX_MANIFEST_BYTES`] are refused rather than read.
+//! The node's FUSE mount shows them as `snapshots/<id>/manifest.json`.
+
+use std::fs::{self, File};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::volume::{Snapshot, SnapshotId, SnapshotState};
+
+/// A manifest larger than this is corrupt, not a manifest: refuse it before parsing.
+pub const MAX_MANIFEST_BYTES: u64 = 16 * 1024 * 1024;
+
+/// Where a snapshot stands, as recorded in its manifest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum ManifestStatus {
+    /// Committed; post-snapshot processing may still write to it.
+    Open,
+    /// Complete cluster-wide and read-only.
+    Sealed,
+    /// Unusable (diff area overflow); its data is gone.
+    Invalid { reason: String },
+}
+
+impl From<&SnapshotState> for ManifestStatus {
+    fn from(s: &SnapshotState) -> Self {
+        match s {
+            SnapshotState::Open => ManifestStatus::Open,
+            SnapshotState::Sealed => ManifestStatus::Sealed,
+            SnapshotState::Invalid { reason } => ManifestStatus::Invalid { reason: reason.clone() },
+        }
+    }
+}
+
+/// The record of one snapshot, as stored in `manifests/<id>.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotManifest {
+    pub id: SnapshotId,
+    /// Commit time, milliseconds since the Unix epoch.
+    pub created_ms: u64,
+    /// The node the request reached; `None` when the manifest was generated from the
+    /// catalog alone (the protocol report was never written, e.g. a library snapshot).
+    pub initiator: Option<String>,
+    pub status: ManifestStatus,
+    pub block_size: u32,
+    /// Image size in bytes.
+    pub size: u64,
+    /// The protocol report: per node, its writers, their outcome and phase timings.
+    /// Kept as free JSON until the report format settles.
+    #[serde(default)]
+    pub nodes: serde_json::Value,
+    /// First writer frozen to last writer thawed, cluster-wide, in ms.
+    #[serde(default)]
+    pub freeze_window_ms: Option<u64>,
+    /// How long the initiator held the volume's live I/O, in ms.
+    #[serde(default)]
+    pub io_hold_ms: Option<u64>,
+    /// Hex blake3 of the whole image, once `freezeframe snapshot verify` computed it.
+    #[serde(default)]
+    pub blake3: Option<String>,
+}
+
+impl SnapshotManifest {
+    /// A manifest that knows only what the catalog knows (no protocol report yet).
+    pub fn bare(id: SnapshotId, created_ms: u64, status: ManifestStatus, block_size: u32, size: u64) -> SnapshotManifest {
+        SnapshotManifest {
+            id,
+            created_ms,
+            initiator: None,
+            status,
+            block_size,
+            size,
+            nodes: serde_json::Value::Null,
+            freeze_window_ms: None,
+            io_hold_ms: None,
+            blake3: None,
+        }
+    }
+}
+
+/// The directory holding the manifests of a volume.
+pub fn manifests_dir(state_dir: &Path) -> PathBuf {
+    state_dir.join("manifests")
+}
+
+/// The file of snapshot `id`'s manifest.
+pub fn manifest_path(state_dir: &Path, id: SnapshotId) -> PathBuf {
+    manifests_dir(state_dir).join(format!("{id}.json"))
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |source| Error::ManifestIo { path: path.to_path_buf(), source }
+}
+
+/// Writes `m` to `manifests/<id>.json` atomically and durably; returns the file's path.
+pub fn store(state_dir: &Path, m: &SnapshotManifest) -> Result<PathBuf> {
+    let dir = manifests_dir(state_dir);
+    fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+    let path = manifest_path(state_dir, m.id);
+    let tmp = dir.join(format!(".{}.json.tmp.{}", m.id, std::process::id()));
+    let bytes = serde_json::to_vec_pretty(m)
+        .map_err(|e| Error::ManifestCorrupt { path: path.clone(), reason: format!("cannot encode: {e}") })?;
+    let write = || -> std::io::Result<()> {
+        let mut f = File::create(&tmp)?;
+        f.write_all(&bytes)?;
+        f.write_all(b"\n")?;
+        f.sync_all()?;
+        fs::rename(&tmp, &path)?;
+        // The rename is only durable once the directory entry is.
+        File::open(&dir)?.sync_all()
+    };
+    if let Err(e) = write() {
+        let _ = fs::remove_file(&tmp);
+        return Err(Error::ManifestIo { path, source: e });
+    }
+    Ok(path)
+}
+
+/// Parses one manifest file, refusing oversized or malformed ones with the file named.
+pub fn load_file(path: &Path) -> Result<SnapshotManifest> {
+    let f = File::open(path).map_err(io_err(path))?;
+    let len = f.metadata().map_err(io_err(path))?.len();
+    if len > MAX_MANIFEST_BYTES {
+        return Err(Error::ManifestCorrupt {
+            path: path.to_path_buf(),
+            reason: format!("{len} bytes, more than the {MAX_MANIFEST_BYTES} a manifest may have"),
+        });
+    }
+    let mut bytes = Vec::with_capacity(len as usize);
+    f.take(MAX_MANIFEST_BYTES + 1).read_to_end(&mut bytes).map_err(io_err(path))?;
+    serde_json::from_slice(&bytes).map_err(|e| Error::ManifestCorrupt { path: path.to_path_buf(), reason: e.to_string() })
+}
+
+/// The manifest of snapshot `id`, or `None` if none was stored. A file whose `id` field
+/// disagrees with its name is corrupt.
+pub fn load(state_dir: &Path, id: SnapshotId) -> Result<Option<SnapshotManifest>> {
+    let path = manifest_path(state_dir, id);
+    match fs::metadata(&path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(Error::ManifestIo { path, source: e }),
+        Ok(_) => {}
+    }
+    let m = load_file(&path)?;
+    if m.id != id {
+        return Err(Error::ManifestCorrupt { path, reason: format!("names snapshot {} but the file is for {id}", m.id) });
+    }
+    Ok(Some(m))
+}
+
+/// Every stored manifest, ordered by snapshot id. Stray files (temporaries, other
+/// names) are skipped; a corrupt `<id>.json` is an error naming it.
+pub fn list(state_dir: &Path) -> Result<Vec<SnapshotManifest>> {
+    let dir = manifests_dir(state_dir);
+    let rd = match fs::read_dir(&dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(Error::ManifestIo { path: dir, source: e }),
+        Ok(rd) => rd,
+    };
+    let mut out = Vec::new();
+    for entry in rd {
+        let entry = entry.map_err(io_err(&dir))?;
+        let name = entry.file_name();
+        let Some(id) = name.to_str().and_then(|n| n.strip_suffix(".json")).and_then(|n| n.parse::<SnapshotId>().ok()) else {
+            continue;
+        };
+        if let Some(m) = load(state_dir, id)? {
+            out.push(m);
+        }
+    }
+    out.sort_by_key(|m| m.id);
+    Ok(out)
+}
+
+/// Removes snapshot `id`'s manifest (no error if there was none).
+pub fn remove(state_dir: &Path, id: SnapshotId) -> Result<()> {
+    let path = manifest_path(state_dir, id);
+    match fs::remove_file(&path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::ManifestIo { path, source: e }),
+        _ => Ok(()),
+    }
+}
+
+/// Size of each sequential read while hashing: large enough that the storage streams.
+const HASH_CHUNK: usize = 4 * 1024 * 1024;
+
+/// The blake3 hash (hex) of the whole point-in-time image of `snap`.
+///
+/// One thread reads the image in big sequential chunks while the calling thread hashes
+/// the previous one, so the time is max(read, hash) rather than their sum. Fails (never
+/// hashes zeros) if the snapshot turns invalid or a read comes up short.
+pub fn compute_image_hash(snap: &Snapshot) -> Result<String> {
+    let size = snap.size();
+    let (full_tx, full_rx) = mpsc::sync_channel::<Result<Vec<u8>>>(2);
+    let (empty_tx, empty_rx) = mpsc::sync_channel::<Vec<u8>>(3);
+    for _ in 0..3 {
+        // Capacity 3, nothing received yet: cannot block or fail.
+        let _ = empty_tx.send(vec![0u8; HASH_CHUNK]);
+    }
+    let reader_snap = snap.clone();
+    let reader = std::thread::spawn(move || {
+        let mut offset = 0u64;
+        while offset < size {
+            let Ok(mut buf) = empty_rx.recv() else { return };
+            let want = HASH_CHUNK.min((size - offset) as usize);
+            buf.resize(want, 0);
+            let res = read_full(&reader_snap, &mut buf, offset).map(|()| buf);
+            let failed = res.is_err();
+            if full_tx.send(res).is_err() || failed {
+                return;
+            }
+            offset += want as u64;
+        }
+    });
+    let mut hasher = blake3::Hasher::new();
+    let mut hashed = 0u64;
+    let mut outcome = Ok(());
+    while hashed < size {
+        match full_rx.recv() {
+            Ok(Ok(buf)) => {
+                hasher.update(&buf);
+                hashed += buf.len() as u64;
+                let _ = empty_tx.send(buf);
+            }
+            Ok(Err(e)) => {
+                outcome = Err(e);
+                break;
+            }
+            Err(_) => {
+                outcome = Err(Error::VfsEngine {
+                    path: format!("snapshot {}", snap.id()),
+                    source: Box::new(Error::VfsWrongKind { path: format!("snapshot {}", snap.id()), what: "image reader thread died" }),
+                });
+                break;
+            }
+        }
+    }
+    drop(full_rx);
+    drop(empty_tx);
+    let _ = reader.join();
+    outcome.map(|()| hasher.finalize().to_hex().to_string())
+}
+
+/// Reads exactly `buf.len()` bytes of the snapshot at `offset`.
+fn read_full(snap: &Snapshot, buf: &mut [u8], offset: u64) -> Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        let n = snap.read_at(&mut buf[done..], offset + done as u64)?;
+        if n == 0 {
+            return Err(Error::VfsWrongKind {
+                path: format!("snapshot {} at byte {}", snap.id(), offset + done as u64),
+                what: "image ended before its size",
+            });
+        }
+        done += n;
+    }
+    Ok(())
+}
+
+/// Computes snapshot `snap`'s image hash and records it in its manifest (creating a
+/// manifest from `info_fallback` if none was stored). Returns the hash.
+pub fn verify_and_record(state_dir: &Path, snap: &Snapshot, fallback: impl FnOnce() -> SnapshotManifest) -> Result<String> {
+    let hash = compute_image_hash(snap)?;
+    let mut m = load(state_dir, snap.id())?.unwrap_or_else(fallback);
+    m.blake3 = Some(hash.clone());
+    store(state_dir, &m)?;
+    Ok(hash)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(id: SnapshotId) -> SnapshotManifest {
+        SnapshotManifest {
+            id,
+            created_ms: 1_763_000_000_000,
+            initiator: Some("node-a".into()),
+            status: ManifestStatus::Sealed,
+            block_size: 65536,
+            size: 1 << 20,
+            nodes: serde_json::json!({"node-a": {"writers": {"db": "ok"}}}),
+            blake3: None,
+        }
+    }
+
+    #[test]
+    fn stored_manifests_load_back_and_list_in_id_order() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        store(dir.path(), &sample(7)).expect("store 7");
+        store(dir.path(), &sample(3)).expect("store 3");
+        std::fs::write(manifests_dir(dir.path()).join(".3.json.tmp.1"), b"junk").expect("stray");
+        assert_eq!(load(dir.path(), 7).expect("load").expect("present"), sample(7));
+        assert_eq!(load(dir.path(), 5).expect("load"), None);
+        let ids: Vec<_> = list(dir.path()).expect("list").iter().map(|m| m.id).collect();
+        assert_eq!(ids, vec![3, 7]);
+        remove(dir.path(), 3).expect("remove");
+        assert_eq!(load(dir.path(), 3).expect("load"), None);
+    }
+
+    #[test]
+    fn corrupt_manifest_is_an_error_naming_the_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir_all(manifests_dir(dir.path())).expect("mkdir");
+        std::fs::write(manifest_path(dir.path(), 4), b"{\"id\": 4, \"created_ms\": ").expect("write");
+        let err = load(dir.path(), 4).expect_err("truncated JSON must fail").to_string();
+        assert!(err.contains("manifests/4.json") && err.contains("corrupt"), "{err}");
+        store(dir.path(), &sample(9)).expect("store");
+        std::fs::rename(manifest_path(dir.path(), 9), manifest_path(dir.path(), 10)).expect("rename");
+        let err = load(dir.path(), 10).expect_err("wrong id must fail").to_string();
+        assert!(err.contains("names snapshot 9"), "{err}");
+    }
+}

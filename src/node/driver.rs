@@ -1,0 +1,646 @@
+//! The driver: the one task that owns this node's [`NodeMachine`].
+//!
+//! It turns [`DriverEvent`]s into machine inputs (with the time), executes
+//! the machine's outputs in order, and wakes the machine when its timer is
+//! due. Engine work that blocks (hold, flush, create, seal, delete) runs on
+//! the blocking pool and comes back as a [`DriverEvent::Engine`], so the
+//! driver never stalls behind the disk.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result};
+use freezeframe_core::manifest::{self, ManifestStatus, SnapshotManifest};
+use freezeframe_core::protocol::{
+    self, EventKind, Failure, Input, NodeMachine, Output, Phase, Report, ReportStatus, WriterEvent as MEvent,
+    WriterReply,
+};
+use freezeframe_core::volume::{HoldGuard, InFlightGuard, SnapshotOptions, Volume};
+use freezeframe_netproto::writer::{WriterEvent, WriterRequest};
+use serde_json::{json, Value};
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+use super::hooks::{self, HookRun};
+use super::peers::{self, PeerTable, PeerWire};
+use super::{control, writers, DriverEvent, Shared};
+use crate::config::NodeConfig;
+
+/// Milliseconds since the epoch that never go backwards: the wall clock read
+/// once at start, advanced by the monotonic clock.
+#[derive(Debug, Clone, Copy)]
+pub struct Clock {
+    epoch_ms: u64,
+    start: Instant,
+}
+
+impl Clock {
+    pub fn new() -> Clock {
+        let epoch_ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+        Clock { epoch_ms, start: Instant::now() }
+    }
+    pub fn now_ms(&self) -> u64 {
+        self.epoch_ms + self.start.elapsed().as_millis() as u64
+    }
+    fn instant_of(&self, ms: u64) -> Instant {
+        self.start + Duration::from_millis(ms.saturating_sub(self.epoch_ms))
+    }
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Clock::new()
+    }
+}
+
+/// Results of engine work done off the driver task.
+#[derive(Debug)]
+pub enum EngineDone {
+    Held { snapshot: u64, guard: HoldGuard },
+    Flushed { snapshot: u64, result: Result<(), String> },
+    Created { snapshot: u64, result: Result<(), String> },
+    Sealed { snapshot: u64, result: Result<(), String> },
+}
+
+/// The writer id the `hooks.d` folder registers under.
+const HOOKS_WRITER: u64 = u64::MAX;
+
+struct Writer {
+    name: String,
+    tx: Option<mpsc::UnboundedSender<WriterEvent>>,
+}
+
+struct Driver {
+    shared: Arc<Shared>,
+    clock: Clock,
+    machine: NodeMachine,
+    tx: super::DriverTx,
+    writers: HashMap<u64, Writer>,
+    peers: PeerTable,
+    peer_conn: HashMap<String, usize>,
+    /// Local snapshot requests waiting for their report.
+    waiting: HashMap<u64, oneshot::Sender<Value>>,
+    next_req: u64,
+    /// The cluster-wide one-in-flight lock while this node initiates.
+    in_flight: Option<InFlightGuard>,
+    hold: Option<HoldGuard>,
+    mounted: bool,
+}
+
+pub async fn run_node(cfg: NodeConfig) -> Result<()> {
+    let clock = Clock::new();
+    std::fs::create_dir_all(&cfg.raw.node.run_dir)
+        .with_context(|| format!("creating run dir {}", cfg.raw.node.run_dir.display()))?;
+    let volume = Volume::open(&cfg.raw.volume.path)
+        .with_context(|| format!("node {}: opening the shared volume", cfg.name()))?;
+    std::fs::write(cfg.pid_file(), std::process::id().to_string())?;
+
+    // The mount first: a stale one from a killed daemon is cleared.
+    let _ = freezeframe_fusefs::clear_stale_mount(&cfg.raw.node.mount);
+    let view = Arc::new(freezeframe_core::vfs::Vfs::new(Arc::new(volume.clone())));
+    let mount = freezeframe_fusefs::mount(
+        view,
+        &cfg.raw.node.mount,
+        freezeframe_fusefs::MountConfig { allow_other: cfg.raw.node.allow_other, ..Default::default() },
+    )
+    .with_context(|| format!("node {}: mounting {}", cfg.name(), cfg.raw.node.mount.display()))?;
+
+    let (events, _) = broadcast::channel(4096);
+    let shared = Arc::new(Shared { cfg: cfg.clone(), volume, events });
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    control::serve(&cfg.control_socket(), tx.clone(), shared.clone()).await?;
+    writers::serve(&cfg.writer_socket(), tx.clone()).await?;
+    let _mesh = peers::start(&cfg, tx.clone())?;
+    {
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!("cannot watch SIGTERM: {e}");
+                    return;
+                }
+            };
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            let _ = tx.send(DriverEvent::Shutdown);
+        });
+    }
+
+    let pcfg = protocol::Config {
+        node: cfg.name().to_string(),
+        members: cfg.raw.cluster.members.iter().map(|m| m.name.clone()).collect(),
+        lease_ms: cfg.lease_ms,
+        writer_timeout_ms: cfg.writer_timeout_ms,
+        commit_margin_ms: protocol::DEFAULT_COMMIT_MARGIN_MS.min(cfg.lease_ms / 4),
+    };
+    let mut d = Driver {
+        machine: NodeMachine::new(pcfg, clock.now_ms()),
+        shared: shared.clone(),
+        clock,
+        tx: tx.clone(),
+        writers: HashMap::new(),
+        peers: PeerTable::default(),
+        peer_conn: HashMap::new(),
+        waiting: HashMap::new(),
+        next_req: 1,
+        in_flight: None,
+        hold: None,
+        mounted: true,
+    };
+    if cfg.raw.node.hooks_dir.is_some() {
+        d.writers.insert(HOOKS_WRITER, Writer { name: "hooks.d".into(), tx: None });
+        let input = Input::WriterRegistered {
+            writer: HOOKS_WRITER,
+            name: "hooks.d".into(),
+            on_error: protocol::OnError::Fail,
+            // The hook timeout bounds each script; the whole folder gets the lease.
+            freeze_timeout_ms: Some(cfg.lease_ms),
+        };
+        d.feed(input);
+    }
+    if let Ok(Some(_guard)) = shared.volume.try_begin_snapshot() {
+        delete_orphans(&shared.volume);
+    }
+    tracing::info!(node = %cfg.name(), mount = %cfg.raw.node.mount.display(), "node running");
+
+    loop {
+        let wake = d.machine.poll_timeout().map(|t| d.clock.instant_of(t));
+        let ev = match wake {
+            Some(at) => tokio::select! {
+                ev = rx.recv() => ev,
+                _ = tokio::time::sleep_until(at.into()) => {
+                    let now = d.clock.now_ms();
+                    d.machine.handle_timeout(now);
+                    d.drain();
+                    continue;
+                }
+            },
+            None => rx.recv().await,
+        };
+        match ev {
+            None | Some(DriverEvent::Shutdown) => break,
+            Some(ev) => d.event(ev),
+        }
+    }
+
+    tracing::info!(node = %cfg.name(), "shutting down");
+    d.shutdown().await;
+    drop(_mesh);
+    drop(mount);
+    for p in [cfg.control_socket(), cfg.writer_socket(), cfg.pid_file()] {
+        let _ = std::fs::remove_file(p);
+    }
+    Ok(())
+}
+
+impl Driver {
+    fn name(&self) -> &str {
+        self.shared.cfg.name()
+    }
+
+    fn feed(&mut self, input: Input) {
+        let now = self.clock.now_ms();
+        self.machine.handle(input, now);
+        self.drain();
+    }
+
+    fn event(&mut self, ev: DriverEvent) {
+        match ev {
+            DriverEvent::Status { reply } => {
+                let _ = reply.send(self.status());
+            }
+            DriverEvent::Create { timeout_ms, reply } => self.create(timeout_ms, reply),
+            DriverEvent::Delete { id, reply } => self.delete(id, reply),
+            DriverEvent::WriterRegistered { id, name, on_error, freeze_timeout_ms, tx } => {
+                let _ = tx.send(WriterEvent::Registered { writer: name.clone() });
+                self.writers.insert(id, Writer { name: name.clone(), tx: Some(tx) });
+                tracing::info!(writer = %name, "writer registered");
+                self.feed(Input::WriterRegistered { writer: id, name, on_error, freeze_timeout_ms });
+                self.gossip_status();
+            }
+            DriverEvent::WriterReply { id, req } => {
+                let (event, snapshot, reply) = match req {
+                    WriterRequest::Ack { event, snapshot } => (event, snapshot, WriterReply::Ack),
+                    WriterRequest::Veto { event, snapshot, reason } => (event, snapshot, WriterReply::Veto { reason }),
+                    WriterRequest::Register { .. } => return,
+                };
+                self.feed(Input::WriterReply { writer: id, snapshot, event, reply });
+            }
+            DriverEvent::WriterGone { id } => {
+                if let Some(w) = self.writers.remove(&id) {
+                    tracing::info!(writer = %w.name, "writer gone");
+                }
+                self.feed(Input::WriterGone { writer: id });
+                self.gossip_status();
+            }
+            DriverEvent::PeerUp { node, conn, tx } => {
+                self.peer_conn.insert(node.clone(), conn);
+                self.peers.senders.insert(node.clone(), tx);
+                self.feed(Input::PeerUp { node: node.clone() });
+                let st = self.own_summary();
+                self.peers.send(&node, PeerWire::Status { status: st });
+            }
+            DriverEvent::PeerDown { node, conn } => {
+                if self.peer_conn.get(&node) == Some(&conn) {
+                    self.peer_conn.remove(&node);
+                    self.peers.senders.remove(&node);
+                    self.peers.status.remove(&node);
+                    self.feed(Input::PeerDown { node });
+                }
+            }
+            DriverEvent::PeerMsg { node, msg } => self.feed(Input::Peer { from: node, msg }),
+            DriverEvent::PeerEvent { node, event } => {
+                if event.node == node {
+                    if let Ok(v) = serde_json::to_value(&event) {
+                        let _ = self.shared.events.send(v);
+                    }
+                }
+            }
+            DriverEvent::PeerStatus { node, status } => {
+                self.peers.status.insert(node, status);
+            }
+            DriverEvent::Engine(done) => self.engine_done(done),
+            DriverEvent::Shutdown => {}
+        }
+    }
+
+    fn create(&mut self, timeout_ms: Option<u64>, reply: oneshot::Sender<Value>) {
+        let now = self.clock.now_ms();
+        let busy = |reason: String| -> Value {
+            serde_json::to_value(Report {
+                id: 0,
+                status: ReportStatus::Failed,
+                error: Some(Failure { node: String::new(), writer: None, phase: Phase::Idle, reason }),
+                initiator: String::new(),
+                requested_ms: now,
+                finished_ms: now,
+                nodes: Vec::new(),
+                freeze_window_ms: None,
+                io_hold_ms: None,
+            })
+            .unwrap_or(Value::Null)
+        };
+        let name = self.name().to_string();
+        let fail = |mut v: Value| {
+            v["error"]["node"] = json!(name);
+            v["initiator"] = json!(name);
+            v
+        };
+        if self.machine.status().in_flight {
+            let _ = reply.send(fail(busy(format!(
+                "{}another snapshot is in flight on node {name}",
+                protocol::BUSY_PREFIX
+            ))));
+            return;
+        }
+        let volume = self.shared.volume.clone();
+        let guard = tokio::task::block_in_place(|| volume.try_begin_snapshot());
+        let guard = match guard {
+            Ok(Some(g)) => g,
+            Ok(None) => {
+                let _ = reply.send(fail(busy(format!(
+                    "{}another snapshot of this volume is in flight in the cluster",
+                    protocol::BUSY_PREFIX
+                ))));
+                return;
+            }
+            Err(e) => {
+                let _ = reply.send(fail(busy(format!("cannot lock the volume's state directory: {e}"))));
+                return;
+            }
+        };
+        let id = match tokio::task::block_in_place(|| volume.reserve_snapshot_id()) {
+            Ok(id) => id,
+            Err(e) => {
+                let _ = reply.send(fail(busy(format!("cannot reserve a snapshot id in the catalog: {e}"))));
+                return;
+            }
+        };
+        // Holding the in-flight lock, no snapshot is being taken anywhere: an
+        // Open snapshot now is the leftover of an initiator that died after commit.
+        tokio::task::block_in_place(|| delete_orphans(&volume));
+        self.in_flight = Some(guard);
+        let req = self.next_req;
+        self.next_req += 1;
+        self.waiting.insert(req, reply);
+        self.feed(Input::Request { req, snapshot: id, timeout_ms });
+    }
+
+    fn delete(&mut self, id: u64, reply: oneshot::Sender<Result<()>>) {
+        let st = self.machine.status();
+        if st.in_flight && st.snapshot == Some(id) {
+            let _ = reply.send(Err(anyhow::anyhow!("snapshot {id} is being taken right now; delete it when it is done")));
+            return;
+        }
+        let shared = self.shared.clone();
+        tokio::task::spawn_blocking(move || {
+            let r = shared
+                .volume
+                .delete_snapshot(id)
+                .map_err(anyhow::Error::from)
+                .and_then(|_| manifest::remove(shared.volume.state_dir(), id).map_err(anyhow::Error::from));
+            let _ = reply.send(r);
+        });
+    }
+
+    /// Executes every output the machine has, in order.
+    fn drain(&mut self) {
+        while let Some(out) = self.machine.poll_output() {
+            self.execute(out);
+        }
+    }
+
+    fn execute(&mut self, out: Output) {
+        match out {
+            Output::SendPeer { to, msg } => {
+                if !self.peers.send(&to, PeerWire::Protocol { msg }) {
+                    tracing::debug!(peer = %to, "message to a disconnected peer dropped");
+                }
+            }
+            Output::WriterEvent { writer, snapshot, event } => self.to_writer(writer, snapshot, event),
+            Output::HoldIo { snapshot } => {
+                let (volume, tx) = (self.shared.volume.clone(), self.tx.clone());
+                tokio::task::spawn_blocking(move || {
+                    let guard = volume.hold();
+                    let _ = tx.send(DriverEvent::Engine(EngineDone::Held { snapshot, guard }));
+                });
+            }
+            Output::ReleaseIo { .. } => {
+                self.hold = None;
+            }
+            Output::FlushVolume { snapshot } => self.blocking(move |v| {
+                EngineDone::Flushed { snapshot, result: v.flush().map_err(|e| e.to_string()) }
+            }),
+            Output::CreateSnapshot { snapshot } => {
+                let opts = SnapshotOptions { diff_limit: self.shared.cfg.diff_limit };
+                self.blocking(move |v| EngineDone::Created {
+                    snapshot,
+                    result: v.create_snapshot(snapshot, &opts).map(|_| ()).map_err(|e| e.to_string()),
+                })
+            }
+            Output::SealSnapshot { snapshot } => {
+                self.blocking(move |v| EngineDone::Sealed { snapshot, result: v.seal_snapshot(snapshot).map_err(|e| e.to_string()) })
+            }
+            Output::DeleteSnapshot { snapshot } => {
+                let v = self.shared.volume.clone();
+                tokio::task::spawn_blocking(move || {
+                    if let Err(e) = v.delete_snapshot(snapshot) {
+                        tracing::error!(snapshot, "could not delete the aborted snapshot: {e}");
+                    }
+                    let _ = manifest::remove(v.state_dir(), snapshot);
+                });
+            }
+            Output::Phase(ev) => {
+                if let Ok(v) = serde_json::to_value(&ev) {
+                    let _ = self.shared.events.send(v);
+                }
+                self.peers.broadcast(&PeerWire::Event { event: ev });
+                self.gossip_status();
+            }
+            Output::Report { req, report } => self.report(req, report),
+        }
+    }
+
+    fn blocking(&self, f: impl FnOnce(&Volume) -> EngineDone + Send + 'static) {
+        let (v, tx) = (self.shared.volume.clone(), self.tx.clone());
+        tokio::task::spawn_blocking(move || {
+            let done = f(&v);
+            let _ = tx.send(DriverEvent::Engine(done));
+        });
+    }
+
+    fn engine_done(&mut self, done: EngineDone) {
+        let input = match done {
+            EngineDone::Held { snapshot, guard } => {
+                self.hold = Some(guard);
+                Input::HoldDone { snapshot }
+            }
+            EngineDone::Flushed { snapshot, result } => Input::FlushDone { snapshot, result },
+            EngineDone::Created { snapshot, result } => Input::SnapshotCreated { snapshot, result },
+            EngineDone::Sealed { snapshot, result } => Input::SnapshotSealed { snapshot, result },
+        };
+        self.feed(input);
+    }
+
+    fn to_writer(&mut self, writer: u64, snapshot: u64, event: MEvent) {
+        let kind = event.kind();
+        if writer == HOOKS_WRITER {
+            let Some(dir) = self.shared.cfg.raw.node.hooks_dir.clone() else { return };
+            let run = HookRun {
+                node: self.name().to_string(),
+                snapshot,
+                timeout: Duration::from_millis(self.shared.cfg.hook_timeout_ms),
+                image_path: (kind == EventKind::PostSnapshot)
+                    .then(|| self.shared.cfg.snapshot_image_path(snapshot).display().to_string()),
+            };
+            let tx = self.tx.clone();
+            tokio::spawn(async move {
+                let result = hooks::run_event(&dir, kind, &run).await;
+                if kind == EventKind::Abort {
+                    return;
+                }
+                let req = match result {
+                    Ok(()) => WriterRequest::Ack { event: kind, snapshot },
+                    Err(reason) => WriterRequest::Veto { event: kind, snapshot, reason },
+                };
+                let _ = tx.send(DriverEvent::WriterReply { id: HOOKS_WRITER, req });
+            });
+            return;
+        }
+        let Some(w) = self.writers.get(&writer) else { return };
+        let line = match event {
+            MEvent::Freeze => WriterEvent::Freeze { snapshot },
+            MEvent::Thaw => WriterEvent::Thaw { snapshot },
+            MEvent::PostSnapshot => WriterEvent::PostSnapshot {
+                snapshot,
+                path: self.shared.cfg.snapshot_image_path(snapshot).display().to_string(),
+            },
+            MEvent::Abort { reason } => WriterEvent::Abort { snapshot, reason },
+        };
+        if let Some(tx) = &w.tx {
+            let _ = tx.send(line);
+        }
+    }
+
+    fn report(&mut self, req: u64, report: Report) {
+        self.in_flight = None;
+        if report.status == ReportStatus::Complete {
+            let m = SnapshotManifest {
+                id: report.id,
+                created_ms: report.finished_ms,
+                initiator: Some(report.initiator.clone()),
+                status: ManifestStatus::Sealed,
+                block_size: self.shared.volume.block_size(),
+                size: self.shared.volume.size(),
+                nodes: serde_json::to_value(&report.nodes).unwrap_or(Value::Null),
+                freeze_window_ms: report.freeze_window_ms,
+                io_hold_ms: report.io_hold_ms,
+                blake3: None,
+            };
+            if let Some(created) = self.shared.volume.snapshots().ok().and_then(|all| all.into_iter().find(|s| s.id == report.id)) {
+                let mut m = m;
+                m.created_ms = created.created_ms;
+                if let Err(e) = manifest::store(self.shared.volume.state_dir(), &m) {
+                    tracing::error!(snapshot = report.id, "writing the manifest failed: {e}");
+                }
+            }
+        }
+        let v = serde_json::to_value(&report).unwrap_or(Value::Null);
+        match self.waiting.remove(&req) {
+            Some(tx) => {
+                let _ = tx.send(v);
+            }
+            None => tracing::warn!(req, "report for a request nobody waits for"),
+        }
+    }
+
+    /// This node's summary as peers and the console see it.
+    fn own_summary(&self) -> Value {
+        let st = self.machine.status();
+        json!({
+            "node": st.node,
+            "phase": st.phase,
+            "snapshot": st.snapshot,
+            "in_flight": st.in_flight,
+            "writers": st.writers.iter().map(|w| json!({"name": w.name, "state": w.state, "on_error": w.on_error})).collect::<Vec<_>>(),
+        })
+    }
+
+    fn gossip_status(&self) {
+        let st = self.own_summary();
+        self.peers.broadcast(&PeerWire::Status { status: st });
+    }
+
+    fn status(&self) -> Value {
+        let cfg = &self.shared.cfg;
+        let st = self.machine.status();
+        let own = self.own_summary();
+        let mut nodes = vec![{
+            let mut o = own.clone();
+            o["connected"] = json!(true);
+            o
+        }];
+        let mut peers = Vec::new();
+        for m in cfg.peers() {
+            let connected = self.peers.senders.contains_key(&m.name);
+            peers.push(json!({"node": m.name, "addr": m.addr.to_string(), "connected": connected}));
+            let mut s = self.peers.status.get(&m.name).cloned().unwrap_or_else(|| json!({"node": m.name, "phase": "idle", "writers": []}));
+            s["connected"] = json!(connected);
+            if !connected {
+                s["phase"] = json!("unreachable");
+            }
+            nodes.push(s);
+        }
+        json!({
+            "node": cfg.name(),
+            "cluster": cfg.raw.cluster.name,
+            "volume": cfg.raw.volume.path.display().to_string(),
+            "mount": cfg.raw.node.mount.display().to_string(),
+            "mounted": self.mounted,
+            "phase": st.phase,
+            "in_flight": if st.in_flight { json!(st.snapshot) } else { Value::Null },
+            "io_held": st.io_held,
+            "peers": peers,
+            "writers": own["writers"],
+            "nodes": nodes,
+        })
+    }
+
+    /// Ends a snapshot in flight cleanly: the machine is told every peer and
+    /// writer is gone, which aborts the run and thaws local writers.
+    async fn shutdown(&mut self) {
+        let peers: Vec<String> = self.peer_conn.keys().cloned().collect();
+        for node in peers {
+            self.feed(Input::PeerDown { node });
+        }
+        let ids: Vec<u64> = self.writers.keys().copied().filter(|&w| w != HOOKS_WRITER).collect();
+        for id in ids {
+            self.feed(Input::WriterGone { writer: id });
+        }
+        // Give abort lines and hook thaws a moment to leave.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        self.hold = None;
+        for (_, tx) in self.waiting.drain() {
+            let _ = tx.send(json!({"status":"failed","error":{"reason":"node is shutting down"}}));
+        }
+    }
+}
+
+/// Deletes Open snapshots; call only while holding the in-flight lock.
+fn delete_orphans(volume: &Volume) {
+    let Ok(all) = volume.snapshots() else { return };
+    for s in all.into_iter().filter(|s| s.state == freezeframe_core::volume::SnapshotState::Open) {
+        tracing::warn!(snapshot = s.id, "deleting snapshot left open by an initiator that died after commit");
+        if let Err(e) = volume.delete_snapshot(s.id) {
+            tracing::error!(snapshot = s.id, "could not delete the orphaned snapshot: {e}");
+        }
+        let _ = manifest::remove(volume.state_dir(), s.id);
+    }
+}
+
+impl Shared {
+    /// The snapshot rows of docs/protocol.md, oldest first.
+    pub fn snapshot_list(&self) -> Result<Value> {
+        let infos = self.volume.snapshots()?;
+        let state_dir = self.volume.state_dir().to_path_buf();
+        let mut rows = Vec::new();
+        let mut prev: Option<u64> = None;
+        for s in &infos {
+            let m = manifest::load(&state_dir, s.id).ok().flatten();
+            let (status, reason) = match &s.state {
+                freezeframe_core::volume::SnapshotState::Sealed => ("complete", None),
+                freezeframe_core::volume::SnapshotState::Open => ("open", None),
+                freezeframe_core::volume::SnapshotState::Invalid { reason } => ("invalid", Some(reason.clone())),
+            };
+            let changed = match prev {
+                Some(p) => self.volume.changed_blocks(p, Some(s.id)).ok().map(|v| v.len()),
+                None => None,
+            };
+            rows.push(json!({
+                "id": s.id,
+                "created_ms": s.created_ms,
+                "initiator": m.as_ref().and_then(|m| m.initiator.clone()),
+                "status": status,
+                "reason": reason,
+                "diff_bytes": s.diff_bytes,
+                "diff_blocks": s.diff_blocks,
+                "changed_blocks": changed,
+                "freeze_window_ms": m.as_ref().and_then(|m| m.freeze_window_ms),
+                "path": self.cfg.raw.node.mount.join("snapshots").join(s.id.to_string()).display().to_string(),
+                "blake3": m.as_ref().and_then(|m| m.blake3.clone()),
+            }));
+            prev = Some(s.id);
+        }
+        Ok(Value::Array(rows))
+    }
+
+    pub fn snapshot_show(&self, id: u64) -> Result<Value> {
+        let info = self
+            .volume
+            .snapshots()?
+            .into_iter()
+            .find(|s| s.id == id)
+            .with_context(|| format!("no snapshot {id} in the catalog of {}", self.volume.path().display()))?;
+        let m = manifest::load(self.volume.state_dir(), id)?;
+        let mut v = match m {
+            Some(m) => serde_json::to_value(m)?,
+            None => json!({"id": id, "created_ms": info.created_ms}),
+        };
+        v["diff_bytes"] = json!(info.diff_bytes);
+        v["diff_blocks"] = json!(info.diff_blocks);
+        v["state"] = serde_json::to_value(&info.state)?;
+        v["path"] = json!(self.cfg.raw.node.mount.join("snapshots").join(id.to_string()).display().to_string());
+        Ok(v)
+    }
+
+    pub fn snapshot_verify(&self, id: u64) -> Result<Value> {
+        let snap = self.volume.snapshot(id)?;
+        let hash = manifest::verify_and_record(self.volume.state_dir(), &snap, || {
+            SnapshotManifest::bare(id, 0, ManifestStatus::Sealed, self.volume.block_size(), self.volume.size())
+        })?;
+        Ok(json!({"id": id, "blake3": hash, "bytes": self.volume.size()}))
+    }
+}
