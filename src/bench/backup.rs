@@ -273,7 +273,8 @@ struct Tool {
 
 impl Tool {
     fn find(name: &'static str) -> Option<Tool> {
-        let out = Command::new(name).arg("--version").output().ok()?;
+        // restic reports its version with a subcommand, borg with a flag.
+        let out = Command::new(name).arg(if name == "restic" { "version" } else { "--version" }).output().ok()?;
         if !out.status.success() {
             return None;
         }
