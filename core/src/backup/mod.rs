@@ -15,11 +15,12 @@
 //!
 //! # Layout
 //! - [`repo`]: the directory, its config, the writer lock, backup lookup.
-//! - [`source`]: [`BlockSource`], what a backup reads.
+//! - [`source`]: [`BlockSource`], what a backup reads; [`ImageFileSource`].
+//! - [`volume_source`]: [`VolumeSnapshotSource`], a snapshot of the volume engine.
 //! - [`run`]: making a backup (full or express-full).
 //! - [`restore`], [`verify`], [`gc`]: reading back, checking, forgetting.
 //! - `pack`, `index`, `manifest`, `envelope`: the on-disk formats
-//!   (also drawn in `docs/formats.md`).
+//!   (drawn in `docs/formats-backup.md`, the repository section of `docs/formats.md`).
 //!
 //! # Crash safety
 //! A backup writes pack files (fsync, rename, fsync dir), then their index
