@@ -184,3 +184,67 @@ fn init_refuses_an_existing_repository_and_open_refuses_a_plain_directory() {
     let err = Repository::open(tmp.path()).expect_err("not a repository");
     assert!(matches!(err, Error::RepoNotFound { .. }), "{err}");
 }
+
+#[test]
+fn a_damaged_last_manifest_means_a_full_backup_not_a_failure() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let repo = repo(tmp.path());
+    let mut vol = TestVolume::random("vol-a", 4096, 64, 9);
+    let s1 = vol.snapshot();
+    let first = repo.backup(&vol.source(s1), &NoProgress).expect("full");
+    let path = repo.root().join("backups").join(format!("{}.backup", first.header.id));
+    let mut bytes = std::fs::read(&path).expect("manifest");
+    let last = bytes.len() - 40;
+    bytes[last] ^= 1;
+    std::fs::write(&path, &bytes).expect("damage manifest");
+
+    vol.change_random_blocks(3);
+    let s2 = vol.snapshot();
+    let m = repo.backup(&vol.source(s2), &NoProgress).expect("backup despite the damaged manifest");
+    match &m.header.kind {
+        BackupKind::Full { reason: Some(r) } => assert!(r.contains(&first.header.id) && r.contains("unreadable"), "{r}"),
+        other => panic!("expected a full backup with its reason, got {other:?}"),
+    }
+    let out = tmp.path().join("s2.img");
+    repo.restore(&m.header.id, &out, &NoProgress).expect("restore");
+    assert!(read_image(&out) == vol.image(s2));
+}
+
+#[test]
+fn gc_run_again_after_dying_between_copy_and_delete_keeps_every_live_block() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let repo = repo(tmp.path());
+    // 100 blocks fit in one pack; after the change half of it is garbage.
+    let mut vol = TestVolume::random("vol-a", 4096, 100, 10);
+    let s1 = vol.snapshot();
+    let full = repo.backup(&vol.source(s1), &NoProgress).expect("full");
+    for b in 0..50u64 {
+        vol.write_block(b, &[b as u8 + 1; 4096]);
+    }
+    let s2 = vol.snapshot();
+    let inc = repo.backup(&vol.source(s2), &NoProgress).expect("incremental");
+    let saved: Vec<(std::path::PathBuf, Vec<u8>)> = ["packs", "index"]
+        .iter()
+        .flat_map(|d| std::fs::read_dir(repo.root().join(d)).expect("dir"))
+        .map(|e| e.expect("entry").path())
+        .map(|p| {
+            let bytes = std::fs::read(&p).expect("read");
+            (p, bytes)
+        })
+        .collect();
+
+    let gc = repo.forget(&full.header.id).expect("forget");
+    assert_eq!(gc.packs_rewritten, 1, "{gc:?}");
+    // As if gc had died after writing the copy but before deleting the original.
+    for (p, bytes) in &saved {
+        if !p.exists() {
+            std::fs::write(p, bytes).expect("put the original back");
+        }
+    }
+    repo.gc().expect("gc again");
+    let out = tmp.path().join("inc.img");
+    repo.restore(&inc.header.id, &out, &NoProgress).expect("restore after two gcs");
+    assert!(read_image(&out) == vol.image(s2));
+    let report = repo.verify(true, &NoProgress).expect("verify");
+    assert!(report.is_clean() && report.notes.is_empty(), "{report:?}");
+}

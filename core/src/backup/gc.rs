@@ -124,9 +124,16 @@ impl Repository {
             retire.push(pi);
         }
         // New packs and indexes are durable (sealed) before any old one goes.
-        report.packs_written = writer.finish()? as u64;
+        let written = writer.finish()?;
+        report.packs_written = written.len() as u64;
         for pi in retire {
             let pack = &index.packs[pi];
+            // A rewrite can reproduce a pack byte for byte (gc rerun after a
+            // crash between writing the copy and deleting the original): the
+            // pack just written under that id is live and must stay.
+            if written.contains(&pack.id) {
+                continue;
+            }
             fs::remove_file(&pack.index_path).map_err(io_err("remove index", &pack.index_path))?;
             sync_dir(&index_dir)?;
             fs::remove_file(&pack.path).map_err(io_err("remove pack", &pack.path))?;

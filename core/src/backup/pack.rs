@@ -49,8 +49,8 @@ pub(crate) struct PackWriter {
     index_dir: PathBuf,
     target: u64,
     open: Option<OpenPack>,
-    /// Packs sealed so far.
-    sealed: usize,
+    /// Ids of the packs sealed so far.
+    sealed: Vec<String>,
 }
 
 struct OpenPack {
@@ -64,7 +64,7 @@ struct OpenPack {
 
 impl PackWriter {
     pub(crate) fn new(repo: &Path, target: u64) -> PackWriter {
-        PackWriter { packs_dir: repo.join("packs"), index_dir: repo.join("index"), target, open: None, sealed: 0 }
+        PackWriter { packs_dir: repo.join("packs"), index_dir: repo.join("index"), target, open: None, sealed: Vec::new() }
     }
 
     /// Appends the blobs `items` (hash, start, len) found in `buf`.
@@ -95,10 +95,10 @@ impl PackWriter {
         Ok(())
     }
 
-    /// Seals the pack being written (if any); returns how many packs were sealed.
-    pub(crate) fn finish(mut self) -> Result<usize> {
+    /// Seals the pack being written (if any); returns the ids of every pack sealed.
+    pub(crate) fn finish(mut self) -> Result<Vec<String>> {
         self.seal_open()?;
-        Ok(self.sealed)
+        Ok(std::mem::take(&mut self.sealed))
     }
 
     fn open_pack(&mut self) -> Result<&mut OpenPack> {
@@ -130,7 +130,7 @@ impl PackWriter {
             fs::rename(&pack.tmp, &path).map_err(io_err("rename into place", &path))?;
             sync_dir(&self.packs_dir)?;
             write_index_file(&self.index_dir, &id, pack.pos, &pack.entries)?;
-            self.sealed += 1;
+            self.sealed.push(id);
             Ok(())
         })();
         if result.is_err() {

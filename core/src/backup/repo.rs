@@ -178,6 +178,16 @@ impl Repository {
         Ok(m)
     }
 
+    /// The header of a manifest, read without checking the whole file: only
+    /// for choosing which manifest to load (which then is fully checked).
+    pub(crate) fn peek_header(&self, id: &str) -> Option<ManifestHeader> {
+        use std::io::Read;
+        let mut head = Vec::new();
+        File::open(self.manifest_path(id)).ok()?.take(24 + (1 << 20)).read_to_end(&mut head).ok()?;
+        let json_len = u32::from_le_bytes(head.get(20..24)?.try_into().ok()?) as usize;
+        serde_json::from_slice(head.get(24..24usize.checked_add(json_len)?)?).ok()
+    }
+
     /// Every readable manifest, oldest first, plus the unreadable ones.
     pub(crate) fn manifests(&self) -> Result<(Vec<Manifest>, Vec<(PathBuf, String)>)> {
         let mut ok = Vec::new();

@@ -68,15 +68,24 @@ impl Repository {
         let n_blocks = block_count(size, block_size);
 
         // The last backup of this volume, if any, is the base of an express-full backup.
-        let (manifests, _) = self.manifests()?;
-        let previous = manifests
+        // Headers are enough to choose it; only the chosen manifest is fully
+        // read and checked (a damaged one means a full backup, not a failure).
+        let previous = self
+            .backup_ids()?
             .into_iter()
-            .filter(|m| m.header.source.volume_id == identity.volume_id)
-            .max_by_key(|m| (m.header.snapshot.id, m.header.created_ms));
+            .filter_map(|id| self.peek_header(&id))
+            .filter(|h| h.source.volume_id == identity.volume_id)
+            .max_by_key(|h| (h.snapshot.id, h.created_ms))
+            .map(|h| (h.id.clone(), self.read_manifest_file(&h.id)));
 
         let (mut blocks, to_read, kind) = match previous {
             None => (vec![None; n_blocks as usize], vec![(0, n_blocks)], BackupKind::Full { reason: None }),
-            Some(prev) => match express_plan(source, prev, &index, n_blocks)? {
+            Some((id, Err(e))) => {
+                let reason = format!("the last backup {id} of this volume is unreadable ({e})");
+                tracing::warn!(volume = %identity.name, "full backup: {reason}");
+                (vec![None; n_blocks as usize], vec![(0, n_blocks)], BackupKind::Full { reason: Some(reason) })
+            }
+            Some((_, Ok(prev))) => match express_plan(source, prev, &index, n_blocks)? {
                 Ok(plan) => plan,
                 Err(reason) => {
                     tracing::info!(volume = %identity.name, "full backup: {reason}");
@@ -305,7 +314,7 @@ fn write_stage(root: &std::path::Path, pack_size: u64, input: Receiver<Blobs>, p
         writer.add(&blobs.buf, &blobs.items)?;
         let _ = pool.try_send(blobs.buf);
     }
-    writer.finish()
+    Ok(writer.finish()?.len())
 }
 
 /// Hashes the blocks of one chunk, split across `threads` threads.
