@@ -19,7 +19,6 @@ mod cli;
 mod client;
 mod cluster;
 mod config;
-mod demo;
 mod demo_writer;
 mod node;
 
@@ -48,24 +47,6 @@ enum Command {
     /// A cluster on this host: init, up, down.
     #[command(subcommand)]
     Cluster(ClusterCmd),
-    /// The whole story on this machine: a local cluster, applications writing,
-    /// snapshots from every node, consistency checked on every mount.
-    Demo {
-        #[arg(long, default_value_t = 3)]
-        nodes: usize,
-        /// Where to put the cluster (default: a temporary folder, removed afterwards).
-        #[arg(long)]
-        dir: Option<PathBuf>,
-        /// Leave the cluster running and its folder in place.
-        #[arg(long)]
-        keep: bool,
-        /// Open the desktop console on the running cluster.
-        #[arg(long)]
-        console: bool,
-        /// How many snapshots to take.
-        #[arg(long, default_value_t = 3)]
-        snapshots: usize,
-    },
     /// Shared volume with copy-on-write snapshots: create, write, snapshot, read, diff.
     Volume(cli::volume::VolumeArgs),
     /// Benchmarks that print JSON.
@@ -204,9 +185,6 @@ struct DemoWriterArgs {
     veto: bool,
     #[arg(long)]
     silent: bool,
-    /// How long the node waits for this writer's answer to freeze.
-    #[arg(long, default_value = "5s")]
-    freeze_timeout: String,
 }
 
 fn main() -> ExitCode {
@@ -235,11 +213,6 @@ fn run(cli: Cli) -> Result<ExitCode> {
     let cfg = || config::resolve(cli.config.as_deref());
     match cli.command {
         Command::Node(NodeCmd::Run) => node::run(cfg()?)?,
-        Command::Demo { nodes, dir, keep, console, snapshots } => {
-            if !demo::run(demo::DemoOptions { nodes, dir, keep, console, snapshots })? {
-                return Ok(ExitCode::FAILURE);
-            }
-        }
         Command::Volume(args) => cli::volume::run(args)?,
         Command::Bench(cmd) => bench::run(cmd)?,
         Command::Cluster(ClusterCmd::Init { dir, nodes, size, block_size, lease, out: Out { json } }) => {
@@ -295,7 +268,6 @@ fn run(cli: Cli) -> Result<ExitCode> {
             interval: dur(&a.interval)?,
             veto: a.veto,
             silent: a.silent,
-            freeze_timeout_ms: config::parse_ms(&a.freeze_timeout)?,
         })?,
         Command::DemoCheck { image, offset, len, name, log, snapshot } => {
             let got = demo_writer::check_region(&image, offset, len, &name)?;
