@@ -80,6 +80,8 @@ enum Command {
     Events(Out),
     /// Open the desktop console on this node (FREEZEFRAME_CONSOLE_DEMO=1: on a recorded demo cluster).
     Console,
+    /// Backups of this node's volume: init, run, list, restore, verify, forget, gc.
+    Backup(cli::backup::BackupArgs),
     /// The demo application (a checkable writer); used by `demo` and the tests.
     #[command(hide = true)]
     DemoWriter(DemoWriterArgs),
@@ -301,6 +303,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 Err(e) => return Err(e),
             }
         }
+        Command::Backup(a) => return cli::backup::run(a, cli.config.as_deref()),
         Command::DemoWriter(a) => demo_writer::run(demo_writer::Options {
             socket: a.socket,
             volume: a.volume,

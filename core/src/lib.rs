@@ -7,6 +7,7 @@
 //!
 //! # Layout
 //! - [`error`]: the crate's one error type.
+//! - [`backup`]: the deduplicating backup repository (express-full backups).
 //! - [`format`]: the checksummed, versioned, size-limited envelope of every state file.
 //! - [`units`]: sizes and durations as people write them (`64KiB`, `1GiB`, `10s`).
 //! - [`volume`]: the copy-on-write shared volume engine: catalog, diff area, locks.
@@ -14,6 +15,7 @@
 //! - [`manifest`]: the per-snapshot record (`manifests/<id>.json`) and image hashing.
 //! - [`vfs`]: the tree a node mounts (live volume, snapshots, manifests), FUSE-free.
 
+pub mod backup;
 pub mod error;
 pub mod format;
 pub mod manifest;

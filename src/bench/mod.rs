@@ -5,6 +5,7 @@ use clap::Subcommand;
 
 pub mod mount;
 pub mod snapshot;
+pub mod backup;
 pub mod volume;
 
 /// The benchmarks.
@@ -16,6 +17,8 @@ pub enum BenchCommand {
     Mount(mount::Args),
     /// Freeze window, I/O hold and phase times of cluster-wide snapshots.
     Snapshot(snapshot::BenchSnapshotArgs),
+    /// Express-full backups against restic and borg on the same volume.
+    Backup(backup::BenchBackupArgs),
 }
 
 /// Runs one benchmark.
@@ -24,5 +27,6 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Volume(args) => volume::run(args),
         BenchCommand::Mount(args) => mount::run(&args),
         BenchCommand::Snapshot(args) => snapshot::run(args),
+        BenchCommand::Backup(args) => backup::run(args),
     }
 }

@@ -1,4 +1,5 @@
 //! Command-line front ends: each module parses flags, calls the core library
 //! and prints; no decision is made here.
 
+pub mod backup;
 pub mod volume;
