@@ -130,8 +130,19 @@ pub fn snapshot_delete(cfg: &NodeConfig, id: u64, json: bool) -> Result<()> {
     Ok(())
 }
 
-pub fn snapshot_verify(cfg: &NodeConfig, id: u64, json: bool, _progress: bool) -> Result<()> {
-    let v = call_blocking(cfg, &ControlRequest::SnapshotVerify { id })?;
+/// Hashes the snapshot image straight from shared storage (the node's volume),
+/// records it in the manifest every node shows, and with `progress` prints
+/// `{"progress":{…}}` lines on stderr for the console.
+pub fn snapshot_verify(cfg: &NodeConfig, id: u64, json: bool, progress: bool) -> Result<()> {
+    let volume = freezeframe_core::volume::Volume::open(&cfg.raw.volume.path)
+        .with_context(|| format!("node {}: opening the shared volume", cfg.name()))?;
+    let mut last = std::time::Instant::now();
+    let v = crate::node::verify_snapshot(&volume, id, &mut |done, total| {
+        if progress && (done == total || last.elapsed() >= std::time::Duration::from_millis(100)) {
+            last = std::time::Instant::now();
+            eprintln!("{}", serde_json::json!({"progress": {"done": done, "total": total, "unit": "bytes"}}));
+        }
+    })?;
     print(json, &v, |v| format!("snapshot {id}: blake3 {}\n", v["blake3"].as_str().unwrap_or("?")));
     Ok(())
 }

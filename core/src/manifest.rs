@@ -200,6 +200,11 @@ const HASH_CHUNK: usize = 4 * 1024 * 1024;
 /// the previous one, so the time is max(read, hash) rather than their sum. Fails (never
 /// hashes zeros) if the snapshot turns invalid or a read comes up short.
 pub fn compute_image_hash(snap: &Snapshot) -> Result<String> {
+    compute_image_hash_with_progress(snap, &mut |_, _| {})
+}
+
+/// [`compute_image_hash`], calling `progress(done, total)` (bytes) after each chunk.
+pub fn compute_image_hash_with_progress(snap: &Snapshot, progress: &mut dyn FnMut(u64, u64)) -> Result<String> {
     let size = snap.size();
     let (full_tx, full_rx) = mpsc::sync_channel::<Result<Vec<u8>>>(2);
     let (empty_tx, empty_rx) = mpsc::sync_channel::<Vec<u8>>(3);
@@ -230,6 +235,7 @@ pub fn compute_image_hash(snap: &Snapshot) -> Result<String> {
             Ok(Ok(buf)) => {
                 hasher.update(&buf);
                 hashed += buf.len() as u64;
+                progress(hashed, size);
                 let _ = empty_tx.send(buf);
             }
             Ok(Err(e)) => {
@@ -266,8 +272,13 @@ fn read_full(snap: &Snapshot, buf: &mut [u8], offset: u64) -> Result<()> {
 
 /// Computes snapshot `snap`'s image hash and records it in its manifest (creating a
 /// manifest with `fallback` if none was stored). Returns the hash.
-pub fn verify_and_record(state_dir: &Path, snap: &Snapshot, fallback: impl FnOnce() -> SnapshotManifest) -> Result<String> {
-    let hash = compute_image_hash(snap)?;
+pub fn verify_and_record(
+    state_dir: &Path,
+    snap: &Snapshot,
+    fallback: impl FnOnce() -> SnapshotManifest,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<String> {
+    let hash = compute_image_hash_with_progress(snap, progress)?;
     let mut m = load(state_dir, snap.id())?.unwrap_or_else(fallback);
     m.blake3 = Some(hash.clone());
     store(state_dir, &m)?;

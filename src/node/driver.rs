@@ -569,6 +569,18 @@ impl Driver {
     }
 }
 
+/// Hashes a snapshot's image and records the hash in its manifest.
+pub fn verify_snapshot(volume: &Volume, id: u64, progress: &mut dyn FnMut(u64, u64)) -> Result<Value> {
+    let snap = volume.snapshot(id)?;
+    let hash = manifest::verify_and_record(
+        volume.state_dir(),
+        &snap,
+        || SnapshotManifest::bare(id, 0, ManifestStatus::Sealed, volume.block_size(), volume.size()),
+        progress,
+    )?;
+    Ok(json!({"id": id, "blake3": hash, "bytes": volume.size()}))
+}
+
 /// Deletes Open snapshots; call only while holding the in-flight lock.
 fn delete_orphans(volume: &Volume) {
     let Ok(all) = volume.snapshots() else { return };
@@ -637,10 +649,6 @@ impl Shared {
     }
 
     pub fn snapshot_verify(&self, id: u64) -> Result<Value> {
-        let snap = self.volume.snapshot(id)?;
-        let hash = manifest::verify_and_record(self.volume.state_dir(), &snap, || {
-            SnapshotManifest::bare(id, 0, ManifestStatus::Sealed, self.volume.block_size(), self.volume.size())
-        })?;
-        Ok(json!({"id": id, "blake3": hash, "bytes": self.volume.size()}))
+        verify_snapshot(&self.volume, id, &mut |_, _| {})
     }
 }

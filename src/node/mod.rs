@@ -19,6 +19,7 @@
 
 mod control;
 mod driver;
+pub use driver::verify_snapshot;
 pub mod hooks;
 mod peers;
 mod writers;
