@@ -345,11 +345,16 @@ mod tests {
         let snap = vol.snapshot(id).expect("open snapshot");
         let want = blake3::hash(&before).to_hex().to_string();
         assert_eq!(compute_image_hash(&snap).expect("hash"), want);
-        let got = verify_and_record(vol.state_dir(), &snap, || {
-            SnapshotManifest::bare(id, 1, ManifestStatus::Open, 65536, size)
-        })
+        let mut reported = Vec::new();
+        let got = verify_and_record(
+            vol.state_dir(),
+            &snap,
+            || SnapshotManifest::bare(id, 1, ManifestStatus::Open, 65536, size),
+            &mut |done, total| reported.push((done, total)),
+        )
         .expect("verify");
         assert_eq!(got, want);
+        assert_eq!(reported.last(), Some(&(size, size)), "progress ends at the whole image");
         assert_eq!(load(vol.state_dir(), id).expect("load").expect("stored").blake3, Some(want));
     }
 }

@@ -853,7 +853,8 @@ impl Snapshot {
         self.check_readable()?;
         let n = i.clip(buf.len(), offset);
         let bs = i.bs();
-        let mut whole = vec![0u8; bs as usize];
+        // Only reads that hit the diff area need a whole block (to check its sum).
+        let mut whole: Vec<u8> = Vec::new();
         let mut done = 0usize;
         while done < n {
             let pos = offset + done as u64;
@@ -870,6 +871,9 @@ impl Snapshot {
                 }
             };
             if let Some(e) = entry {
+                if whole.is_empty() {
+                    whole = vec![0u8; bs as usize];
+                }
                 self.read_diff(block, e, &mut whole)?;
                 out.copy_from_slice(&whole[within..within + take]);
             }
