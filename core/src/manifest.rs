@@ -290,6 +290,8 @@ mod tests {
             block_size: 65536,
             size: 1 << 20,
             nodes: serde_json::json!({"node-a": {"writers": {"db": "ok"}}}),
+            freeze_window_ms: None,
+            io_hold_ms: None,
             blake3: None,
         }
     }
