@@ -181,7 +181,10 @@ pub fn run(args: ReplicaArgs, config: Option<&Path>) -> Result<()> {
             print_listing(&volumes, json)
         }
         ReplicaCommand::Mount { dir, mount, volume } => mount_replica(&dir, &mount, volume),
-        ReplicaCommand::InitIdentity { ca_dir, name, out, listen, allow } => init_identity(&ca_dir, &name, &out, listen, allow),
+        ReplicaCommand::InitIdentity { ca_dir, name, out, listen, allow } => {
+            println!("{}", init_identity(&ca_dir, &name, &out, listen, allow)?.display());
+            Ok(())
+        }
     }
 }
 
@@ -650,7 +653,8 @@ fn mount_replica(dir: &Path, mnt: &Path, volume: Option<String>) -> Result<()> {
     Ok(())
 }
 
-fn init_identity(ca_dir: &Path, name: &str, out: &Path, listen: SocketAddr, allow: Vec<String>) -> Result<()> {
+/// Issues the secondary's certificate from CA_DIR's CA and writes OUT/replica.toml (returned).
+pub fn init_identity(ca_dir: &Path, name: &str, out: &Path, listen: SocketAddr, allow: Vec<String>) -> Result<PathBuf> {
     let ca = ClusterCa::load(&ca_dir.join("ca.pem"), &ca_dir.join("ca.key")).with_context(|| format!("loading the cluster CA from {}", ca_dir.display()))?;
     let allow = if allow.is_empty() {
         let (cf, _) = crate::cluster::load(ca_dir).with_context(|| "no --allow given and no cluster.toml to take the node names from")?;
@@ -670,6 +674,5 @@ fn init_identity(ca_dir: &Path, name: &str, out: &Path, listen: SocketAddr, allo
     };
     let path = out.join("replica.toml");
     std::fs::write(&path, toml::to_string_pretty(&file)?).with_context(|| format!("cannot write {}", path.display()))?;
-    println!("{}", path.display());
-    Ok(())
+    Ok(path)
 }

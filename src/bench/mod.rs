@@ -3,6 +3,7 @@
 
 use clap::Subcommand;
 
+pub mod replica;
 pub mod volume;
 
 /// The benchmarks.
@@ -10,11 +11,14 @@ pub mod volume;
 pub enum BenchCommand {
     /// Copy-on-write cost of the volume engine and snapshot create time.
     Volume(volume::BenchVolumeArgs),
+    /// Full and incremental replica push over loopback, beside rsync and a plain TCP copy.
+    Replica(replica::BenchReplicaArgs),
 }
 
 /// Runs one benchmark.
 pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
         BenchCommand::Volume(args) => volume::run(args),
+        BenchCommand::Replica(args) => replica::run(args),
     }
 }
