@@ -80,6 +80,16 @@ enum ReplicaCommand {
         #[arg(long)]
         volume: Option<String>,
     },
+    /// Write a replica snapshot's raw image to stdout (every block checked on the way).
+    Read {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        snapshot: u64,
+        /// The volume uuid, when DIR holds more than one.
+        #[arg(long)]
+        volume: Option<String>,
+    },
     /// Issue a secondary's certificate from a cluster CA and write its replica.toml.
     InitIdentity {
         /// Folder holding ca.pem and ca.key (a `cluster init` folder).
@@ -181,6 +191,24 @@ pub fn run(args: ReplicaArgs, config: Option<&Path>) -> Result<()> {
             print_listing(&volumes, json)
         }
         ReplicaCommand::Mount { dir, mount, volume } => mount_replica(&dir, &mount, volume),
+        ReplicaCommand::Read { dir, snapshot, volume } => {
+            let store = ReplicaStore::open(&dir)?;
+            let v = store.volume(&pick_volume(&store, volume)?)?;
+            let img = v.image(snapshot)?;
+            let mut out = std::io::stdout().lock();
+            let mut buf = vec![0u8; 1 << 20];
+            let mut at = 0u64;
+            loop {
+                let n = img.read_at(&mut buf, at)?;
+                if n == 0 {
+                    break;
+                }
+                std::io::Write::write_all(&mut out, &buf[..n]).context("writing stdout")?;
+                at += n as u64;
+            }
+            std::io::Write::flush(&mut out).context("writing stdout")?;
+            Ok(())
+        }
         ReplicaCommand::InitIdentity { ca_dir, name, out, listen, allow } => {
             println!("{}", init_identity(&ca_dir, &name, &out, listen, allow)?.display());
             Ok(())
@@ -624,9 +652,10 @@ fn print_listing(volumes: &[VolumeListing], json: bool) -> Result<()> {
 
 // ---------------------------------------------------------------- mount and identity
 
-fn mount_replica(dir: &Path, mnt: &Path, volume: Option<String>) -> Result<()> {
-    let store = ReplicaStore::open(dir)?;
-    let uuid = match volume {
+/// The volume to use: the one given, or the only one the store holds.
+fn pick_volume(store: &ReplicaStore, volume: Option<String>) -> Result<String> {
+    let dir = store.dir();
+    Ok(match volume {
         Some(v) => v,
         None => {
             let all = store.volumes()?;
@@ -636,7 +665,12 @@ fn mount_replica(dir: &Path, mnt: &Path, volume: Option<String>) -> Result<()> {
                 many => bail!("{} holds {} volumes ({}); pick one with --volume", dir.display(), many.len(), many.join(", ")),
             }
         }
-    };
+    })
+}
+
+fn mount_replica(dir: &Path, mnt: &Path, volume: Option<String>) -> Result<()> {
+    let store = ReplicaStore::open(dir)?;
+    let uuid = pick_volume(&store, volume)?;
     let source = store.volume(&uuid)?;
     let vfs = Arc::new(freezeframe_core::vfs::Vfs::new(Arc::new(source)));
     let handle = freezeframe_fusefs::mount(vfs, mnt, freezeframe_fusefs::MountConfig::default())?;
