@@ -308,7 +308,7 @@ async fn receive(peer: &str, plan: freezeframe_core::replica::wire::Plan, send: 
 
     let (tx, mut rx) = tokio::sync::mpsc::channel::<(Vec<BlockHeader>, Vec<u8>)>(4);
     let slow = throttle();
-    let writer = tokio::task::spawn_blocking(move || -> freezeframe_core::Result<Incoming> {
+    let mut writer = tokio::task::spawn_blocking(move || -> freezeframe_core::Result<Incoming> {
         let mut incoming = incoming;
         while let Some((headers, data)) = rx.blocking_recv() {
             incoming.put(&headers, &data)?;
@@ -327,7 +327,18 @@ async fn receive(peer: &str, plan: freezeframe_core::replica::wire::Plan, send: 
         drop(tx.take());
     };
     let commit = loop {
-        match recv.recv_frame().await {
+        let frame = tokio::select! {
+            f = recv.recv_frame() => f,
+            // The writer ends before commit only on an error (a bad block): answer at
+            // once, without waiting for the sender's next frame.
+            done = &mut writer => {
+                return match done? {
+                    Err(e) => Err(e.into()),
+                    Ok(_) => Err(anyhow!("the block writer stopped")),
+                };
+            }
+        };
+        match frame {
             Ok(Some(Frame::JsonWithData { json, data })) => {
                 let blocks: Blocks = match serde_json::from_slice(&json) {
                     Ok(b) => b,
@@ -459,7 +470,15 @@ pub async fn push(cfg: &crate::config::NodeConfig, to: SocketAddr, name: &str, w
     let started = Instant::now();
     let volume = Volume::open(&cfg.raw.volume.path)?;
     let (ep, conn) = dial(cfg, to, name).await?;
-    let remote = list_remote(&conn, Some(volume.uuid().to_string())).await?;
+    let res = push_on(cfg, &conn, name, want, &volume, started).await;
+    // Close politely either way, so the secondary does not wait out an idle timeout.
+    ep.close(if res.is_ok() { "push done" } else { "push failed" }).await;
+    res
+}
+
+async fn push_on(cfg: &crate::config::NodeConfig, conn: &PeerConnection, name: &str, want: Option<u64>, volume: &Volume, started: Instant) -> Result<PushReport> {
+    let volume = volume.clone();
+    let remote = list_remote(conn, Some(volume.uuid().to_string())).await?;
     let remote_snaps = remote.into_iter().next().map(|v| v.snapshots).unwrap_or_default();
     let target = source::choose_target(&volume, want)?;
     let mut report = PushReport {
@@ -486,7 +505,6 @@ pub async fn push(cfg: &crate::config::NodeConfig, to: SocketAddr, name: &str, w
         report.already_complete = true;
         report.blake3 = Some(have.blake3.clone());
         report.seconds = started.elapsed().as_secs_f64();
-        ep.close("done").await;
         return Ok(report);
     }
     let base = source::choose_base(&volume, target.id, &remote_snaps)?;
@@ -604,7 +622,6 @@ pub async fn push(cfg: &crate::config::NodeConfig, to: SocketAddr, name: &str, w
     report.blake3 = Some(root);
     report.seconds = started.elapsed().as_secs_f64();
     report.mb_per_s = report.data_bytes_sent as f64 / (1 << 20) as f64 / report.seconds.max(1e-9);
-    ep.close("push done").await;
     Ok(report)
 }
 

@@ -217,7 +217,7 @@ fn a_push_cut_by_killing_the_secondary_resumes_and_resends_at_most_what_was_in_f
     t.write(0, &random(64 << 20));
     let s1 = t.snapshot();
     t.serve(Some(250));
-    let mut pusher = t.push_cmd().stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("push");
+    let pusher = t.push_cmd().stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("push");
     let deadline = Instant::now() + Duration::from_secs(30);
     let at_kill = loop {
         let n = journaled(&t.store(), s1);
