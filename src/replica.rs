@@ -56,6 +56,10 @@ enum ReplicaCommand {
         /// A snapshot id, or `latest` (the newest sealed one).
         #[arg(long, default_value = "latest")]
         snapshot: String,
+        /// Hash the whole snapshot for the image check instead of reusing the
+        /// saved chaining values of the base's unchanged blocks.
+        #[arg(long)]
+        full_hash: bool,
         #[arg(long)]
         json: bool,
     },
@@ -162,13 +166,13 @@ pub fn run(args: ReplicaArgs, config: Option<&Path>) -> Result<()> {
             let cfg = ReplicaFile::load(path)?;
             runtime()?.block_on(serve(cfg, dir))
         }
-        ReplicaCommand::Push { to, name, snapshot, json } => {
+        ReplicaCommand::Push { to, name, snapshot, full_hash, json } => {
             let cfg = crate::config::resolve(config)?;
             let want = match snapshot.as_str() {
                 "latest" => None,
                 s => Some(s.parse::<u64>().with_context(|| format!("--snapshot {s:?}: expected a snapshot id or `latest`"))?),
             };
-            let report = runtime()?.block_on(push(&cfg, to, &name, want))?;
+            let report = runtime()?.block_on(push(&cfg, to, &name, want, full_hash))?;
             if json {
                 println!("{}", serde_json::to_string(&report)?);
             } else {
@@ -445,6 +449,8 @@ pub struct PushReport {
     /// Blocks the secondary already had durably from an interrupted push.
     pub blocks_skipped: u64,
     pub blocks_sent: u64,
+    /// Listed by the diff areas but equal to the base's block (not sent).
+    pub blocks_unchanged: u64,
     pub zero_blocks_sent: u64,
     pub block_size: u32,
     /// Block bytes carried (zero blocks carry none).
@@ -466,17 +472,17 @@ fn frame_len_json<T: Serialize>(v: &T) -> u64 {
 }
 
 /// Pushes snapshot `want` (or the newest sealed one) to the secondary.
-pub async fn push(cfg: &crate::config::NodeConfig, to: SocketAddr, name: &str, want: Option<u64>) -> Result<PushReport> {
+pub async fn push(cfg: &crate::config::NodeConfig, to: SocketAddr, name: &str, want: Option<u64>, full_hash: bool) -> Result<PushReport> {
     let started = Instant::now();
     let volume = Volume::open(&cfg.raw.volume.path)?;
     let (ep, conn) = dial(cfg, to, name).await?;
-    let res = push_on(cfg, &conn, name, want, &volume, started).await;
+    let res = push_on(cfg, &conn, name, want, full_hash, &volume, started).await;
     // Close politely either way, so the secondary does not wait out an idle timeout.
     ep.close(if res.is_ok() { "push done" } else { "push failed" }).await;
     res
 }
 
-async fn push_on(cfg: &crate::config::NodeConfig, conn: &PeerConnection, name: &str, want: Option<u64>, volume: &Volume, started: Instant) -> Result<PushReport> {
+async fn push_on(cfg: &crate::config::NodeConfig, conn: &PeerConnection, name: &str, want: Option<u64>, full_hash: bool, volume: &Volume, started: Instant) -> Result<PushReport> {
     let volume = volume.clone();
     let remote = list_remote(conn, Some(volume.uuid().to_string())).await?;
     let remote_snaps = remote.into_iter().next().map(|v| v.snapshots).unwrap_or_default();
@@ -490,6 +496,7 @@ async fn push_on(cfg: &crate::config::NodeConfig, conn: &PeerConnection, name: &
         blocks_planned: 0,
         blocks_skipped: 0,
         blocks_sent: 0,
+        blocks_unchanged: 0,
         zero_blocks_sent: 0,
         block_size: volume.block_size(),
         data_bytes_sent: 0,
@@ -533,7 +540,22 @@ async fn push_on(cfg: &crate::config::NodeConfig, conn: &PeerConnection, name: &
     let bs = volume.block_size() as usize;
     let per_frame = (FRAME_DATA_BYTES / bs).max(1);
     let (tx, mut rx) = tokio::sync::mpsc::channel(3);
-    let reader = BatchReader::new(snap.clone(), pp.blocks.clone(), have, per_frame);
+    let n = volume.size() / bs as u64;
+    let state_dir = volume.state_dir().to_path_buf();
+    let saved_base = match base.filter(|_| !full_hash) {
+        Some(b) => match source::load_cvs(&state_dir, b, n, volume.block_size()) {
+            Ok(v) => v.map(Arc::new),
+            Err(e) => {
+                tracing::warn!("ignoring saved chaining values: {e}; hashing the whole snapshot");
+                None
+            }
+        },
+        None => None,
+    };
+    let mut reader = BatchReader::new(snap.clone(), pp.blocks.clone(), have, per_frame);
+    if let Some(saved) = &saved_base {
+        reader = reader.with_base_cvs(saved.clone());
+    }
     let reader_task = tokio::task::spawn_blocking(move || {
         for batch in reader {
             let failed = batch.is_err();
@@ -542,7 +564,6 @@ async fn push_on(cfg: &crate::config::NodeConfig, conn: &PeerConnection, name: &
             }
         }
     });
-    let n = volume.size() / bs as u64;
     let mut cvs: Vec<Option<BlockCv>> = vec![None; n as usize];
     let mut send_error = None;
     while let Some(batch) = rx.recv().await {
@@ -566,6 +587,7 @@ async fn push_on(cfg: &crate::config::NodeConfig, conn: &PeerConnection, name: &
     }
     drop(rx);
     let _ = reader_task.await;
+    report.blocks_unchanged = report.blocks_planned.saturating_sub(report.blocks_skipped + report.blocks_sent);
     if let Some(e) = send_error {
         // The secondary stopped the stream: its reply says why.
         let why = match tokio::time::timeout(Duration::from_secs(3), r.recv::<Reply>()).await {
@@ -576,20 +598,13 @@ async fn push_on(cfg: &crate::config::NodeConfig, conn: &PeerConnection, name: &
     }
 
     // The image hash: chaining values of every block, unchanged ones from the base's saved values.
-    let state_dir = volume.state_dir().to_path_buf();
-    if let Some(b) = base {
-        match source::load_cvs(&state_dir, b, n, volume.block_size()) {
-            Ok(Some(saved)) => {
-                for (i, cv) in saved.into_iter().enumerate() {
-                    if cvs[i].is_none() {
-                        cvs[i] = Some(cv);
-                    }
-                }
-                report.hash_from_saved_cvs = true;
+    if let Some(saved) = &saved_base {
+        for (i, cv) in saved.iter().enumerate() {
+            if cvs[i].is_none() {
+                cvs[i] = Some(*cv);
             }
-            Ok(None) => {}
-            Err(e) => tracing::warn!("ignoring saved chaining values: {e}; hashing the whole snapshot"),
         }
+        report.hash_from_saved_cvs = true;
     }
     let snap2 = snap.clone();
     let cvs = tokio::task::spawn_blocking(move || -> freezeframe_core::Result<Vec<Option<BlockCv>>> {
@@ -612,7 +627,14 @@ async fn push_on(cfg: &crate::config::NodeConfig, conn: &PeerConnection, name: &
     report.wire_bytes_received += frame_len_json(&reply);
     match reply {
         Reply::Done(summary) => report.replica = Some(summary),
-        Reply::Error { message } => bail!("secondary {name} did not complete snapshot {}: {message}", target.id),
+        Reply::Error { message } => {
+            if let (true, Some(b)) = (report.hash_from_saved_cvs, base) {
+                // The saved values may be what is wrong: drop them so a retry hashes the whole image.
+                let _ = std::fs::remove_file(source::cvs_path(&state_dir, b));
+                bail!("secondary {name} did not complete snapshot {}: {message} (the saved chaining values of snapshot {b} were discarded; push again to hash the whole image)", target.id);
+            }
+            bail!("secondary {name} did not complete snapshot {}: {message}", target.id)
+        }
         other => bail!("secondary {name} answered commit with {other:?}"),
     }
     let all: Vec<BlockCv> = cvs.into_iter().map(|c| c.unwrap_or([0; 32])).collect();

@@ -174,9 +174,16 @@ fn full_then_incremental_push_gives_bit_exact_replicas_and_sends_only_the_change
     let again = t.push();
     assert_eq!(again["already_complete"], true);
 
+    t.write(3 * BS, &random(10));
+    let s3 = t.snapshot();
+    let out = t.push_cmd().arg("--full-hash").output().expect("push --full-hash");
+    let full_hash: Value = serde_json::from_str(&ok(&out, "push --full-hash")).expect("JSON");
+    assert_eq!((full_hash["base"].as_u64(), full_hash["blocks_sent"].as_u64(), full_hash["hash_from_saved_cvs"].as_bool()), (Some(s2), Some(1), Some(false)));
+    assert_eq!(t.replica_image(s3).stdout, t.primary_image(s3), "a replica built on an incremental equals the snapshot");
+
     let list = ff_json(&["--config", s(&t.node()), "replica", "list", "--to", &t.listen, "--json"]);
     let remote: Vec<&str> = list[0]["snapshots"].as_array().expect("snapshots").iter().map(|s| s["blake3"].as_str().expect("hash")).collect();
-    assert_eq!(remote, vec![full["blake3"].as_str().expect("h1"), inc["blake3"].as_str().expect("h2")]);
+    assert_eq!(remote[..2], [full["blake3"].as_str().expect("h1"), inc["blake3"].as_str().expect("h2")]);
     assert_eq!(remote[1], blake3::hash(&t.primary_image(s2)).to_hex().as_str(), "the recorded hash is the image's blake3");
 
     if fuse_available() {
@@ -187,13 +194,13 @@ fn full_then_incremental_push_gives_bit_exact_replicas_and_sends_only_the_change
             .stderr(Stdio::null())
             .spawn()
             .expect("mount");
-        let img = mnt.join(format!("snapshots/{s2}/volume.img"));
+        let img = mnt.join(format!("snapshots/{s3}/volume.img"));
         let deadline = Instant::now() + Duration::from_secs(10);
         while !img.exists() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(50));
         }
         let got = std::fs::read(&img).expect("read the mounted replica");
-        assert_eq!(got, t.primary_image(s2), "the mounted replica equals the snapshot");
+        assert_eq!(got, t.primary_image(s3), "the mounted replica equals the snapshot");
         assert!(std::fs::OpenOptions::new().write(true).open(&img).is_err(), "a replica mount is read-only");
         // SAFETY: SIGTERM to the mount process this test started.
         unsafe { libc::kill(m.id() as i32, libc::SIGTERM) };

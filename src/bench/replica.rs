@@ -183,7 +183,7 @@ pub fn run(args: BenchReplicaArgs) -> Result<()> {
     );
     std::thread::sleep(Duration::from_millis(300));
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    let full = rt.block_on(crate::replica::push(&cfg, listen, "replica", Some(s1)))?;
+    let full = rt.block_on(crate::replica::push(&cfg, listen, "replica", Some(s1), false))?;
 
     // The same random changes go to the volume and, later, to rsync's source image.
     let nblocks = size / bs as u64;
@@ -201,7 +201,7 @@ pub fn run(args: BenchReplicaArgs) -> Result<()> {
     }
     v.flush()?;
     let s2 = snapshot(&v)?;
-    let inc = rt.block_on(crate::replica::push(&cfg, listen, "replica", Some(s2)))?;
+    let inc = rt.block_on(crate::replica::push(&cfg, listen, "replica", Some(s2), false))?;
 
     let src_dir = root.join("rsync-src");
     let dst_dir = root.join("rsync-dst");

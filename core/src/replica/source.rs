@@ -108,6 +108,10 @@ pub struct BatchReader {
     snap: Snapshot,
     blocks: Vec<u64>,
     skip: HashSet<u64>,
+    /// The base's chaining values: a listed block that hashes the same at the same
+    /// place is the same data (the engine lists blocks that *may* differ, e.g.
+    /// copied ahead of a sequential writer), so it is not sent.
+    base_cvs: Option<std::sync::Arc<Vec<BlockCv>>>,
     next: usize,
     batch_blocks: usize,
     block_size: u32,
@@ -122,7 +126,13 @@ impl std::fmt::Debug for BatchReader {
 impl BatchReader {
     pub fn new(snap: Snapshot, blocks: Vec<u64>, skip: HashSet<u64>, batch_blocks: usize) -> BatchReader {
         let block_size = snap.block_size();
-        BatchReader { snap, blocks, skip, next: 0, batch_blocks: batch_blocks.max(1), block_size }
+        BatchReader { snap, blocks, skip, base_cvs: None, next: 0, batch_blocks: batch_blocks.max(1), block_size }
+    }
+
+    /// Leaves out of the frames the blocks whose chaining value equals the base's.
+    pub fn with_base_cvs(mut self, cvs: std::sync::Arc<Vec<BlockCv>>) -> BatchReader {
+        self.base_cvs = Some(cvs);
+        self
     }
 
     fn read_batch(&self, blocks: &[u64]) -> Result<Batch> {
@@ -142,7 +152,7 @@ impl BatchReader {
         let mut headers = Vec::new();
         let mut data = Vec::with_capacity(raw.len());
         for (k, &b) in blocks.iter().enumerate() {
-            if self.skip.contains(&b) {
+            if self.skip.contains(&b) || self.base_cvs.as_ref().is_some_and(|base| base.get(b as usize) == Some(&cvs[k])) {
                 continue;
             }
             let chunk = &raw[k * bs..(k + 1) * bs];
