@@ -161,7 +161,7 @@ impl ReplicaStore {
             return Err(refuse("the volume uuid is not one".into()));
         }
         crate::units::check_block_size(plan.block_size as u64).map_err(|e| refuse(format!("block size: {e}")))?;
-        if plan.size == 0 || plan.size % plan.block_size as u64 != 0 {
+        if plan.size == 0 || !plan.size.is_multiple_of(plan.block_size as u64) {
             return Err(refuse(format!("size {} is not a positive multiple of the block size {}", plan.size, plan.block_size)));
         }
         let nblocks = plan.size / plan.block_size as u64;
