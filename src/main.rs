@@ -13,6 +13,7 @@
 //! - `node`: the daemon and its drivers.
 //! - `client`: status, snapshot and events commands.
 //! - `demo_writer`: the checkable demo application.
+//! - `replica`: snapshots kept on a secondary host (serve, push, list, mount).
 
 mod bench;
 mod cli;
@@ -22,6 +23,7 @@ mod config;
 mod demo;
 mod demo_writer;
 mod node;
+mod replica;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -68,6 +70,8 @@ enum Command {
     },
     /// Shared volume with copy-on-write snapshots: create, write, snapshot, read, diff.
     Volume(cli::volume::VolumeArgs),
+    /// Keep snapshots on a secondary host, sending only changed blocks.
+    Replica(replica::ReplicaArgs),
     /// Benchmarks that print JSON.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -247,6 +251,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Volume(args) => cli::volume::run(args)?,
         Command::Bench(cmd) => bench::run(cmd)?,
+        Command::Replica(args) => replica::run(args, cli.config.as_deref())?,
         Command::Cluster(ClusterCmd::Init { dir, nodes, size, block_size, lease, out: Out { json } }) => {
             let opts = cluster::InitOptions {
                 nodes,

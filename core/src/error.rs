@@ -136,6 +136,22 @@ pub enum Error {
     /// The restore target cannot take the image.
     #[error("cannot restore to {path}: {reason}")]
     RestoreTarget { path: PathBuf, reason: String },
+    // --- replicas on a secondary host (core::replica) ---
+    /// A replica file is damaged or truncated: its record, journal or data disagree.
+    #[error("replica file {} is unusable: {why}", file.display())]
+    ReplicaCorrupt { file: PathBuf, why: String },
+    /// A received block does not match the hash that travelled with it.
+    #[error("replica of volume {volume}, snapshot {snapshot}: block {block} fails its blake3 check (sent {sent}, data hashes to {got})")]
+    ReplicaBlockHash { volume: String, snapshot: u64, block: u64, sent: String, got: String },
+    /// The whole image built on the secondary does not hash to what the sender computed.
+    #[error("replica of volume {volume}, snapshot {snapshot}: image blake3 is {got}, the sender computed {expected}; the snapshot stays incomplete")]
+    ReplicaImageHash { volume: String, snapshot: u64, expected: String, got: String },
+    /// The secondary holds no (complete) replica of this volume or snapshot.
+    #[error("replica store {}: {what} not found", dir.display())]
+    ReplicaNotFound { dir: PathBuf, what: String },
+    /// A transfer request that cannot be honoured (geometry mismatch, missing base, busy, bad block number).
+    #[error("replica of volume {volume}, snapshot {snapshot}: {why}")]
+    ReplicaRefused { volume: String, snapshot: u64, why: String },
 }
 
 impl Error {

@@ -13,6 +13,7 @@
 //! - [`volume`]: the copy-on-write shared volume engine: catalog, diff area, locks.
 //! - [`protocol`]: the snapshot protocol as deterministic state machines.
 //! - [`manifest`]: the per-snapshot record (`manifests/<id>.json`) and image hashing.
+//! - [`replica`]: replicas of a volume's snapshots on a secondary host, sent as changed blocks.
 //! - [`vfs`]: the tree a node mounts (live volume, snapshots, manifests), FUSE-free.
 
 pub mod backup;
@@ -20,6 +21,7 @@ pub mod error;
 pub mod format;
 pub mod manifest;
 pub mod protocol;
+pub mod replica;
 pub mod units;
 pub mod vfs;
 pub mod volume;

@@ -6,6 +6,7 @@ use clap::Subcommand;
 pub mod mount;
 pub mod snapshot;
 pub mod backup;
+pub mod replica;
 pub mod volume;
 
 /// The benchmarks.
@@ -19,6 +20,8 @@ pub enum BenchCommand {
     Snapshot(snapshot::BenchSnapshotArgs),
     /// Express-full backups against restic and borg on the same volume.
     Backup(backup::BenchBackupArgs),
+    /// Full and incremental replica push over loopback, beside rsync and a plain TCP copy.
+    Replica(replica::BenchReplicaArgs),
 }
 
 /// Runs one benchmark.
@@ -28,5 +31,6 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Mount(args) => mount::run(&args),
         BenchCommand::Snapshot(args) => snapshot::run(args),
         BenchCommand::Backup(args) => backup::run(args),
+        BenchCommand::Replica(args) => replica::run(args),
     }
 }

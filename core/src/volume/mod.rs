@@ -302,6 +302,10 @@ impl Volume {
     pub fn path(&self) -> &Path {
         &self.inner.path
     }
+    /// The volume's identity, fixed at create (a replica keys its copies by it).
+    pub fn uuid(&self) -> &str {
+        &self.inner.uuid
+    }
     pub fn state_dir(&self) -> &Path {
         &self.inner.state_dir
     }
