@@ -77,6 +77,22 @@ pub fn format_size(n: u64) -> String {
     format!("{n}B")
 }
 
+/// A byte count for people: `1.5 GiB`, `960.0 KiB`, `12 B`.
+pub fn human_size(n: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
 /// Parses a duration: a whole number with `ms`, `s`, `m` or `h` (seconds if bare).
 pub fn parse_duration(input: &str) -> Result<Duration> {
     let bad = |why: &str| Error::InvalidDuration { input: input.to_string(), why: why.to_string() };

@@ -1,22 +1,6 @@
 //! Numbers and times for people: sizes in binary units, UTC clock times.
-//! (The binary has its own `human_bytes`; the console cannot depend on the
-//! binary, and core has no shared formatter on this base.)
-
-/// `1.5 GiB`-style sizes.
-pub fn bytes(n: u64) -> String {
-    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u + 1 < UNITS.len() {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
-}
+/// `1.5 GiB`-style sizes (the one formatter of the workspace, in core).
+pub use freezeframe_core::units::human_size as bytes;
 
 /// `2026-11-22 02:41:07 UTC` from milliseconds since the Unix epoch.
 pub fn utc(ms: u64) -> String {
