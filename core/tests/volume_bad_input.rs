@@ -68,17 +68,25 @@ fn a_full_diff_area_invalidates_the_snapshot_but_never_fails_a_live_write() {
 fn a_torn_newest_catalog_slot_falls_back_to_the_previous_generation() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (v, id) = setup(dir.path());
-    let (newest, older) = {
-        let a = std::fs::metadata(v.state_dir().join("catalog.a")).and_then(|m| m.modified()).expect("stat a");
-        let b = std::fs::metadata(v.state_dir().join("catalog.b")).and_then(|m| m.modified()).expect("stat b");
-        if a >= b { ("catalog.a", "catalog.b") } else { ("catalog.b", "catalog.a") }
-    };
-    assert!(v.state_dir().join(older).exists());
-    // The newest change created snapshot `id`; tear it as a crash would.
-    let f = std::fs::OpenOptions::new().write(true).open(v.state_dir().join(newest)).expect("open");
-    f.set_len(30).expect("tear");
-    let again = Volume::open(v.path()).expect("opens from the older slot");
-    assert!(again.snapshots().expect("list").iter().all(|s| s.id != id), "the torn change must not appear");
+    // Tear each slot in turn, as a crash in the middle of writing it would, and
+    // open again. Tearing the slot that holds the newest change (the one that
+    // created `id`) must fall back to the older generation, which lacks `id`;
+    // tearing the older slot must change nothing. (Which file is newest depends
+    // on the generation count, not on timestamps, so both are tried.)
+    let mut lost = Vec::new();
+    for slot in ["catalog.a", "catalog.b"] {
+        let path = v.state_dir().join(slot);
+        let saved = std::fs::read(&path).expect("read slot");
+        let f = std::fs::OpenOptions::new().write(true).open(&path).expect("open");
+        f.set_len(30).expect("tear");
+        drop(f);
+        let again = Volume::open(v.path()).expect("opens from the other slot");
+        if again.snapshots().expect("list").iter().all(|s| s.id != id) {
+            lost.push(slot);
+        }
+        std::fs::write(&path, saved).expect("restore slot");
+    }
+    assert_eq!(lost.len(), 1, "exactly the newest slot carries the change, got {lost:?}");
 }
 
 #[test]
