@@ -9,17 +9,25 @@ use serde_json::Value;
 use crate::config::NodeConfig;
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?)
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
 }
 
 /// One request, one answer, on a throwaway runtime.
 pub fn call_blocking(cfg: &NodeConfig, req: &ControlRequest) -> Result<Value> {
     let path = cfg.control_socket();
     runtime()?.block_on(async {
-        let mut c = ControlClient::connect(&path)
+        let mut c = ControlClient::connect(&path).await.with_context(|| {
+            format!(
+                "node {} is not running (no answer on {})",
+                cfg.name(),
+                path.display()
+            )
+        })?;
+        Ok(c.call(req)
             .await
-            .with_context(|| format!("node {} is not running (no answer on {})", cfg.name(), path.display()))?;
-        Ok(c.call(req).await.with_context(|| format!("node {}", cfg.name()))?)
+            .with_context(|| format!("node {}", cfg.name()))?)
     })
 }
 
@@ -52,12 +60,20 @@ fn human_status(v: &Value) -> String {
         s += &format!(
             "  {:<10} {}\n",
             p["node"].as_str().unwrap_or("?"),
-            if p["connected"].as_bool() == Some(true) { "connected" } else { "disconnected" }
+            if p["connected"].as_bool() == Some(true) {
+                "connected"
+            } else {
+                "disconnected"
+            }
         );
     }
     s += "writers:\n";
     for w in v["writers"].as_array().into_iter().flatten() {
-        s += &format!("  {:<20} {}\n", w["name"].as_str().unwrap_or("?"), w["state"].as_str().unwrap_or("?"));
+        s += &format!(
+            "  {:<20} {}\n",
+            w["name"].as_str().unwrap_or("?"),
+            w["state"].as_str().unwrap_or("?")
+        );
     }
     s
 }
@@ -77,7 +93,10 @@ pub fn snapshot_create(cfg: &NodeConfig, timeout_ms: Option<u64>, json: bool) ->
             for n in v["nodes"].as_array().into_iter().flatten() {
                 s += &format!("  {}:", n["node"].as_str().unwrap_or("?"));
                 for p in n["phases"].as_array().into_iter().flatten() {
-                    let d = p["end_ms"].as_u64().unwrap_or(0).saturating_sub(p["start_ms"].as_u64().unwrap_or(0));
+                    let d = p["end_ms"]
+                        .as_u64()
+                        .unwrap_or(0)
+                        .saturating_sub(p["start_ms"].as_u64().unwrap_or(0));
                     s += &format!(" {} {d}ms", p["name"].as_str().unwrap_or("?"));
                 }
                 s += "\n";
@@ -90,7 +109,10 @@ pub fn snapshot_create(cfg: &NodeConfig, timeout_ms: Option<u64>, json: bool) ->
                 v["id"],
                 e["node"].as_str().unwrap_or("?"),
                 e["phase"].as_str().unwrap_or("?"),
-                e["writer"].as_str().map(|w| format!(" (writer {w})")).unwrap_or_default(),
+                e["writer"]
+                    .as_str()
+                    .map(|w| format!(" (writer {w})"))
+                    .unwrap_or_default(),
                 e["reason"].as_str().unwrap_or("?")
             )
         }
@@ -101,7 +123,10 @@ pub fn snapshot_create(cfg: &NodeConfig, timeout_ms: Option<u64>, json: bool) ->
 pub fn snapshot_list(cfg: &NodeConfig, json: bool) -> Result<()> {
     let v = call_blocking(cfg, &ControlRequest::SnapshotList)?;
     print(json, &v, |v| {
-        let mut s = format!("{:<6} {:<24} {:<10} {:<10} {:>12}  {}\n", "ID", "CREATED", "INITIATOR", "STATUS", "DIFF", "PATH");
+        let mut s = format!(
+            "{:<6} {:<24} {:<10} {:<10} {:>12}  {}\n",
+            "ID", "CREATED", "INITIATOR", "STATUS", "DIFF", "PATH"
+        );
         for x in v.as_array().into_iter().flatten() {
             s += &format!(
                 "{:<6} {:<24} {:<10} {:<10} {:>12}  {}\n",
@@ -120,7 +145,9 @@ pub fn snapshot_list(cfg: &NodeConfig, json: bool) -> Result<()> {
 
 pub fn snapshot_show(cfg: &NodeConfig, id: u64, json: bool) -> Result<()> {
     let v = call_blocking(cfg, &ControlRequest::SnapshotShow { id })?;
-    print(json, &v, |v| serde_json::to_string_pretty(v).unwrap_or_default() + "\n");
+    print(json, &v, |v| {
+        serde_json::to_string_pretty(v).unwrap_or_default() + "\n"
+    });
     Ok(())
 }
 
@@ -140,10 +167,18 @@ pub fn snapshot_verify(cfg: &NodeConfig, id: u64, json: bool, progress: bool) ->
     let v = crate::node::verify_snapshot(&volume, id, &mut |done, total| {
         if progress && (done == total || last.elapsed() >= std::time::Duration::from_millis(100)) {
             last = std::time::Instant::now();
-            eprintln!("{}", serde_json::json!({"progress": {"done": done, "total": total, "unit": "bytes"}}));
+            eprintln!(
+                "{}",
+                serde_json::json!({"progress": {"done": done, "total": total, "unit": "bytes"}})
+            );
         }
     })?;
-    print(json, &v, |v| format!("snapshot {id}: blake3 {}\n", v["blake3"].as_str().unwrap_or("?")));
+    print(json, &v, |v| {
+        format!(
+            "snapshot {id}: blake3 {}\n",
+            v["blake3"].as_str().unwrap_or("?")
+        )
+    });
     Ok(())
 }
 
@@ -166,7 +201,10 @@ pub fn events(cfg: &NodeConfig, json: bool) -> Result<()> {
                     ev["snapshot"],
                     ev["phase"].as_str().unwrap_or("?"),
                     ev["kind"].as_str().unwrap_or(""),
-                    ev["writer"].as_str().map(|w| format!(" writer {w}")).unwrap_or_default()
+                    ev["writer"]
+                        .as_str()
+                        .map(|w| format!(" writer {w}"))
+                        .unwrap_or_default()
                 );
             }
         }
@@ -207,6 +245,9 @@ mod tests {
     #[test]
     fn formats_utc_times() {
         assert_eq!(super::fmt_time(0), "1970-01-01 00:00:00.000");
-        assert_eq!(super::fmt_time(1_795_313_600_123), "2026-11-22 02:13:20.123");
+        assert_eq!(
+            super::fmt_time(1_795_313_600_123),
+            "2026-11-22 02:13:20.123"
+        );
     }
 }

@@ -48,7 +48,10 @@ pub fn init(dir: &Path, opts: &InitOptions) -> Result<Vec<PathBuf>> {
         bail!("--nodes must be between 1 and 64, not {}", opts.nodes);
     }
     if dir.join("cluster.toml").exists() {
-        bail!("{} already holds a cluster (cluster.toml exists); pick another DIR", dir.display());
+        bail!(
+            "{} already holds a cluster (cluster.toml exists); pick another DIR",
+            dir.display()
+        );
     }
     std::fs::create_dir_all(dir.join("shared"))
         .with_context(|| format!("cannot create {}", dir.display()))?;
@@ -68,7 +71,12 @@ pub fn init(dir: &Path, opts: &InitOptions) -> Result<Vec<PathBuf>> {
     let names: Vec<String> = (1..=opts.nodes).map(|i| format!("n{i}")).collect();
     let members: Vec<Member> = names
         .iter()
-        .map(|n| Ok(Member { name: n.clone(), addr: free_loopback_port()? }))
+        .map(|n| {
+            Ok(Member {
+                name: n.clone(),
+                addr: free_loopback_port()?,
+            })
+        })
         .collect::<Result<_>>()?;
 
     let mut configs = Vec::new();
@@ -88,7 +96,10 @@ pub fn init(dir: &Path, opts: &InitOptions) -> Result<Vec<PathBuf>> {
                 hooks_dir: Some("hooks.d".into()),
                 allow_other: false,
             },
-            volume: VolumeSection { path: "../../shared/volume.img".into(), diff_limit: None },
+            volume: VolumeSection {
+                path: "../../shared/volume.img".into(),
+                diff_limit: None,
+            },
             cluster: ClusterSection {
                 name: cluster_name.clone(),
                 ca_cert: "../../ca.pem".into(),
@@ -97,13 +108,19 @@ pub fn init(dir: &Path, opts: &InitOptions) -> Result<Vec<PathBuf>> {
                 hook_timeout: "30s".into(),
                 members: members.clone(),
             },
-            tls: TlsSection { cert: "node.pem".into(), key: "node.key".into() },
+            tls: TlsSection {
+                cert: "node.pem".into(),
+                key: "node.key".into(),
+            },
         };
         let path = nd.join("node.toml");
         std::fs::write(&path, toml::to_string_pretty(&file)?)?;
         configs.push(path);
     }
-    let cf = ClusterFile { name: cluster_name, nodes: names };
+    let cf = ClusterFile {
+        name: cluster_name,
+        nodes: names,
+    };
     std::fs::write(dir.join("cluster.toml"), toml::to_string_pretty(&cf)?)?;
     Ok(configs)
 }
@@ -116,8 +133,12 @@ fn free_loopback_port() -> Result<SocketAddr> {
 
 pub fn load(dir: &Path) -> Result<(ClusterFile, Vec<NodeConfig>)> {
     let path = dir.join("cluster.toml");
-    let text = std::fs::read_to_string(&path)
-        .with_context(|| format!("{} is not a cluster folder (no cluster.toml)", dir.display()))?;
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "{} is not a cluster folder (no cluster.toml)",
+            dir.display()
+        )
+    })?;
     let cf: ClusterFile =
         toml::from_str(&text).with_context(|| format!("{} is not valid", path.display()))?;
     let configs = cf
@@ -130,7 +151,11 @@ pub fn load(dir: &Path) -> Result<(ClusterFile, Vec<NodeConfig>)> {
 
 /// Pid of the node's daemon if it is running.
 pub fn running_pid(cfg: &NodeConfig) -> Option<i32> {
-    let pid: i32 = std::fs::read_to_string(cfg.pid_file()).ok()?.trim().parse().ok()?;
+    let pid: i32 = std::fs::read_to_string(cfg.pid_file())
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
     // SAFETY: kill with signal 0 only checks that the process exists.
     let alive = unsafe { libc::kill(pid, 0) } == 0;
     alive.then_some(pid)
@@ -171,7 +196,9 @@ pub fn start_node(exe: &Path, cfg: &NodeConfig) -> Result<std::process::Child> {
         .stdout(log.try_clone()?)
         .stderr(log)
         .process_group(0);
-    let child = cmd.spawn().with_context(|| format!("starting node {}", cfg.name()))?;
+    let child = cmd
+        .spawn()
+        .with_context(|| format!("starting node {}", cfg.name()))?;
     Ok(child)
 }
 
@@ -180,11 +207,18 @@ pub fn wait_connected(cfg: &NodeConfig, deadline: Instant) -> Result<()> {
     let want = cfg.peers().count();
     let mut last_err = String::from("no answer yet");
     while Instant::now() < deadline {
-        match crate::client::call_blocking(cfg, &freezeframe_netproto::control::ControlRequest::Status) {
+        match crate::client::call_blocking(
+            cfg,
+            &freezeframe_netproto::control::ControlRequest::Status,
+        ) {
             Ok(v) => {
                 let connected = v["peers"]
                     .as_array()
-                    .map(|a| a.iter().filter(|p| p["connected"].as_bool() == Some(true)).count())
+                    .map(|a| {
+                        a.iter()
+                            .filter(|p| p["connected"].as_bool() == Some(true))
+                            .count()
+                    })
                     .unwrap_or(0);
                 let mounted = v["mounted"].as_bool().unwrap_or(false);
                 if connected == want && mounted {

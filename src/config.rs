@@ -149,13 +149,26 @@ impl NodeConfig {
                 "{}: node name {:?} is not in [cluster] members ({})",
                 path.display(),
                 raw.node.name,
-                raw.cluster.members.iter().map(|m| m.name.as_str()).collect::<Vec<_>>().join(", ")
+                raw.cluster
+                    .members
+                    .iter()
+                    .map(|m| m.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             );
         }
-        let mut names: Vec<&str> = raw.cluster.members.iter().map(|m| m.name.as_str()).collect();
+        let mut names: Vec<&str> = raw
+            .cluster
+            .members
+            .iter()
+            .map(|m| m.name.as_str())
+            .collect();
         names.sort_unstable();
         if names.windows(2).any(|w| w[0] == w[1]) {
-            bail!("{}: [cluster] members lists a node name twice", path.display());
+            bail!(
+                "{}: [cluster] members lists a node name twice",
+                path.display()
+            );
         }
         Ok(NodeConfig {
             file: path.to_path_buf(),
@@ -183,11 +196,20 @@ impl NodeConfig {
         self.raw.node.run_dir.join("node.log")
     }
     pub fn peers(&self) -> impl Iterator<Item = &Member> {
-        self.raw.cluster.members.iter().filter(move |m| m.name != self.raw.node.name)
+        self.raw
+            .cluster
+            .members
+            .iter()
+            .filter(move |m| m.name != self.raw.node.name)
     }
     /// Path of a snapshot's image on this node's mount.
     pub fn snapshot_image_path(&self, id: u64) -> PathBuf {
-        self.raw.node.mount.join("snapshots").join(id.to_string()).join("volume.img")
+        self.raw
+            .node
+            .mount
+            .join("snapshots")
+            .join(id.to_string())
+            .join("volume.img")
     }
 }
 

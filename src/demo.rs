@@ -88,7 +88,9 @@ impl Running {
             loop {
                 match child.try_wait() {
                     Ok(Some(_)) => break,
-                    Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+                    Ok(None) if Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(50))
+                    }
                     _ => {
                         let _ = child.kill();
                         let _ = child.wait();
@@ -107,13 +109,22 @@ pub fn run(opts: DemoOptions) -> Result<bool> {
     let (dir, temp) = match &opts.dir {
         Some(d) => (d.clone(), None),
         None => {
-            let t = tempfile::Builder::new().prefix("freezeframe-demo-").tempdir_in(std::env::temp_dir())?;
+            let t = tempfile::Builder::new()
+                .prefix("freezeframe-demo-")
+                .tempdir_in(std::env::temp_dir())?;
             (t.path().to_path_buf(), Some(t))
         }
     };
-    let running = Arc::new(Mutex::new(Running { nodes: Vec::new(), writers: Vec::new() }));
+    let running = Arc::new(Mutex::new(Running {
+        nodes: Vec::new(),
+        writers: Vec::new(),
+    }));
     let interrupted = Arc::new(AtomicBool::new(false));
-    install_ctrl_c(running.clone(), interrupted.clone(), if opts.keep { None } else { Some(dir.clone()) });
+    install_ctrl_c(
+        running.clone(),
+        interrupted.clone(),
+        if opts.keep { None } else { Some(dir.clone()) },
+    );
 
     let result = story(&opts, &dir, &running, &interrupted);
     let keep_running = opts.keep && result.is_ok();
@@ -145,7 +156,12 @@ pub fn run(opts: DemoOptions) -> Result<bool> {
 
 fn install_ctrl_c(running: Arc<Mutex<Running>>, flag: Arc<AtomicBool>, remove: Option<PathBuf>) {
     std::thread::spawn(move || {
-        let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        else {
+            return;
+        };
         rt.block_on(async {
             if tokio::signal::ctrl_c().await.is_ok() {
                 flag.store(true, Ordering::SeqCst);
@@ -160,19 +176,40 @@ fn install_ctrl_c(running: Arc<Mutex<Running>>, flag: Arc<AtomicBool>, remove: O
     });
 }
 
-fn story(opts: &DemoOptions, dir: &Path, running: &Arc<Mutex<Running>>, interrupted: &AtomicBool) -> Result<bool> {
-    println!("freezeframe demo: {} nodes sharing one volume, in {}", opts.nodes, dir.display());
+fn story(
+    opts: &DemoOptions,
+    dir: &Path,
+    running: &Arc<Mutex<Running>>,
+    interrupted: &AtomicBool,
+) -> Result<bool> {
+    println!(
+        "freezeframe demo: {} nodes sharing one volume, in {}",
+        opts.nodes,
+        dir.display()
+    );
     let configs = cluster::init(
         dir,
-        &cluster::InitOptions { nodes: opts.nodes, size: 256 << 20, block_size: 64 << 10, lease: "10s".into() },
+        &cluster::InitOptions {
+            nodes: opts.nodes,
+            size: 256 << 20,
+            block_size: 64 << 10,
+            lease: "10s".into(),
+        },
     )?;
-    let configs: Vec<NodeConfig> = configs.iter().map(|p| NodeConfig::load(p)).collect::<Result<_>>()?;
+    let configs: Vec<NodeConfig> = configs
+        .iter()
+        .map(|p| NodeConfig::load(p))
+        .collect::<Result<_>>()?;
 
     // 1. Nodes.
     let exe = std::env::current_exe()?;
     for cfg in &configs {
         let child = cluster::start_node(&exe, cfg)?;
-        running.lock().unwrap_or_else(|e| e.into_inner()).nodes.push((cfg.clone(), child));
+        running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .nodes
+            .push((cfg.clone(), child));
     }
     let deadline = Instant::now() + Duration::from_secs(30);
     for cfg in &configs {
@@ -200,14 +237,26 @@ fn story(opts: &DemoOptions, dir: &Path, running: &Arc<Mutex<Running>>, interrup
             .stdin(std::process::Stdio::null())
             .spawn()
             .context("starting a demo application")?;
-        running.lock().unwrap_or_else(|e| e.into_inner()).writers.push(child);
-        apps.push(App { name, offset: i as u64 * STRIDE, log });
+        running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .writers
+            .push(child);
+        apps.push(App {
+            name,
+            offset: i as u64 * STRIDE,
+            log,
+        });
     }
     wait_writers(&configs, Duration::from_secs(10))?;
     println!("an application on every node registered as a writer and is writing records\n");
     if opts.console {
         let cfg = configs[0].file.clone();
-        std::process::Command::new(&exe).arg("console").arg("--config").arg(cfg).spawn()?;
+        std::process::Command::new(&exe)
+            .arg("console")
+            .arg("--config")
+            .arg(cfg)
+            .spawn()?;
     }
 
     // Live phase view from every node's event stream.
@@ -223,7 +272,10 @@ fn story(opts: &DemoOptions, dir: &Path, running: &Arc<Mutex<Running>>, interrup
         std::thread::sleep(Duration::from_millis(700));
         let cfg = &configs[k % configs.len()];
         println!("── snapshot requested on {} ──", cfg.name());
-        let report = crate::client::call_blocking(cfg, &ControlRequest::SnapshotCreate { timeout_ms: None })?;
+        let report = crate::client::call_blocking(
+            cfg,
+            &ControlRequest::SnapshotCreate { timeout_ms: None },
+        )?;
         std::thread::sleep(Duration::from_millis(100));
         view.flush();
         let status = report["status"].as_str().unwrap_or("?");
@@ -239,7 +291,10 @@ fn story(opts: &DemoOptions, dir: &Path, running: &Arc<Mutex<Running>>, interrup
     view.stop();
 
     // 4. Checks on every node's mount.
-    println!("{:<9} {:<6} {:<10} {:>8} {:>8}  {:<11} {:>14}", "SNAPSHOT", "NODE", "APP", "FROZEN", "FOUND", "CONSISTENT", "FREEZE WINDOW");
+    println!(
+        "{:<9} {:<6} {:<10} {:>8} {:>8}  {:<11} {:>14}",
+        "SNAPSHOT", "NODE", "APP", "FROZEN", "FOUND", "CONSISTENT", "FREEZE WINDOW"
+    );
     let mut all_ok = true;
     for report in &taken {
         let id = report["id"].as_u64().unwrap_or(0);
@@ -271,7 +326,9 @@ fn story(opts: &DemoOptions, dir: &Path, running: &Arc<Mutex<Running>>, interrup
     all_ok &= backups(dir, &configs[0], &ids)?;
     println!();
     if all_ok {
-        println!("verdict: every snapshot is application-consistent for every application on every node");
+        println!(
+            "verdict: every snapshot is application-consistent for every application on every node"
+        );
     } else {
         println!("verdict: INCONSISTENT snapshots found (see the rows marked NO)");
     }
@@ -281,16 +338,27 @@ fn story(opts: &DemoOptions, dir: &Path, running: &Arc<Mutex<Running>>, interrup
 /// Backs every snapshot up (the first full, the others express-full), restores
 /// the last one and checks it bit-exact against the snapshot on the mount.
 fn backups(dir: &Path, cfg: &NodeConfig, ids: &[u64]) -> Result<bool> {
-    use freezeframe_core::backup::{NoProgress, Repository, VolumeSnapshotSource, DEFAULT_PACK_SIZE};
-    let Some(&last) = ids.last() else { return Ok(true) };
+    use freezeframe_core::backup::{
+        NoProgress, Repository, VolumeSnapshotSource, DEFAULT_PACK_SIZE,
+    };
+    let Some(&last) = ids.last() else {
+        return Ok(true);
+    };
     let repo_path = dir.join("backups");
     let repo = Repository::init(&repo_path, DEFAULT_PACK_SIZE)?;
     let volume = freezeframe_core::volume::Volume::open(&cfg.raw.volume.path)?;
-    println!("{:<9} {:<14} {:>12} {:>12} {:>10}", "SNAPSHOT", "BACKUP", "BLOCKS READ", "STORED", "TIME");
+    println!(
+        "{:<9} {:<14} {:>12} {:>12} {:>10}",
+        "SNAPSHOT", "BACKUP", "BLOCKS READ", "STORED", "TIME"
+    );
     let mut last_backup = String::new();
     for &id in ids {
         let m = repo.backup(&VolumeSnapshotSource::new(&volume, Some(id))?, &NoProgress)?;
-        let kind = if m.header.stats.blocks_read == m.header.stats.blocks_total { "full" } else { "changed only" };
+        let kind = if m.header.stats.blocks_read == m.header.stats.blocks_total {
+            "full"
+        } else {
+            "changed only"
+        };
         println!(
             "{:<9} {:<14} {:>12} {:>12} {:>7} ms",
             id,
@@ -308,7 +376,11 @@ fn backups(dir: &Path, cfg: &NodeConfig, ids: &[u64]) -> Result<bool> {
     let ok = want == got;
     println!(
         "restore of backup {last_backup} (snapshot {last}): {}",
-        if ok { "bit-exact" } else { "DIFFERENT from the snapshot" }
+        if ok {
+            "bit-exact"
+        } else {
+            "DIFFERENT from the snapshot"
+        }
     );
     let _ = std::fs::remove_file(&restored);
     Ok(ok)
@@ -332,7 +404,10 @@ fn wait_writers(configs: &[NodeConfig], wait: Duration) -> Result<()> {
     for cfg in configs {
         loop {
             let v = crate::client::call_blocking(cfg, &ControlRequest::Status)?;
-            if v["writers"].as_array().is_some_and(|a| a.iter().any(|w| w["name"].as_str().is_some_and(|n| n.starts_with("app-")))) {
+            if v["writers"].as_array().is_some_and(|a| {
+                a.iter()
+                    .any(|w| w["name"].as_str().is_some_and(|n| n.starts_with("app-")))
+            }) {
                 break;
             }
             if Instant::now() > deadline {
@@ -359,9 +434,16 @@ impl EventView {
         for cfg in configs {
             let (path, stop, lines) = (cfg.control_socket(), stop.clone(), lines.clone());
             std::thread::spawn(move || {
-                let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
+                let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                else {
+                    return;
+                };
                 rt.block_on(async move {
-                    let Ok(mut c) = ControlClient::connect(&path).await else { return };
+                    let Ok(mut c) = ControlClient::connect(&path).await else {
+                        return;
+                    };
                     if c.subscribe().await.is_err() {
                         return;
                     }

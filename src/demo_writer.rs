@@ -53,7 +53,8 @@ pub struct RegionCheck {
 pub fn check_region(image: &Path, offset: u64, len: u64, writer: &str) -> Result<RegionCheck> {
     let f = std::fs::File::open(image).with_context(|| format!("opening {}", image.display()))?;
     let mut buf = vec![0u8; len as usize];
-    f.read_exact_at(&mut buf, offset).with_context(|| format!("reading {} at {offset}", image.display()))?;
+    f.read_exact_at(&mut buf, offset)
+        .with_context(|| format!("reading {} at {offset}", image.display()))?;
     let (body, last) = buf.split_at(buf.len().saturating_sub(RECORD));
     let post_mark = if last.iter().all(|&b| b == 0) {
         None
@@ -94,19 +95,28 @@ pub fn check_region(image: &Path, offset: u64, len: u64, writer: &str) -> Result
     if let Some(p) = rest.iter().position(|&b| b != 0) {
         return Ok(RegionCheck {
             records: n,
-            problem: Some(format!("bytes after record {n} are not empty (offset {})", n as usize * RECORD + p)),
+            problem: Some(format!(
+                "bytes after record {n} are not empty (offset {})",
+                n as usize * RECORD + p
+            )),
             post_mark,
         });
     }
-    Ok(RegionCheck { records: n, problem: None, post_mark })
+    Ok(RegionCheck {
+        records: n,
+        problem: None,
+        post_mark,
+    })
 }
 
 /// The freeze counts a writer recorded, by snapshot id (`<log>` is JSON lines).
 pub fn read_freeze_log(path: &Path) -> Result<BTreeMap<u64, u64>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let mut m = BTreeMap::new();
     for line in text.lines().filter(|l| !l.trim().is_empty()) {
-        let e: FreezeLogEntry = serde_json::from_str(line).with_context(|| format!("{}: {line}", path.display()))?;
+        let e: FreezeLogEntry =
+            serde_json::from_str(line).with_context(|| format!("{}: {line}", path.display()))?;
         m.insert(e.snapshot, e.records);
     }
     Ok(m)
@@ -159,7 +169,14 @@ pub fn run(opts: Options) -> Result<()> {
         .with_context(|| format!("opening the live volume {}", opts.volume.display()))?;
     // The last record of the region is kept for the post-snapshot mark.
     let capacity = opts.len / RECORD as u64 - 1;
-    let state = Arc::new((Mutex::new(State { taken: 0, written: 0, frozen: false }), Condvar::new()));
+    let state = Arc::new((
+        Mutex::new(State {
+            taken: 0,
+            written: 0,
+            frozen: false,
+        }),
+        Condvar::new(),
+    ));
     let file = Arc::new(file);
 
     // Flushes records taken but not yet written; returns how many are durable.
@@ -216,8 +233,14 @@ pub fn run(opts: Options) -> Result<()> {
         out.write_all(&l)?;
         Ok(())
     };
-    send(&mut out, serde_json::json!({"op":"register","name":opts.name,"freeze_timeout_ms":opts.freeze_timeout_ms}))?;
-    let mut log = std::fs::OpenOptions::new().create(true).append(true).open(&opts.log)?;
+    send(
+        &mut out,
+        serde_json::json!({"op":"register","name":opts.name,"freeze_timeout_ms":opts.freeze_timeout_ms}),
+    )?;
+    let mut log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&opts.log)?;
     for line in BufReader::new(stream).lines() {
         let line = line?;
         let ev: serde_json::Value = serde_json::from_str(&line)?;
@@ -232,7 +255,10 @@ pub fn run(opts: Options) -> Result<()> {
                     continue;
                 }
                 if opts.veto {
-                    send(&mut out, serde_json::json!({"op":"veto","event":"freeze","snapshot":s,"reason":"demo writer told to veto"}))?;
+                    send(
+                        &mut out,
+                        serde_json::json!({"op":"veto","event":"freeze","snapshot":s,"reason":"demo writer told to veto"}),
+                    )?;
                     continue;
                 }
                 let mut st = m.lock().unwrap_or_else(|e| e.into_inner());
@@ -253,14 +279,20 @@ pub fn run(opts: Options) -> Result<()> {
                         .write(true)
                         .open(path)
                         .with_context(|| format!("opening the virtual snapshot {path}"))?;
-                    f.write_all_at(&post_mark(&opts.name, s), opts.offset + opts.len - RECORD as u64)?;
+                    f.write_all_at(
+                        &post_mark(&opts.name, s),
+                        opts.offset + opts.len - RECORD as u64,
+                    )?;
                     f.sync_data()?;
                 }
             }
             _ => bail!("unexpected event from node: {line}"),
         }
         if let Some(s) = snap {
-            send(&mut out, serde_json::json!({"op":"ack","event":kind,"snapshot":s}))?;
+            send(
+                &mut out,
+                serde_json::json!({"op":"ack","event":kind,"snapshot":s}),
+            )?;
         }
     }
     Ok(())
@@ -280,7 +312,14 @@ mod tests {
         }
         std::fs::write(&img, &data).unwrap();
         let c = check_region(&img, 0, data.len() as u64, "w1").unwrap();
-        assert_eq!(c, RegionCheck { records: 10, problem: None, post_mark: None });
+        assert_eq!(
+            c,
+            RegionCheck {
+                records: 10,
+                problem: None,
+                post_mark: None
+            }
+        );
 
         data[5 * 64 + 20] ^= 1;
         std::fs::write(&img, &data).unwrap();
@@ -298,10 +337,20 @@ mod tests {
         data[9 * 64..].copy_from_slice(&post_mark("w", 12));
         std::fs::write(&img, &data).unwrap();
         let c = check_region(&img, 0, data.len() as u64, "w").unwrap();
-        assert_eq!(c, RegionCheck { records: 1, problem: None, post_mark: Some(12) });
+        assert_eq!(
+            c,
+            RegionCheck {
+                records: 1,
+                problem: None,
+                post_mark: Some(12)
+            }
+        );
         data[9 * 64..].copy_from_slice(&post_mark("other", 12));
         std::fs::write(&img, &data).unwrap();
-        assert!(check_region(&img, 0, data.len() as u64, "w").unwrap().problem.is_some());
+        assert!(check_region(&img, 0, data.len() as u64, "w")
+            .unwrap()
+            .problem
+            .is_some());
     }
 
     #[test]

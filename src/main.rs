@@ -33,7 +33,11 @@ use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Parser, Debug)]
-#[command(name = "freezeframe", version, about = "Cluster-wide application-consistent snapshots of a shared volume")]
+#[command(
+    name = "freezeframe",
+    version,
+    about = "Cluster-wide application-consistent snapshots of a shared volume"
+)]
 struct Cli {
     /// The node to talk to (its node.toml).
     #[arg(long, global = true, env = "FREEZEFRAME_CONFIG")]
@@ -244,15 +248,34 @@ fn run(cli: Cli) -> Result<ExitCode> {
     let cfg = || config::resolve(cli.config.as_deref());
     match cli.command {
         Command::Node(NodeCmd::Run) => node::run(cfg()?)?,
-        Command::Demo { nodes, dir, keep, console, snapshots } => {
-            if !demo::run(demo::DemoOptions { nodes, dir, keep, console, snapshots })? {
+        Command::Demo {
+            nodes,
+            dir,
+            keep,
+            console,
+            snapshots,
+        } => {
+            if !demo::run(demo::DemoOptions {
+                nodes,
+                dir,
+                keep,
+                console,
+                snapshots,
+            })? {
                 return Ok(ExitCode::FAILURE);
             }
         }
         Command::Volume(args) => cli::volume::run(args)?,
         Command::Bench(cmd) => bench::run(cmd)?,
         Command::Replica(args) => replica::run(args, cli.config.as_deref())?,
-        Command::Cluster(ClusterCmd::Init { dir, nodes, size, block_size, lease, out: Out { json } }) => {
+        Command::Cluster(ClusterCmd::Init {
+            dir,
+            nodes,
+            size,
+            block_size,
+            lease,
+            out: Out { json },
+        }) => {
             let opts = cluster::InitOptions {
                 nodes,
                 size: freezeframe_core::units::parse_size(&size)?,
@@ -270,29 +293,50 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 println!("start it with: freezeframe cluster up {}", dir.display());
             }
         }
-        Command::Cluster(ClusterCmd::Up { dir, wait, out: Out { json } }) => {
+        Command::Cluster(ClusterCmd::Up {
+            dir,
+            wait,
+            out: Out { json },
+        }) => {
             cluster::up(&dir, dur(&wait)?)?;
             if !json {
                 println!("cluster {} is up", dir.display());
             }
         }
-        Command::Cluster(ClusterCmd::Down { dir, wait, out: Out { json } }) => {
+        Command::Cluster(ClusterCmd::Down {
+            dir,
+            wait,
+            out: Out { json },
+        }) => {
             cluster::down(&dir, dur(&wait)?)?;
             if !json {
                 println!("cluster {} is down", dir.display());
             }
         }
         Command::Status(Out { json }) => client::status(&cfg()?, json)?,
-        Command::Snapshot(SnapshotCmd::Create { timeout, out: Out { json } }) => {
+        Command::Snapshot(SnapshotCmd::Create {
+            timeout,
+            out: Out { json },
+        }) => {
             let t = timeout.as_deref().map(config::parse_ms).transpose()?;
             if !client::snapshot_create(&cfg()?, t, json)? {
                 return Ok(ExitCode::from(2));
             }
         }
         Command::Snapshot(SnapshotCmd::List(Out { json })) => client::snapshot_list(&cfg()?, json)?,
-        Command::Snapshot(SnapshotCmd::Show { id, out: Out { json } }) => client::snapshot_show(&cfg()?, id, json)?,
-        Command::Snapshot(SnapshotCmd::Delete { id, out: Out { json } }) => client::snapshot_delete(&cfg()?, id, json)?,
-        Command::Snapshot(SnapshotCmd::Verify { id, out: Out { json }, progress }) => client::snapshot_verify(&cfg()?, id, json, progress)?,
+        Command::Snapshot(SnapshotCmd::Show {
+            id,
+            out: Out { json },
+        }) => client::snapshot_show(&cfg()?, id, json)?,
+        Command::Snapshot(SnapshotCmd::Delete {
+            id,
+            out: Out { json },
+        }) => client::snapshot_delete(&cfg()?, id, json)?,
+        Command::Snapshot(SnapshotCmd::Verify {
+            id,
+            out: Out { json },
+            progress,
+        }) => client::snapshot_verify(&cfg()?, id, json, progress)?,
         Command::Events(Out { json }) => client::events(&cfg()?, json)?,
         Command::Console => {
             let exe = std::env::current_exe()?;
@@ -322,7 +366,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
             freeze_timeout_ms: config::parse_ms(&a.freeze_timeout)?,
             post_mark: a.post_mark,
         })?,
-        Command::DemoCheck { image, offset, len, name, log, snapshot } => {
+        Command::DemoCheck {
+            image,
+            offset,
+            len,
+            name,
+            log,
+            snapshot,
+        } => {
             let got = demo_writer::check_region(&image, offset, len, &name)?;
             let want = demo_writer::read_freeze_log(&log)?.get(&snapshot).copied();
             let consistent = want == Some(got.records) && got.problem.is_none();

@@ -18,10 +18,15 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Subcommand};
 use freezeframe_core::replica::source::{self, BatchReader};
 use freezeframe_core::replica::store::{Incoming, ReplicaStore};
-use freezeframe_core::replica::wire::{BlockHeader, Blocks, Reply, Request, Summary, VolumeListing};
+use freezeframe_core::replica::wire::{
+    BlockHeader, Blocks, Reply, Request, Summary, VolumeListing,
+};
 use freezeframe_core::replica::BlockCv;
 use freezeframe_core::volume::Volume;
-use freezeframe_netproto::{CaCertificate, ClusterCa, Frame, FrameCodec, MemberList, NodeIdentity, PeerConnection, PeerEndpoint};
+use freezeframe_netproto::{
+    CaCertificate, ClusterCa, Frame, FrameCodec, MemberList, NodeIdentity, PeerConnection,
+    PeerEndpoint,
+};
 use serde::{Deserialize, Serialize};
 
 /// Frames of block data: up to this many bytes of blocks each (the DATA limit is 16 MiB).
@@ -139,38 +144,59 @@ pub struct AllowSection {
 
 impl ReplicaFile {
     fn load(path: &Path) -> Result<ReplicaFile> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read replica config {}", path.display()))?;
-        let mut f: ReplicaFile = toml::from_str(&text).with_context(|| format!("replica config {} is not valid", path.display()))?;
-        let base = path.canonicalize()?.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("/"));
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read replica config {}", path.display()))?;
+        let mut f: ReplicaFile = toml::from_str(&text)
+            .with_context(|| format!("replica config {} is not valid", path.display()))?;
+        let base = path
+            .canonicalize()?
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("/"));
         for p in [&mut f.tls.cert, &mut f.tls.key, &mut f.cluster.ca_cert] {
             if p.is_relative() {
                 *p = base.join(&*p);
             }
         }
         if f.cluster.members.is_empty() {
-            bail!("{}: [cluster] members is empty: nobody could push", path.display());
+            bail!(
+                "{}: [cluster] members is empty: nobody could push",
+                path.display()
+            );
         }
         Ok(f)
     }
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?)
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?)
 }
 
 /// Runs one `replica` subcommand.
 pub fn run(args: ReplicaArgs, config: Option<&Path>) -> Result<()> {
     match args.command {
         ReplicaCommand::Serve { dir } => {
-            let path = config.ok_or_else(|| anyhow!("replica serve needs --config replica.toml"))?;
+            let path =
+                config.ok_or_else(|| anyhow!("replica serve needs --config replica.toml"))?;
             let cfg = ReplicaFile::load(path)?;
             runtime()?.block_on(serve(cfg, dir))
         }
-        ReplicaCommand::Push { to, name, snapshot, full_hash, json } => {
+        ReplicaCommand::Push {
+            to,
+            name,
+            snapshot,
+            full_hash,
+            json,
+        } => {
             let cfg = crate::config::resolve(config)?;
             let want = match snapshot.as_str() {
                 "latest" => None,
-                s => Some(s.parse::<u64>().with_context(|| format!("--snapshot {s:?}: expected a snapshot id or `latest`"))?),
+                s => Some(s.parse::<u64>().with_context(|| {
+                    format!("--snapshot {s:?}: expected a snapshot id or `latest`")
+                })?),
             };
             let report = runtime()?.block_on(push(&cfg, to, &name, want, full_hash))?;
             if json {
@@ -180,7 +206,12 @@ pub fn run(args: ReplicaArgs, config: Option<&Path>) -> Result<()> {
             }
             Ok(())
         }
-        ReplicaCommand::List { dir, to, name, json } => {
+        ReplicaCommand::List {
+            dir,
+            to,
+            name,
+            json,
+        } => {
             let volumes = match (dir, to) {
                 (Some(dir), _) => ReplicaStore::open(&dir)?.list(None)?,
                 (None, Some(to)) => {
@@ -195,7 +226,11 @@ pub fn run(args: ReplicaArgs, config: Option<&Path>) -> Result<()> {
             print_listing(&volumes, json)
         }
         ReplicaCommand::Mount { dir, mount, volume } => mount_replica(&dir, &mount, volume),
-        ReplicaCommand::Read { dir, snapshot, volume } => {
+        ReplicaCommand::Read {
+            dir,
+            snapshot,
+            volume,
+        } => {
             let store = ReplicaStore::open(&dir)?;
             let v = store.volume(&pick_volume(&store, volume)?)?;
             let img = v.image(snapshot)?;
@@ -213,8 +248,17 @@ pub fn run(args: ReplicaArgs, config: Option<&Path>) -> Result<()> {
             std::io::Write::flush(&mut out).context("writing stdout")?;
             Ok(())
         }
-        ReplicaCommand::InitIdentity { ca_dir, name, out, listen, allow } => {
-            println!("{}", init_identity(&ca_dir, &name, &out, listen, allow)?.display());
+        ReplicaCommand::InitIdentity {
+            ca_dir,
+            name,
+            out,
+            listen,
+            allow,
+        } => {
+            println!(
+                "{}",
+                init_identity(&ca_dir, &name, &out, listen, allow)?.display()
+            );
             Ok(())
         }
     }
@@ -226,12 +270,27 @@ async fn serve(cfg: ReplicaFile, dir: PathBuf) -> Result<()> {
     let store = Arc::new(ReplicaStore::open(&dir)?);
     let identity = NodeIdentity::load(&cfg.tls.cert, &cfg.tls.key)?;
     if identity.node_name != cfg.replica.name {
-        bail!("replica config names the secondary {:?} but its certificate {} is for {:?}", cfg.replica.name, cfg.tls.cert.display(), identity.node_name);
+        bail!(
+            "replica config names the secondary {:?} but its certificate {} is for {:?}",
+            cfg.replica.name,
+            cfg.tls.cert.display(),
+            identity.node_name
+        );
     }
     let ca = CaCertificate::load(&cfg.cluster.ca_cert)?;
-    let ep = PeerEndpoint::bind(cfg.replica.listen, &identity, &ca, MemberList::new(cfg.cluster.members.clone()))?;
+    let ep = PeerEndpoint::bind(
+        cfg.replica.listen,
+        &identity,
+        &ca,
+        MemberList::new(cfg.cluster.members.clone()),
+    )?;
     tracing::info!(name = %cfg.replica.name, addr = %ep.local_addr()?, dir = %dir.display(), "replica secondary serving");
-    eprintln!("replica secondary {} listening on {} (replicas in {})", cfg.replica.name, ep.local_addr()?, dir.display());
+    eprintln!(
+        "replica secondary {} listening on {} (replicas in {})",
+        cfg.replica.name,
+        ep.local_addr()?,
+        dir.display()
+    );
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
         tokio::select! {
@@ -252,7 +311,12 @@ async fn serve_connection(conn: PeerConnection, store: Arc<ReplicaStore>) {
     loop {
         match conn.accept_bi().await {
             Ok((send, recv)) => {
-                tokio::spawn(serve_stream(conn.peer_name().to_string(), send, recv, store.clone()));
+                tokio::spawn(serve_stream(
+                    conn.peer_name().to_string(),
+                    send,
+                    recv,
+                    store.clone(),
+                ));
             }
             Err(e) => {
                 tracing::info!(peer = %conn.peer_name(), "connection ended: {e}");
@@ -274,7 +338,10 @@ async fn serve_stream(peer: String, mut send: Send, mut recv: Recv, store: Arc<R
         Ok(Request::List { volume }) => {
             let s = store.clone();
             match tokio::task::spawn_blocking(move || s.list(volume.as_deref())).await {
-                Ok(Ok(volumes)) => send.send(&Reply::List { volumes }).await.map_err(anyhow::Error::from),
+                Ok(Ok(volumes)) => send
+                    .send(&Reply::List { volumes })
+                    .await
+                    .map_err(anyhow::Error::from),
                 Ok(Err(e)) => Err(e.into()),
                 Err(e) => Err(anyhow!("listing failed: {e}")),
             }
@@ -285,21 +352,38 @@ async fn serve_stream(peer: String, mut send: Send, mut recv: Recv, store: Arc<R
     };
     if let Err(e) = outcome {
         tracing::warn!(%peer, "replica request failed: {e:#}");
-        let _ = send.send(&Reply::Error { message: format!("{e:#}") }).await;
+        let _ = send
+            .send(&Reply::Error {
+                message: format!("{e:#}"),
+            })
+            .await;
         recv.stop();
     }
     let _ = send.finish().await;
 }
 
 fn throttle() -> Option<Duration> {
-    std::env::var(THROTTLE_ENV).ok().and_then(|s| s.parse::<u64>().ok()).filter(|&ms| ms > 0).map(Duration::from_millis)
+    std::env::var(THROTTLE_ENV)
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok())
+        .filter(|&ms| ms > 0)
+        .map(Duration::from_millis)
 }
 
 /// Receives one push: blocks go to a writer thread through a small queue (so
 /// the network keeps flowing while it hashes, writes and fsyncs).
-async fn receive(peer: &str, plan: freezeframe_core::replica::wire::Plan, send: &mut Send, recv: &mut Recv, store: Arc<ReplicaStore>) -> Result<()> {
+async fn receive(
+    peer: &str,
+    plan: freezeframe_core::replica::wire::Plan,
+    send: &mut Send,
+    recv: &mut Recv,
+    store: Arc<ReplicaStore>,
+) -> Result<()> {
     if plan.source_node != peer {
-        bail!("the plan says it comes from node {:?} but the connection is from {peer:?}", plan.source_node);
+        bail!(
+            "the plan says it comes from node {:?} but the connection is from {peer:?}",
+            plan.source_node
+        );
     }
     tracing::info!(%peer, volume = %plan.volume, snapshot = plan.snapshot, base = ?plan.base, blocks = plan.blocks, "push begins");
     let p = plan.clone();
@@ -308,7 +392,10 @@ async fn receive(peer: &str, plan: freezeframe_core::replica::wire::Plan, send: 
     if incoming.resumed_blocks() > 0 {
         tracing::info!(%peer, snapshot = plan.snapshot, resumed = incoming.resumed_blocks(), "resuming from the journal");
     }
-    send.send(&Reply::Ready { have: incoming.have_ranges() }).await?;
+    send.send(&Reply::Ready {
+        have: incoming.have_ranges(),
+    })
+    .await?;
 
     let (tx, mut rx) = tokio::sync::mpsc::channel::<(Vec<BlockHeader>, Vec<u8>)>(4);
     let slow = throttle();
@@ -400,7 +487,11 @@ async fn receive(peer: &str, plan: freezeframe_core::replica::wire::Plan, send: 
     let received = incoming.received_blocks();
     let info = tokio::task::spawn_blocking(move || incoming.commit(&commit)).await??;
     tracing::info!(%peer, snapshot = info.id, blake3 = %info.blake3, received, "replica snapshot complete");
-    send.send(&Reply::Done(Summary { snapshot: info, blocks_received: received })).await?;
+    send.send(&Reply::Done(Summary {
+        snapshot: info,
+        blocks_received: received,
+    }))
+    .await?;
     Ok(())
 }
 
@@ -416,11 +507,23 @@ fn unspecified_like(to: SocketAddr) -> SocketAddr {
 }
 
 /// Connects to the secondary `name` at `to` with this node's identity.
-async fn dial(cfg: &crate::config::NodeConfig, to: SocketAddr, name: &str) -> Result<(PeerEndpoint, PeerConnection)> {
+async fn dial(
+    cfg: &crate::config::NodeConfig,
+    to: SocketAddr,
+    name: &str,
+) -> Result<(PeerEndpoint, PeerConnection)> {
     let identity = NodeIdentity::load(&cfg.raw.tls.cert, &cfg.raw.tls.key)?;
     let ca = CaCertificate::load(&cfg.raw.cluster.ca_cert)?;
-    let ep = PeerEndpoint::bind(unspecified_like(to), &identity, &ca, MemberList::new([name.to_string()]))?;
-    let conn = ep.connect(to, name).await.with_context(|| format!("connecting to secondary {name} at {to}"))?;
+    let ep = PeerEndpoint::bind(
+        unspecified_like(to),
+        &identity,
+        &ca,
+        MemberList::new([name.to_string()]),
+    )?;
+    let conn = ep
+        .connect(to, name)
+        .await
+        .with_context(|| format!("connecting to secondary {name} at {to}"))?;
     Ok((ep, conn))
 }
 
@@ -433,7 +536,10 @@ async fn list_remote(conn: &PeerConnection, volume: Option<String>) -> Result<Ve
     match r.recv::<Reply>().await? {
         Reply::List { volumes } => Ok(volumes),
         Reply::Error { message } => bail!("secondary {}: {message}", conn.peer_name()),
-        other => bail!("secondary {} answered a list with {other:?}", conn.peer_name()),
+        other => bail!(
+            "secondary {} answered a list with {other:?}",
+            conn.peer_name()
+        ),
     }
 }
 
@@ -472,20 +578,43 @@ fn frame_len_json<T: Serialize>(v: &T) -> u64 {
 }
 
 /// Pushes snapshot `want` (or the newest sealed one) to the secondary.
-pub async fn push(cfg: &crate::config::NodeConfig, to: SocketAddr, name: &str, want: Option<u64>, full_hash: bool) -> Result<PushReport> {
+pub async fn push(
+    cfg: &crate::config::NodeConfig,
+    to: SocketAddr,
+    name: &str,
+    want: Option<u64>,
+    full_hash: bool,
+) -> Result<PushReport> {
     let started = Instant::now();
     let volume = Volume::open(&cfg.raw.volume.path)?;
     let (ep, conn) = dial(cfg, to, name).await?;
     let res = push_on(cfg, &conn, name, want, full_hash, &volume, started).await;
     // Close politely either way, so the secondary does not wait out an idle timeout.
-    ep.close(if res.is_ok() { "push done" } else { "push failed" }).await;
+    ep.close(if res.is_ok() {
+        "push done"
+    } else {
+        "push failed"
+    })
+    .await;
     res
 }
 
-async fn push_on(cfg: &crate::config::NodeConfig, conn: &PeerConnection, name: &str, want: Option<u64>, full_hash: bool, volume: &Volume, started: Instant) -> Result<PushReport> {
+async fn push_on(
+    cfg: &crate::config::NodeConfig,
+    conn: &PeerConnection,
+    name: &str,
+    want: Option<u64>,
+    full_hash: bool,
+    volume: &Volume,
+    started: Instant,
+) -> Result<PushReport> {
     let volume = volume.clone();
     let remote = list_remote(conn, Some(volume.uuid().to_string())).await?;
-    let remote_snaps = remote.into_iter().next().map(|v| v.snapshots).unwrap_or_default();
+    let remote_snaps = remote
+        .into_iter()
+        .next()
+        .map(|v| v.snapshots)
+        .unwrap_or_default();
     let target = source::choose_target(&volume, want)?;
     let mut report = PushReport {
         volume: volume.uuid().to_string(),
@@ -500,7 +629,9 @@ async fn push_on(cfg: &crate::config::NodeConfig, conn: &PeerConnection, name: &
         zero_blocks_sent: 0,
         block_size: volume.block_size(),
         data_bytes_sent: 0,
-        wire_bytes_sent: frame_len_json(&Request::List { volume: Some(volume.uuid().to_string()) }),
+        wire_bytes_sent: frame_len_json(&Request::List {
+            volume: Some(volume.uuid().to_string()),
+        }),
         wire_bytes_received: 0,
         seconds: 0.0,
         mb_per_s: 0.0,
@@ -517,7 +648,11 @@ async fn push_on(cfg: &crate::config::NodeConfig, conn: &PeerConnection, name: &
     let base = source::choose_base(&volume, target.id, &remote_snaps)?;
     let pp = source::make_plan(&volume, &target, base, &cfg.raw.node.name)?;
     report.base = base;
-    report.mode = if base.is_some() { "incremental" } else { "full" };
+    report.mode = if base.is_some() {
+        "incremental"
+    } else {
+        "full"
+    };
     report.blocks_planned = pp.blocks.len() as u64;
 
     let (mut s, mut r) = conn.open_bi().await?;
@@ -529,7 +664,10 @@ async fn push_on(cfg: &crate::config::NodeConfig, conn: &PeerConnection, name: &
     let ready = r.recv::<Reply>().await?;
     report.wire_bytes_received += frame_len_json(&ready);
     let have: HashSet<u64> = match ready {
-        Reply::Ready { have } => have.into_iter().flat_map(|(a, b)| a..b.min(a.saturating_add(pp.blocks.len() as u64 + 1))).collect(),
+        Reply::Ready { have } => have
+            .into_iter()
+            .flat_map(|(a, b)| a..b.min(a.saturating_add(pp.blocks.len() as u64 + 1)))
+            .collect(),
         Reply::Error { message } => bail!("secondary {name} refused the push: {message}"),
         other => bail!("secondary {name} answered begin with {other:?}"),
     };
@@ -574,7 +712,9 @@ async fn push_on(cfg: &crate::config::NodeConfig, conn: &PeerConnection, name: &
         if batch.headers.is_empty() {
             continue;
         }
-        let header = Blocks { blocks: batch.headers };
+        let header = Blocks {
+            blocks: batch.headers,
+        };
         let json_len = serde_json::to_vec(&header)?.len() as u64;
         if let Err(e) = s.send_with_data(&header, &batch.data).await {
             send_error = Some(e);
@@ -587,14 +727,19 @@ async fn push_on(cfg: &crate::config::NodeConfig, conn: &PeerConnection, name: &
     }
     drop(rx);
     let _ = reader_task.await;
-    report.blocks_unchanged = report.blocks_planned.saturating_sub(report.blocks_skipped + report.blocks_sent);
+    report.blocks_unchanged = report
+        .blocks_planned
+        .saturating_sub(report.blocks_skipped + report.blocks_sent);
     if let Some(e) = send_error {
         // The secondary stopped the stream: its reply says why.
         let why = match tokio::time::timeout(Duration::from_secs(3), r.recv::<Reply>()).await {
             Ok(Ok(Reply::Error { message })) => message,
             _ => e.to_string(),
         };
-        bail!("push of snapshot {} to secondary {name} failed: {why}", target.id);
+        bail!(
+            "push of snapshot {} to secondary {name} failed: {why}",
+            target.id
+        );
     }
 
     // The image hash: chaining values of every block, unchanged ones from the base's saved values.
@@ -607,23 +752,31 @@ async fn push_on(cfg: &crate::config::NodeConfig, conn: &PeerConnection, name: &
         report.hash_from_saved_cvs = true;
     }
     let snap2 = snap.clone();
-    let cvs = tokio::task::spawn_blocking(move || -> freezeframe_core::Result<Vec<Option<BlockCv>>> {
-        let mut cvs = cvs;
-        source::fill_missing_cvs(&snap2, &mut cvs, per_frame)?;
-        Ok(cvs)
-    })
-    .await??;
+    let cvs =
+        tokio::task::spawn_blocking(move || -> freezeframe_core::Result<Vec<Option<BlockCv>>> {
+            let mut cvs = cvs;
+            source::fill_missing_cvs(&snap2, &mut cvs, per_frame)?;
+            Ok(cvs)
+        })
+        .await??;
     let single_snap = snap.clone();
     let root = source::image_hash(&cvs, move || {
         let mut buf = vec![0u8; bs];
         single_snap.read_at(&mut buf, 0)?;
         Ok(buf)
     })?;
-    let commit = Request::Commit { blake3: root.clone() };
+    let commit = Request::Commit {
+        blake3: root.clone(),
+    };
     s.send(&commit).await?;
     report.wire_bytes_sent += frame_len_json(&commit);
     let _ = s.finish().await;
-    let reply = r.recv::<Reply>().await.with_context(|| format!("waiting for secondary {name} to complete snapshot {}", target.id))?;
+    let reply = r.recv::<Reply>().await.with_context(|| {
+        format!(
+            "waiting for secondary {name} to complete snapshot {}",
+            target.id
+        )
+    })?;
     report.wire_bytes_received += frame_len_json(&reply);
     match reply {
         Reply::Done(summary) => report.replica = Some(summary),
@@ -633,7 +786,10 @@ async fn push_on(cfg: &crate::config::NodeConfig, conn: &PeerConnection, name: &
                 let _ = std::fs::remove_file(source::cvs_path(&state_dir, b));
                 bail!("secondary {name} did not complete snapshot {}: {message} (the saved chaining values of snapshot {b} were discarded; push again to hash the whole image)", target.id);
             }
-            bail!("secondary {name} did not complete snapshot {}: {message}", target.id)
+            bail!(
+                "secondary {name} did not complete snapshot {}: {message}",
+                target.id
+            )
         }
         other => bail!("secondary {name} answered commit with {other:?}"),
     }
@@ -649,7 +805,10 @@ async fn push_on(cfg: &crate::config::NodeConfig, conn: &PeerConnection, name: &
 
 fn print_report(r: &PushReport) {
     if r.already_complete {
-        println!("snapshot {} of volume {} is already complete on the secondary", r.snapshot, r.volume);
+        println!(
+            "snapshot {} of volume {} is already complete on the secondary",
+            r.snapshot, r.volume
+        );
         return;
     }
     let base = r.base.map(|b| format!(" over {b}")).unwrap_or_default();
@@ -679,11 +838,26 @@ fn print_listing(volumes: &[VolumeListing], json: bool) -> Result<()> {
         println!("no replicas");
     }
     for v in volumes {
-        println!("volume {} ({}, blocks of {})", v.volume, crate::human_bytes(v.size), crate::human_bytes(v.block_size as u64));
-        println!("  {:>6}  {:>6}  {:>8}  {:>10}  BLAKE3", "ID", "BASE", "BLOCKS", "DATA");
+        println!(
+            "volume {} ({}, blocks of {})",
+            v.volume,
+            crate::human_bytes(v.size),
+            crate::human_bytes(v.block_size as u64)
+        );
+        println!(
+            "  {:>6}  {:>6}  {:>8}  {:>10}  BLAKE3",
+            "ID", "BASE", "BLOCKS", "DATA"
+        );
         for s in &v.snapshots {
             let base = s.base.map(|b| b.to_string()).unwrap_or_else(|| "-".into());
-            println!("  {:>6}  {:>6}  {:>8}  {:>10}  {}", s.id, base, s.blocks, crate::human_bytes(s.data_bytes), s.blake3);
+            println!(
+                "  {:>6}  {:>6}  {:>8}  {:>10}  {}",
+                s.id,
+                base,
+                s.blocks,
+                crate::human_bytes(s.data_bytes),
+                s.blake3
+            );
         }
     }
     Ok(())
@@ -701,7 +875,12 @@ fn pick_volume(store: &ReplicaStore, volume: Option<String>) -> Result<String> {
             match all.as_slice() {
                 [one] => one.clone(),
                 [] => bail!("{} holds no replica", dir.display()),
-                many => bail!("{} holds {} volumes ({}); pick one with --volume", dir.display(), many.len(), many.join(", ")),
+                many => bail!(
+                    "{} holds {} volumes ({}); pick one with --volume",
+                    dir.display(),
+                    many.len(),
+                    many.join(", ")
+                ),
             }
         }
     })
@@ -713,7 +892,10 @@ fn mount_replica(dir: &Path, mnt: &Path, volume: Option<String>) -> Result<()> {
     let source = store.volume(&uuid)?;
     let vfs = Arc::new(freezeframe_core::vfs::Vfs::new(Arc::new(source)));
     let handle = freezeframe_fusefs::mount(vfs, mnt, freezeframe_fusefs::MountConfig::default())?;
-    eprintln!("replica of volume {uuid} mounted read-only at {} (Ctrl-C or SIGTERM to unmount)", mnt.display());
+    eprintln!(
+        "replica of volume {uuid} mounted read-only at {} (Ctrl-C or SIGTERM to unmount)",
+        mnt.display()
+    );
     runtime()?.block_on(async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
@@ -727,25 +909,47 @@ fn mount_replica(dir: &Path, mnt: &Path, volume: Option<String>) -> Result<()> {
 }
 
 /// Issues the secondary's certificate from CA_DIR's CA and writes OUT/replica.toml (returned).
-pub fn init_identity(ca_dir: &Path, name: &str, out: &Path, listen: SocketAddr, allow: Vec<String>) -> Result<PathBuf> {
-    let ca = ClusterCa::load(&ca_dir.join("ca.pem"), &ca_dir.join("ca.key")).with_context(|| format!("loading the cluster CA from {}", ca_dir.display()))?;
+pub fn init_identity(
+    ca_dir: &Path,
+    name: &str,
+    out: &Path,
+    listen: SocketAddr,
+    allow: Vec<String>,
+) -> Result<PathBuf> {
+    let ca = ClusterCa::load(&ca_dir.join("ca.pem"), &ca_dir.join("ca.key"))
+        .with_context(|| format!("loading the cluster CA from {}", ca_dir.display()))?;
     let allow = if allow.is_empty() {
-        let (cf, _) = crate::cluster::load(ca_dir).with_context(|| "no --allow given and no cluster.toml to take the node names from")?;
+        let (cf, _) = crate::cluster::load(ca_dir)
+            .with_context(|| "no --allow given and no cluster.toml to take the node names from")?;
         cf.nodes
     } else {
         allow
     };
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
-    let alt: Vec<String> = if listen.ip().is_unspecified() { Vec::new() } else { vec![listen.ip().to_string()] };
+    let alt: Vec<String> = if listen.ip().is_unspecified() {
+        Vec::new()
+    } else {
+        vec![listen.ip().to_string()]
+    };
     let id = ca.issue_node(name, &alt)?;
     id.save(&out.join("node.pem"), &out.join("node.key"))?;
     ca.certificate().save(&out.join("ca.pem"))?;
     let file = ReplicaFile {
-        replica: ReplicaSection { name: name.to_string(), listen },
-        tls: crate::config::TlsSection { cert: "node.pem".into(), key: "node.key".into() },
-        cluster: AllowSection { ca_cert: "ca.pem".into(), members: allow },
+        replica: ReplicaSection {
+            name: name.to_string(),
+            listen,
+        },
+        tls: crate::config::TlsSection {
+            cert: "node.pem".into(),
+            key: "node.key".into(),
+        },
+        cluster: AllowSection {
+            ca_cert: "ca.pem".into(),
+            members: allow,
+        },
     };
     let path = out.join("replica.toml");
-    std::fs::write(&path, toml::to_string_pretty(&file)?).with_context(|| format!("cannot write {}", path.display()))?;
+    std::fs::write(&path, toml::to_string_pretty(&file)?)
+        .with_context(|| format!("cannot write {}", path.display()))?;
     Ok(path)
 }

@@ -12,15 +12,38 @@ const STRIDE: u64 = 8 << 20;
 
 /// Every writer's region in the snapshot holds exactly the records it had
 /// when it acknowledged freeze, as seen on `node`'s mount.
-fn assert_consistent(c: &Cluster, id: u64, logs: &[(String, u64, std::path::PathBuf)], node: usize) {
+fn assert_consistent(
+    c: &Cluster,
+    id: u64,
+    logs: &[(String, u64, std::path::PathBuf)],
+    node: usize,
+) {
     for (name, offset, log) in logs {
         let image = c.nodes[node].snapshot_image(id);
         let v = ff_json(&[
-            "demo-check", "--image", image.to_str().expect("utf-8"), "--offset", &offset.to_string(), "--len",
-            &REGION.to_string(), "--name", name, "--log", log.to_str().expect("utf-8"), "--snapshot", &id.to_string(),
+            "demo-check",
+            "--image",
+            image.to_str().expect("utf-8"),
+            "--offset",
+            &offset.to_string(),
+            "--len",
+            &REGION.to_string(),
+            "--name",
+            name,
+            "--log",
+            log.to_str().expect("utf-8"),
+            "--snapshot",
+            &id.to_string(),
         ]);
-        assert_eq!(v["consistent"], true, "writer {name} in snapshot {id} on {}: {v}", c.nodes[node].name);
-        assert!(v["records"].as_u64().is_some_and(|r| r > 0), "writer {name} had written nothing: {v}");
+        assert_eq!(
+            v["consistent"], true,
+            "writer {name} in snapshot {id} on {}: {v}",
+            c.nodes[node].name
+        );
+        assert!(
+            v["records"].as_u64().is_some_and(|r| r > 0),
+            "writer {name} had written nothing: {v}"
+        );
     }
 }
 
@@ -41,15 +64,34 @@ fn snapshots_from_every_node_hold_exactly_what_each_writer_had_at_freeze() {
     std::thread::sleep(Duration::from_millis(300));
     for initiator in 0..3 {
         let (ok, report) = c.create(initiator, &[]);
-        assert!(ok, "snapshot from {} failed: {report}", c.nodes[initiator].name);
+        assert!(
+            ok,
+            "snapshot from {} failed: {report}",
+            c.nodes[initiator].name
+        );
         assert_eq!(report["status"], "complete");
         assert_eq!(report["initiator"], c.nodes[initiator].name.as_str());
         let nodes = report["nodes"].as_array().expect("nodes");
         assert_eq!(nodes.len(), 3, "every node reports: {report}");
         for n in nodes {
-            let phases: Vec<&str> = n["phases"].as_array().expect("phases").iter().filter_map(|p| p["name"].as_str()).collect();
-            assert!(phases.contains(&"post_snapshot") && phases.contains(&"thawing"), "{n}");
-            assert!(n["writers"].as_array().expect("writers").iter().all(|w| w["outcome"] == "thawed"), "{n}");
+            let phases: Vec<&str> = n["phases"]
+                .as_array()
+                .expect("phases")
+                .iter()
+                .filter_map(|p| p["name"].as_str())
+                .collect();
+            assert!(
+                phases.contains(&"post_snapshot") && phases.contains(&"thawing"),
+                "{n}"
+            );
+            assert!(
+                n["writers"]
+                    .as_array()
+                    .expect("writers")
+                    .iter()
+                    .all(|w| w["outcome"] == "thawed"),
+                "{n}"
+            );
         }
         let id = report["id"].as_u64().expect("id");
         for node in 0..3 {
@@ -58,26 +100,51 @@ fn snapshots_from_every_node_hold_exactly_what_each_writer_had_at_freeze() {
         std::thread::sleep(Duration::from_millis(200));
     }
     let listed = c.list(0);
-    assert_eq!(listed.iter().filter(|s| s["status"] == "complete").count(), 3, "{listed:?}");
+    assert_eq!(
+        listed.iter().filter(|s| s["status"] == "complete").count(),
+        3,
+        "{listed:?}"
+    );
 }
 
 /// A failed request: within lease + 2 s, every surviving writer got abort or
 /// thaw (so it writes again), no new snapshot is in the catalog.
-fn assert_failed_cleanly(c: &Cluster, survivors: &[usize], before: usize, report: &Value, started: Instant, lease: Duration) {
+fn assert_failed_cleanly(
+    c: &Cluster,
+    survivors: &[usize],
+    before: usize,
+    report: &Value,
+    started: Instant,
+    lease: Duration,
+) {
     assert_eq!(report["status"], "failed", "{report}");
-    assert!(started.elapsed() <= lease + Duration::from_secs(2), "took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() <= lease + Duration::from_secs(2),
+        "took {:?}",
+        started.elapsed()
+    );
     let err = &report["error"];
-    assert!(err["node"].is_string() && err["phase"].is_string() && err["reason"].is_string(), "{report}");
+    assert!(
+        err["node"].is_string() && err["phase"].is_string() && err["reason"].is_string(),
+        "{report}"
+    );
     for &i in survivors {
         let v = ff_json(&["status", "--json", "--config", c.nodes[i].cfg()]);
         assert!(
-            v["writers"].as_array().expect("writers").iter().all(|w| w["state"] != "frozen"),
+            v["writers"]
+                .as_array()
+                .expect("writers")
+                .iter()
+                .all(|w| w["state"] != "frozen"),
             "a writer stayed frozen on {}: {v}",
             c.nodes[i].name
         );
     }
     let after = c.list(survivors[0]).len();
-    assert_eq!(after, before, "a failed snapshot left something in the catalog");
+    assert_eq!(
+        after, before,
+        "a failed snapshot left something in the catalog"
+    );
 }
 
 #[test]
@@ -104,7 +171,12 @@ fn a_writer_that_never_answers_times_out_and_aborts() {
         return;
     }
     let mut c = Cluster::start(ClusterOptions::default());
-    c.start_writer(2, "silent-n3", 0, &["--silent", "--freeze-timeout", "1500ms"]);
+    c.start_writer(
+        2,
+        "silent-n3",
+        0,
+        &["--silent", "--freeze-timeout", "1500ms"],
+    );
     c.start_writer(0, "good-n1", STRIDE, &[]);
     let before = c.list(0).len();
     let t = Instant::now();
@@ -112,7 +184,10 @@ fn a_writer_that_never_answers_times_out_and_aborts() {
     assert!(!ok);
     assert_eq!(report["error"]["node"], "n3", "{report}");
     assert_eq!(report["error"]["writer"], "silent-n3", "{report}");
-    assert!(t.elapsed() < Duration::from_secs(3), "the writer's own 1.5 s timeout fires, not the lease");
+    assert!(
+        t.elapsed() < Duration::from_secs(3),
+        "the writer's own 1.5 s timeout fires, not the lease"
+    );
     assert_failed_cleanly(&c, &[0, 1, 2], before, &report, t, Duration::from_secs(4));
 }
 
@@ -132,7 +207,10 @@ fn a_failing_hook_vetoes_with_its_script_name() {
     assert!(!ok);
     assert_eq!(report["error"]["node"], "n2", "{report}");
     let reason = report["error"]["reason"].as_str().unwrap_or("");
-    assert!(reason.contains("50-flush-db") && reason.contains("read-only"), "{report}");
+    assert!(
+        reason.contains("50-flush-db") && reason.contains("read-only"),
+        "{report}"
+    );
     assert_failed_cleanly(&c, &[0, 1, 2], before, &report, t, Duration::from_secs(4));
 }
 
@@ -149,7 +227,13 @@ fn killing_a_frozen_non_initiator_fails_the_snapshot_and_thaws_the_rest() {
     let cfg = c.nodes[0].config.clone();
     let t = Instant::now();
     let req = std::thread::spawn(move || {
-        let out = ff(&["snapshot", "create", "--json", "--config", cfg.to_str().expect("utf-8")]);
+        let out = ff(&[
+            "snapshot",
+            "create",
+            "--json",
+            "--config",
+            cfg.to_str().expect("utf-8"),
+        ]);
         serde_json::from_slice::<Value>(&out.stdout).expect("json report")
     });
     std::thread::sleep(Duration::from_millis(500));
@@ -171,9 +255,21 @@ fn killing_the_initiator_after_the_others_froze_makes_them_abort_by_themselves()
     c.start_writer(0, "stuck-n1", 2 * STRIDE, &["--silent"]);
     let before = c.list(1).len();
     let cfg = c.nodes[0].config.clone();
-    let req = std::thread::spawn(move || ff(&["snapshot", "create", "--json", "--config", cfg.to_str().expect("utf-8")]));
+    let req = std::thread::spawn(move || {
+        ff(&[
+            "snapshot",
+            "create",
+            "--json",
+            "--config",
+            cfg.to_str().expect("utf-8"),
+        ])
+    });
     // Wait until n2's writer acknowledged freeze.
-    wait_for(Duration::from_secs(5), || std::fs::read_to_string(&log2).map(|s| !s.is_empty()).unwrap_or(false));
+    wait_for(Duration::from_secs(5), || {
+        std::fs::read_to_string(&log2)
+            .map(|s| !s.is_empty())
+            .unwrap_or(false)
+    });
     let t = Instant::now();
     c.kill(0);
     let _ = req.join();
@@ -181,10 +277,16 @@ fn killing_the_initiator_after_the_others_froze_makes_them_abort_by_themselves()
         let cfg = c.nodes[i].cfg().to_string();
         wait_for(Duration::from_secs(4 + 2), || {
             let v = ff_json(&["status", "--json", "--config", &cfg]);
-            v["writers"].as_array().is_some_and(|ws| ws.iter().all(|w| w["state"] != "frozen"))
+            v["writers"]
+                .as_array()
+                .is_some_and(|ws| ws.iter().all(|w| w["state"] != "frozen"))
         });
     }
-    assert!(t.elapsed() <= Duration::from_secs(6), "survivors stayed frozen {:?}", t.elapsed());
+    assert!(
+        t.elapsed() <= Duration::from_secs(6),
+        "survivors stayed frozen {:?}",
+        t.elapsed()
+    );
     assert_eq!(c.list(1).len(), before, "no half snapshot stays registered");
 }
 
@@ -196,13 +298,30 @@ fn a_second_request_while_one_is_in_flight_is_busy_at_once() {
     let mut c = Cluster::start(ClusterOptions::default());
     c.start_writer(1, "slow-n2", 0, &["--silent"]);
     let cfg = c.nodes[0].config.clone();
-    let first = std::thread::spawn(move || ff(&["snapshot", "create", "--json", "--config", cfg.to_str().expect("utf-8")]));
+    let first = std::thread::spawn(move || {
+        ff(&[
+            "snapshot",
+            "create",
+            "--json",
+            "--config",
+            cfg.to_str().expect("utf-8"),
+        ])
+    });
     std::thread::sleep(Duration::from_millis(400));
     let t = Instant::now();
     let (ok, report) = c.create(2, &[]);
     assert!(!ok);
-    assert!(t.elapsed() < Duration::from_secs(1), "busy must be immediate, took {:?}", t.elapsed());
-    assert!(report["error"]["reason"].as_str().is_some_and(|r| r.starts_with("busy")), "{report}");
+    assert!(
+        t.elapsed() < Duration::from_secs(1),
+        "busy must be immediate, took {:?}",
+        t.elapsed()
+    );
+    assert!(
+        report["error"]["reason"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("busy")),
+        "{report}"
+    );
     let _ = first.join();
 }
 
@@ -214,28 +333,57 @@ fn a_node_with_a_certificate_from_another_ca_cannot_join() {
     let mut c = Cluster::start(ClusterOptions::default());
     // An impostor: a second cluster's n2 identity, using the real n2's address.
     let other = c.dir.path().join("other");
-    let out = ff(&["cluster", "init", other.to_str().expect("utf-8"), "--nodes", "3", "--size", "16MiB"]);
+    let out = ff(&[
+        "cluster",
+        "init",
+        other.to_str().expect("utf-8"),
+        "--nodes",
+        "3",
+        "--size",
+        "16MiB",
+    ]);
     assert!(out.status.success());
     c.stop(1);
     let real = c.nodes[1].dir();
     for f in ["node.pem", "node.key"] {
-        std::fs::copy(other.join("nodes/n2").join(f), real.join(f)).expect("copy impostor identity");
+        std::fs::copy(other.join("nodes/n2").join(f), real.join(f))
+            .expect("copy impostor identity");
     }
     // The impostor trusts its own CA, as a real one would.
     let toml = std::fs::read_to_string(real.join("node.toml")).expect("toml");
-    let toml = toml.replace("ca_cert = \"../../ca.pem\"", &format!("ca_cert = {:?}", other.join("ca.pem")));
+    let toml = toml.replace(
+        "ca_cert = \"../../ca.pem\"",
+        &format!("ca_cert = {:?}", other.join("ca.pem")),
+    );
     std::fs::write(real.join("node.toml"), toml).expect("write toml");
     c.start_node(1);
     std::thread::sleep(Duration::from_secs(3));
     let v = ff_json(&["status", "--json", "--config", c.nodes[0].cfg()]);
-    let n2 = v["peers"].as_array().expect("peers").iter().find(|p| p["node"] == "n2").cloned().expect("n2 listed");
+    let n2 = v["peers"]
+        .as_array()
+        .expect("peers")
+        .iter()
+        .find(|p| p["node"] == "n2")
+        .cloned()
+        .expect("n2 listed");
     assert_eq!(n2["connected"], false, "impostor connected: {v}");
-    let refused = |i: usize| c.nodes[i].log().lines().any(|l| l.contains("refused") && (l.contains("n2") || l.contains("certificate")));
-    assert!(refused(0) && refused(2), "n1 and n3 log the refusal of the impostor");
+    let refused = |i: usize| {
+        c.nodes[i]
+            .log()
+            .lines()
+            .any(|l| l.contains("refused") && (l.contains("n2") || l.contains("certificate")))
+    };
+    assert!(
+        refused(0) && refused(2),
+        "n1 and n3 log the refusal of the impostor"
+    );
     // The rest of the cluster still works.
     c.kill(1);
     let (_ok, report) = c.create(0, &["--timeout", "3s"]);
-    assert_eq!(report["status"], "failed", "n2 is a member that is down: {report}");
+    assert_eq!(
+        report["status"], "failed",
+        "n2 is a member that is down: {report}"
+    );
 }
 
 #[test]
@@ -247,7 +395,10 @@ fn garbage_and_oversized_frames_do_not_crash_a_node() {
     let toml = std::fs::read_to_string(&c.nodes[0].config).expect("toml");
     let listen = toml
         .lines()
-        .find_map(|l| l.strip_prefix("listen = ").map(|s| s.trim_matches('"').to_string()))
+        .find_map(|l| {
+            l.strip_prefix("listen = ")
+                .map(|s| s.trim_matches('"').to_string())
+        })
         .expect("listen");
     // Raw UDP garbage at the QUIC port, and garbage / oversized lines on both local sockets.
     let sock = std::net::UdpSocket::bind("127.0.0.1:0").expect("udp");
@@ -257,7 +408,8 @@ fn garbage_and_oversized_frames_do_not_crash_a_node() {
     }
     use std::io::Write;
     for s in ["control.sock", "writer.sock"] {
-        let mut u = std::os::unix::net::UnixStream::connect(c.nodes[0].run_dir().join(s)).expect("connect");
+        let mut u =
+            std::os::unix::net::UnixStream::connect(c.nodes[0].run_dir().join(s)).expect("connect");
         let _ = u.write_all(b"{not json\n\x00\xff\xfe\n");
         let big = vec![b'a'; 5 << 20];
         let _ = u.write_all(&big);
@@ -288,13 +440,27 @@ fn the_example_python_writer_takes_part_in_snapshots() {
         .expect("python3");
     wait_for(Duration::from_secs(10), || {
         let v = ff_json(&["status", "--json", "--config", n2.cfg()]);
-        v["writers"].as_array().is_some_and(|ws| ws.iter().any(|w| w["name"] == "py-n2"))
+        v["writers"]
+            .as_array()
+            .is_some_and(|ws| ws.iter().any(|w| w["name"] == "py-n2"))
     });
     let (ok, report) = c.create(0, &[]);
     let _ = child.kill();
     let _ = child.wait();
     assert!(ok, "{report}");
-    let n2r = report["nodes"].as_array().expect("nodes").iter().find(|n| n["node"] == "n2").cloned().expect("n2");
-    let w = n2r["writers"].as_array().expect("writers").iter().find(|w| w["name"] == "py-n2").cloned().expect("py-n2");
+    let n2r = report["nodes"]
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .find(|n| n["node"] == "n2")
+        .cloned()
+        .expect("n2");
+    let w = n2r["writers"]
+        .as_array()
+        .expect("writers")
+        .iter()
+        .find(|w| w["name"] == "py-n2")
+        .cloned()
+        .expect("py-n2");
     assert_eq!(w["outcome"], "thawed", "{report}");
 }

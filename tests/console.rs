@@ -34,18 +34,29 @@ fn take_snapshot_shows_every_node_done_and_the_new_row() {
         c.start_writer(i, &format!("app-n{}", i + 1), i as u64 * (8 << 20), &[]);
     }
     let mut h = console(&c, 0);
-    assert!(h.state_mut().wait_for(Duration::from_secs(15), |m| m.nodes.len() == 3), "the console sees 3 nodes");
+    assert!(
+        h.state_mut()
+            .wait_for(Duration::from_secs(15), |m| m.nodes.len() == 3),
+        "the console sees 3 nodes"
+    );
     h.run_steps(4);
     h.get_by_label("Take snapshot").click();
     h.run_steps(4);
-    assert!(h.state_mut().wait_for(Duration::from_secs(30), |m| !m.creating), "the snapshot finished");
+    assert!(
+        h.state_mut()
+            .wait_for(Duration::from_secs(30), |m| !m.creating),
+        "the snapshot finished"
+    );
     h.run_steps(6);
     for n in ["n1", "n2", "n3"] {
         h.get_by_label(&format!("{n}: done"));
     }
     let list = c.list(0);
     let id = list.last().expect("a snapshot")["id"].as_u64().expect("id");
-    assert!(h.state_mut().wait_for(Duration::from_secs(5), |m| m.snapshots.iter().any(|s| s.id == id)));
+    assert!(h.state_mut().wait_for(Duration::from_secs(5), |m| m
+        .snapshots
+        .iter()
+        .any(|s| s.id == id)));
     h.run_steps(4);
     h.get_by_label(&format!("Delete snapshot {id}"));
 }
@@ -59,13 +70,17 @@ fn a_killed_node_is_named_in_the_failure() {
     // n3's writer never answers, so n3 is frozen-in-progress when it dies.
     c.start_writer(2, "stuck-n3", 0, &["--silent"]);
     let mut h = console(&c, 0);
-    assert!(h.state_mut().wait_for(Duration::from_secs(15), |m| m.nodes.len() == 3));
+    assert!(h
+        .state_mut()
+        .wait_for(Duration::from_secs(15), |m| m.nodes.len() == 3));
     h.run_steps(4);
     h.get_by_label("Take snapshot").click();
     h.run_steps(4);
     std::thread::sleep(Duration::from_millis(500));
     c.kill(2);
-    assert!(h.state_mut().wait_for(Duration::from_secs(30), |m| !m.creating));
+    assert!(h
+        .state_mut()
+        .wait_for(Duration::from_secs(30), |m| !m.creating));
     h.run_steps(6);
     h.get_by_label_contains("failed on node n3");
 }

@@ -24,7 +24,10 @@ pub enum Error {
     },
     /// A state file failed to decode (wrong magic, version, truncation, checksum, payload).
     #[error("state file {} is unusable: {problem}", file.display())]
-    Format { file: PathBuf, problem: FormatProblem },
+    Format {
+        file: PathBuf,
+        problem: FormatProblem,
+    },
     /// A size such as `64KiB` could not be parsed or is out of range.
     #[error("invalid size {input:?}: {why}")]
     InvalidSize { input: String, why: String },
@@ -39,13 +42,23 @@ pub enum Error {
     StateExists { volume: PathBuf, state: PathBuf },
     /// The volume file is shorter than its catalog says: truncated or the wrong file.
     #[error("volume file {} is {actual} bytes but its catalog says {recorded}", path.display())]
-    VolumeTooShort { path: PathBuf, actual: u64, recorded: u64 },
+    VolumeTooShort {
+        path: PathBuf,
+        actual: u64,
+        recorded: u64,
+    },
     /// A block device volume needs an explicit state directory on shared storage.
     #[error("volume {} is a block device: give --state DIR on the shared storage", path.display())]
     StateDirRequired { path: PathBuf },
     /// An I/O request reaches past the end of the volume.
     #[error("{what} of {len} bytes at offset {offset} is beyond the end of volume {} ({size} bytes)", path.display())]
-    OutOfRange { what: &'static str, path: PathBuf, offset: u64, len: u64, size: u64 },
+    OutOfRange {
+        what: &'static str,
+        path: PathBuf,
+        offset: u64,
+        len: u64,
+        size: u64,
+    },
     /// The volume geometry given to `create` is unusable.
     #[error("cannot create volume {}: {why}", path.display())]
     BadGeometry { path: PathBuf, why: String },
@@ -54,7 +67,11 @@ pub enum Error {
     SnapshotNotFound { volume: PathBuf, id: u64 },
     /// The snapshot id was never handed out by `reserve_snapshot_id`, or is already used.
     #[error("snapshot id {id} of volume {} cannot be created: {why}", volume.display())]
-    SnapshotIdUnusable { volume: PathBuf, id: u64, why: String },
+    SnapshotIdUnusable {
+        volume: PathBuf,
+        id: u64,
+        why: String,
+    },
     /// A post-snapshot write reached a sealed snapshot.
     #[error("snapshot {id} is sealed (read-only)")]
     SnapshotSealed { id: u64 },
@@ -62,16 +79,26 @@ pub enum Error {
     #[error("snapshot {id} is invalid: {reason}; its data cannot be read")]
     SnapshotInvalid { id: u64, reason: String },
     /// A post-snapshot write would take the snapshot past its diff-area limit.
-    #[error("snapshot {id}: diff area full (limit {limit} bytes); the post-snapshot write was refused")]
+    #[error(
+        "snapshot {id}: diff area full (limit {limit} bytes); the post-snapshot write was refused"
+    )]
     DiffAreaFull { id: u64, limit: u64 },
     /// A diff-area block does not match the checksum its map record holds.
     #[error("snapshot {id}: block {block} in diff area {} (slot {slot}) fails its checksum", file.display())]
-    DiffChecksum { id: u64, block: u64, slot: u64, file: PathBuf },
+    DiffChecksum {
+        id: u64,
+        block: u64,
+        slot: u64,
+        file: PathBuf,
+    },
 
     // --- snapshot manifests (core::manifest) ---
     /// A manifest file or the manifests directory could not be read or written.
     #[error("snapshot manifest {path}: {source}")]
-    ManifestIo { path: PathBuf, source: std::io::Error },
+    ManifestIo {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     /// A manifest file exists but is not a valid manifest.
     #[error("snapshot manifest {path} is corrupt: {reason}")]
     ManifestCorrupt { path: PathBuf, reason: String },
@@ -85,7 +112,11 @@ pub enum Error {
     VfsReadOnly { path: String, why: String },
     /// The snapshot behind the path is invalid (diff area overflow): its data is gone.
     #[error("{path}: snapshot {id} is invalid: {reason}")]
-    VfsSnapshotInvalid { path: String, id: u64, reason: String },
+    VfsSnapshotInvalid {
+        path: String,
+        id: u64,
+        reason: String,
+    },
     /// The operation makes no sense for this kind of entry (read on a directory, …).
     #[error("{path}: {what}")]
     VfsWrongKind { path: String, what: &'static str },
@@ -95,7 +126,11 @@ pub enum Error {
 
     /// An I/O call on a backup repository file failed.
     #[error("backup repository: cannot {action} {path}: {source}")]
-    RepoIo { action: &'static str, path: PathBuf, source: std::io::Error },
+    RepoIo {
+        action: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
 
     /// The directory holds no backup repository (no readable config).
     #[error("no backup repository at {path} (create one with `freezeframe backup init {path}`)")]
@@ -115,23 +150,48 @@ pub enum Error {
 
     /// A block's data read from a pack does not match its blake3 hash (or cannot be read).
     #[error("backup {backup}: block {block} (blake3 {hash}) in pack {pack} is corrupt: {detail}")]
-    BlockCorrupt { backup: String, block: u64, hash: String, pack: PathBuf, detail: String },
+    BlockCorrupt {
+        backup: String,
+        block: u64,
+        hash: String,
+        pack: PathBuf,
+        detail: String,
+    },
 
     /// A manifest refers to a block whose hash no index knows.
-    #[error("backup {backup}: block {block} (blake3 {hash}) is not in any pack of the repository index")]
-    BlockMissing { backup: String, block: u64, hash: String },
+    #[error(
+        "backup {backup}: block {block} (blake3 {hash}) is not in any pack of the repository index"
+    )]
+    BlockMissing {
+        backup: String,
+        block: u64,
+        hash: String,
+    },
 
     /// No backup with this id (or id prefix) in the repository.
     #[error("no backup {id} in repository {repo}{hint}")]
-    BackupNotFound { id: String, repo: PathBuf, hint: String },
+    BackupNotFound {
+        id: String,
+        repo: PathBuf,
+        hint: String,
+    },
 
     /// The snapshot is open (not yet complete) or invalid: backing it up would store a wrong image.
     #[error("snapshot {snapshot} of {source_name} cannot be backed up: {reason}")]
-    SnapshotNotBackupable { snapshot: u64, source_name: String, reason: String },
+    SnapshotNotBackupable {
+        snapshot: u64,
+        source_name: String,
+        reason: String,
+    },
 
     /// Reading the snapshot being backed up failed.
     #[error("reading block {block} of snapshot {snapshot} of {source_name} failed: {detail}")]
-    SourceRead { snapshot: u64, block: u64, source_name: String, detail: String },
+    SourceRead {
+        snapshot: u64,
+        block: u64,
+        source_name: String,
+        detail: String,
+    },
 
     /// The restore target cannot take the image.
     #[error("cannot restore to {path}: {reason}")]
@@ -142,21 +202,40 @@ pub enum Error {
     ReplicaCorrupt { file: PathBuf, why: String },
     /// A received block does not match the hash that travelled with it.
     #[error("replica of volume {volume}, snapshot {snapshot}: block {block} fails its blake3 check (sent {sent}, data hashes to {got})")]
-    ReplicaBlockHash { volume: String, snapshot: u64, block: u64, sent: String, got: String },
+    ReplicaBlockHash {
+        volume: String,
+        snapshot: u64,
+        block: u64,
+        sent: String,
+        got: String,
+    },
     /// The whole image built on the secondary does not hash to what the sender computed.
     #[error("replica of volume {volume}, snapshot {snapshot}: image blake3 is {got}, the sender computed {expected}; the snapshot stays incomplete")]
-    ReplicaImageHash { volume: String, snapshot: u64, expected: String, got: String },
+    ReplicaImageHash {
+        volume: String,
+        snapshot: u64,
+        expected: String,
+        got: String,
+    },
     /// The secondary holds no (complete) replica of this volume or snapshot.
     #[error("replica store {}: {what} not found", dir.display())]
     ReplicaNotFound { dir: PathBuf, what: String },
     /// A transfer request that cannot be honoured (geometry mismatch, missing base, busy, bad block number).
     #[error("replica of volume {volume}, snapshot {snapshot}: {why}")]
-    ReplicaRefused { volume: String, snapshot: u64, why: String },
+    ReplicaRefused {
+        volume: String,
+        snapshot: u64,
+        why: String,
+    },
 }
 
 impl Error {
     /// Wraps an `io::Error` with the operation and the file it concerned.
     pub fn io(op: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Error {
-        Error::Io { op, path: path.into(), source }
+        Error::Io {
+            op,
+            path: path.into(),
+            source,
+        }
     }
 }

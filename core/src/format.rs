@@ -57,13 +57,19 @@ impl fmt::Display for FormatProblem {
                 String::from_utf8_lossy(expected).escape_debug()
             ),
             FormatProblem::UnsupportedVersion { supported, found } => {
-                write!(f, "unsupported format version {found} (this build reads version {supported})")
+                write!(
+                    f,
+                    "unsupported format version {found} (this build reads version {supported})"
+                )
             }
             FormatProblem::Truncated { needed, found } => {
                 write!(f, "truncated: {found} bytes, the envelope needs {needed}")
             }
             FormatProblem::TooLarge { length, limit } => {
-                write!(f, "payload length {length} exceeds the limit of {limit} bytes")
+                write!(
+                    f,
+                    "payload length {length} exceeds the limit of {limit} bytes"
+                )
             }
             FormatProblem::ChecksumMismatch => write!(f, "checksum mismatch: the file is damaged"),
             FormatProblem::Payload(why) => write!(f, "bad payload: {why}"),
@@ -87,24 +93,39 @@ pub fn encode(kind: Kind, payload: &[u8]) -> Vec<u8> {
 /// envelope's total length (bytes after it belong to the caller, e.g. map records).
 pub fn decode(kind: Kind, bytes: &[u8]) -> std::result::Result<(&[u8], usize), FormatProblem> {
     if bytes.len() < HEADER_LEN {
-        return Err(FormatProblem::Truncated { needed: HEADER_LEN as u64, found: bytes.len() as u64 });
+        return Err(FormatProblem::Truncated {
+            needed: HEADER_LEN as u64,
+            found: bytes.len() as u64,
+        });
     }
     let mut magic = [0u8; 8];
     magic.copy_from_slice(&bytes[..8]);
     if magic != kind.magic {
-        return Err(FormatProblem::WrongMagic { expected: kind.magic, found: magic });
+        return Err(FormatProblem::WrongMagic {
+            expected: kind.magic,
+            found: magic,
+        });
     }
     let version = u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]);
     if version != kind.version {
-        return Err(FormatProblem::UnsupportedVersion { supported: kind.version, found: version });
+        return Err(FormatProblem::UnsupportedVersion {
+            supported: kind.version,
+            found: version,
+        });
     }
     let length = u32::from_le_bytes([bytes[12], bytes[13], bytes[14], bytes[15]]) as usize;
     if length > MAX_PAYLOAD {
-        return Err(FormatProblem::TooLarge { length: length as u64, limit: MAX_PAYLOAD as u64 });
+        return Err(FormatProblem::TooLarge {
+            length: length as u64,
+            limit: MAX_PAYLOAD as u64,
+        });
     }
     let total = HEADER_LEN + length + CHECKSUM_LEN;
     if bytes.len() < total {
-        return Err(FormatProblem::Truncated { needed: total as u64, found: bytes.len() as u64 });
+        return Err(FormatProblem::Truncated {
+            needed: total as u64,
+            found: bytes.len() as u64,
+        });
     }
     let body = &bytes[..HEADER_LEN + length];
     if blake3::hash(body).as_bytes()[..] != bytes[HEADER_LEN + length..total] {
@@ -121,10 +142,18 @@ pub fn encode_json<T: serde::Serialize>(kind: Kind, value: &T) -> Vec<u8> {
 }
 
 /// Decodes an envelope holding a JSON payload; errors name `file`.
-pub fn decode_json<T: serde::de::DeserializeOwned>(kind: Kind, bytes: &[u8], file: &Path) -> Result<(T, usize)> {
-    let fail = |problem| Error::Format { file: file.to_path_buf(), problem };
+pub fn decode_json<T: serde::de::DeserializeOwned>(
+    kind: Kind,
+    bytes: &[u8],
+    file: &Path,
+) -> Result<(T, usize)> {
+    let fail = |problem| Error::Format {
+        file: file.to_path_buf(),
+        problem,
+    };
     let (payload, used) = decode(kind, bytes).map_err(fail)?;
-    let value = serde_json::from_slice(payload).map_err(|e| fail(FormatProblem::Payload(e.to_string())))?;
+    let value =
+        serde_json::from_slice(payload).map_err(|e| fail(FormatProblem::Payload(e.to_string())))?;
     Ok((value, used))
 }
 
@@ -134,11 +163,16 @@ pub fn read_file(path: &Path) -> Result<Vec<u8>> {
     let f = File::open(path).map_err(|e| Error::io("open", path, e))?;
     let limit = (HEADER_LEN + MAX_PAYLOAD + CHECKSUM_LEN) as u64;
     let mut buf = Vec::new();
-    f.take(limit + 1).read_to_end(&mut buf).map_err(|e| Error::io("read", path, e))?;
+    f.take(limit + 1)
+        .read_to_end(&mut buf)
+        .map_err(|e| Error::io("read", path, e))?;
     if buf.len() as u64 > limit {
         return Err(Error::Format {
             file: path.to_path_buf(),
-            problem: FormatProblem::TooLarge { length: buf.len() as u64, limit },
+            problem: FormatProblem::TooLarge {
+                length: buf.len() as u64,
+                limit,
+            },
         });
     }
     Ok(buf)
@@ -147,10 +181,14 @@ pub fn read_file(path: &Path) -> Result<Vec<u8>> {
 /// Replaces `path` atomically: write a temp file beside it, fsync, rename, fsync the directory.
 pub fn write_file_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
     let mut f = File::create(&tmp).map_err(|e| Error::io("create", &tmp, e))?;
-    f.write_all(bytes).map_err(|e| Error::io("write", &tmp, e))?;
+    f.write_all(bytes)
+        .map_err(|e| Error::io("write", &tmp, e))?;
     f.sync_all().map_err(|e| Error::io("fsync", &tmp, e))?;
     std::fs::rename(&tmp, path).map_err(|e| Error::io("rename into place", path, e))?;
     sync_dir(dir)
@@ -159,14 +197,18 @@ pub fn write_file_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 /// fsyncs a directory so a rename or create in it is durable.
 pub fn sync_dir(dir: &Path) -> Result<()> {
     let d = File::open(dir).map_err(|e| Error::io("open directory", dir, e))?;
-    d.sync_all().map_err(|e| Error::io("fsync directory", dir, e))
+    d.sync_all()
+        .map_err(|e| Error::io("fsync directory", dir, e))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    const K: Kind = Kind { magic: *b"FFTEST01", version: 1 };
+    const K: Kind = Kind {
+        magic: *b"FFTEST01",
+        version: 1,
+    };
 
     #[test]
     fn an_envelope_round_trips_and_reports_its_length() {
@@ -180,18 +222,39 @@ mod tests {
     #[test]
     fn each_kind_of_damage_is_named() {
         let good = encode(K, b"payload");
-        let other = Kind { magic: *b"FFOTHER1", version: 1 };
-        assert!(matches!(decode(other, &good), Err(FormatProblem::WrongMagic { .. })));
-        let newer = Kind { magic: K.magic, version: 2 };
-        assert!(matches!(decode(newer, &good), Err(FormatProblem::UnsupportedVersion { found: 1, .. })));
-        assert!(matches!(decode(K, &good[..good.len() - 1]), Err(FormatProblem::Truncated { .. })));
-        assert!(matches!(decode(K, &good[..5]), Err(FormatProblem::Truncated { .. })));
+        let other = Kind {
+            magic: *b"FFOTHER1",
+            version: 1,
+        };
+        assert!(matches!(
+            decode(other, &good),
+            Err(FormatProblem::WrongMagic { .. })
+        ));
+        let newer = Kind {
+            magic: K.magic,
+            version: 2,
+        };
+        assert!(matches!(
+            decode(newer, &good),
+            Err(FormatProblem::UnsupportedVersion { found: 1, .. })
+        ));
+        assert!(matches!(
+            decode(K, &good[..good.len() - 1]),
+            Err(FormatProblem::Truncated { .. })
+        ));
+        assert!(matches!(
+            decode(K, &good[..5]),
+            Err(FormatProblem::Truncated { .. })
+        ));
         let mut flipped = good.clone();
         flipped[HEADER_LEN + 2] ^= 1;
         assert_eq!(decode(K, &flipped), Err(FormatProblem::ChecksumMismatch));
         let mut huge = good;
         huge[12..16].copy_from_slice(&u32::MAX.to_le_bytes());
-        assert!(matches!(decode(K, &huge), Err(FormatProblem::TooLarge { .. })));
+        assert!(matches!(
+            decode(K, &huge),
+            Err(FormatProblem::TooLarge { .. })
+        ));
     }
 
     #[test]

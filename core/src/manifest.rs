@@ -38,7 +38,9 @@ impl From<&SnapshotState> for ManifestStatus {
         match s {
             SnapshotState::Open => ManifestStatus::Open,
             SnapshotState::Sealed => ManifestStatus::Sealed,
-            SnapshotState::Invalid { reason } => ManifestStatus::Invalid { reason: reason.clone() },
+            SnapshotState::Invalid { reason } => ManifestStatus::Invalid {
+                reason: reason.clone(),
+            },
         }
     }
 }
@@ -73,7 +75,13 @@ pub struct SnapshotManifest {
 
 impl SnapshotManifest {
     /// A manifest that knows only what the catalog knows (no protocol report yet).
-    pub fn bare(id: SnapshotId, created_ms: u64, status: ManifestStatus, block_size: u32, size: u64) -> SnapshotManifest {
+    pub fn bare(
+        id: SnapshotId,
+        created_ms: u64,
+        status: ManifestStatus,
+        block_size: u32,
+        size: u64,
+    ) -> SnapshotManifest {
         SnapshotManifest {
             id,
             created_ms,
@@ -100,7 +108,10 @@ pub fn manifest_path(state_dir: &Path, id: SnapshotId) -> PathBuf {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
-    move |source| Error::ManifestIo { path: path.to_path_buf(), source }
+    move |source| Error::ManifestIo {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// Writes `m` to `manifests/<id>.json` atomically and durably; returns the file's path.
@@ -109,8 +120,10 @@ pub fn store(state_dir: &Path, m: &SnapshotManifest) -> Result<PathBuf> {
     fs::create_dir_all(&dir).map_err(io_err(&dir))?;
     let path = manifest_path(state_dir, m.id);
     let tmp = dir.join(format!(".{}.json.tmp.{}", m.id, std::process::id()));
-    let bytes = serde_json::to_vec_pretty(m)
-        .map_err(|e| Error::ManifestCorrupt { path: path.clone(), reason: format!("cannot encode: {e}") })?;
+    let bytes = serde_json::to_vec_pretty(m).map_err(|e| Error::ManifestCorrupt {
+        path: path.clone(),
+        reason: format!("cannot encode: {e}"),
+    })?;
     let write = || -> std::io::Result<()> {
         let mut f = File::create(&tmp)?;
         f.write_all(&bytes)?;
@@ -138,8 +151,13 @@ pub fn load_file(path: &Path) -> Result<SnapshotManifest> {
         });
     }
     let mut bytes = Vec::with_capacity(len as usize);
-    f.take(MAX_MANIFEST_BYTES + 1).read_to_end(&mut bytes).map_err(io_err(path))?;
-    serde_json::from_slice(&bytes).map_err(|e| Error::ManifestCorrupt { path: path.to_path_buf(), reason: e.to_string() })
+    f.take(MAX_MANIFEST_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(io_err(path))?;
+    serde_json::from_slice(&bytes).map_err(|e| Error::ManifestCorrupt {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })
 }
 
 /// The manifest of snapshot `id`, or `None` if none was stored. A file whose `id` field
@@ -153,7 +171,10 @@ pub fn load(state_dir: &Path, id: SnapshotId) -> Result<Option<SnapshotManifest>
     }
     let m = load_file(&path)?;
     if m.id != id {
-        return Err(Error::ManifestCorrupt { path, reason: format!("names snapshot {} but the file is for {id}", m.id) });
+        return Err(Error::ManifestCorrupt {
+            path,
+            reason: format!("names snapshot {} but the file is for {id}", m.id),
+        });
     }
     Ok(Some(m))
 }
@@ -164,14 +185,23 @@ pub fn list(state_dir: &Path) -> Result<Vec<SnapshotManifest>> {
     let dir = manifests_dir(state_dir);
     let rd = match fs::read_dir(&dir) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(Error::ManifestIo { path: dir, source: e }),
+        Err(e) => {
+            return Err(Error::ManifestIo {
+                path: dir,
+                source: e,
+            })
+        }
         Ok(rd) => rd,
     };
     let mut out = Vec::new();
     for entry in rd {
         let entry = entry.map_err(io_err(&dir))?;
         let name = entry.file_name();
-        let Some(id) = name.to_str().and_then(|n| n.strip_suffix(".json")).and_then(|n| n.parse::<SnapshotId>().ok()) else {
+        let Some(id) = name
+            .to_str()
+            .and_then(|n| n.strip_suffix(".json"))
+            .and_then(|n| n.parse::<SnapshotId>().ok())
+        else {
             continue;
         };
         if let Some(m) = load(state_dir, id)? {
@@ -186,7 +216,9 @@ pub fn list(state_dir: &Path) -> Result<Vec<SnapshotManifest>> {
 pub fn remove(state_dir: &Path, id: SnapshotId) -> Result<()> {
     let path = manifest_path(state_dir, id);
     match fs::remove_file(&path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::ManifestIo { path, source: e }),
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(Error::ManifestIo { path, source: e })
+        }
         _ => Ok(()),
     }
 }
@@ -204,7 +236,10 @@ pub fn compute_image_hash(snap: &Snapshot) -> Result<String> {
 }
 
 /// [`compute_image_hash`], calling `progress(done, total)` (bytes) after each chunk.
-pub fn compute_image_hash_with_progress(snap: &Snapshot, progress: &mut dyn FnMut(u64, u64)) -> Result<String> {
+pub fn compute_image_hash_with_progress(
+    snap: &Snapshot,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<String> {
     let size = snap.size();
     let (full_tx, full_rx) = mpsc::sync_channel::<Result<Vec<u8>>>(2);
     let (empty_tx, empty_rx) = mpsc::sync_channel::<Vec<u8>>(3);
@@ -243,7 +278,10 @@ pub fn compute_image_hash_with_progress(snap: &Snapshot, progress: &mut dyn FnMu
                 break;
             }
             Err(_) => {
-                outcome = Err(Error::VfsWrongKind { path: format!("snapshot {}", snap.id()), what: "the image reader thread died" });
+                outcome = Err(Error::VfsWrongKind {
+                    path: format!("snapshot {}", snap.id()),
+                    what: "the image reader thread died",
+                });
                 break;
             }
         }
@@ -310,9 +348,16 @@ mod tests {
         store(dir.path(), &sample(7)).expect("store 7");
         store(dir.path(), &sample(3)).expect("store 3");
         std::fs::write(manifests_dir(dir.path()).join(".3.json.tmp.1"), b"junk").expect("stray");
-        assert_eq!(load(dir.path(), 7).expect("load").expect("present"), sample(7));
+        assert_eq!(
+            load(dir.path(), 7).expect("load").expect("present"),
+            sample(7)
+        );
         assert_eq!(load(dir.path(), 5).expect("load"), None);
-        let ids: Vec<_> = list(dir.path()).expect("list").iter().map(|m| m.id).collect();
+        let ids: Vec<_> = list(dir.path())
+            .expect("list")
+            .iter()
+            .map(|m| m.id)
+            .collect();
         assert_eq!(ids, vec![3, 7]);
         remove(dir.path(), 3).expect("remove");
         assert_eq!(load(dir.path(), 3).expect("load"), None);
@@ -322,12 +367,24 @@ mod tests {
     fn corrupt_manifest_is_an_error_naming_the_file() {
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::create_dir_all(manifests_dir(dir.path())).expect("mkdir");
-        std::fs::write(manifest_path(dir.path(), 4), b"{\"id\": 4, \"created_ms\": ").expect("write");
-        let err = load(dir.path(), 4).expect_err("truncated JSON must fail").to_string();
-        assert!(err.contains("manifests/4.json") && err.contains("corrupt"), "{err}");
+        std::fs::write(
+            manifest_path(dir.path(), 4),
+            b"{\"id\": 4, \"created_ms\": ",
+        )
+        .expect("write");
+        let err = load(dir.path(), 4)
+            .expect_err("truncated JSON must fail")
+            .to_string();
+        assert!(
+            err.contains("manifests/4.json") && err.contains("corrupt"),
+            "{err}"
+        );
         store(dir.path(), &sample(9)).expect("store");
-        std::fs::rename(manifest_path(dir.path(), 9), manifest_path(dir.path(), 10)).expect("rename");
-        let err = load(dir.path(), 10).expect_err("wrong id must fail").to_string();
+        std::fs::rename(manifest_path(dir.path(), 9), manifest_path(dir.path(), 10))
+            .expect("rename");
+        let err = load(dir.path(), 10)
+            .expect_err("wrong id must fail")
+            .to_string();
         assert!(err.contains("names snapshot 9"), "{err}");
     }
 
@@ -336,12 +393,20 @@ mod tests {
         use crate::volume::{SnapshotOptions, Volume};
         let dir = tempfile::tempdir().expect("tempdir");
         let size = 9 * 1024 * 1024 + 64 * 1024; // not a multiple of the hash chunk
-        let vol = Volume::create(&dir.path().join("v.img"), size, 65536, Some(&dir.path().join("state"))).expect("volume");
+        let vol = Volume::create(
+            &dir.path().join("v.img"),
+            size,
+            65536,
+            Some(&dir.path().join("state")),
+        )
+        .expect("volume");
         let before: Vec<u8> = (0..size as usize).map(|i| (i % 251) as u8).collect();
         vol.write_at(&before, 0).expect("write");
         let id = vol.reserve_snapshot_id().expect("reserve");
-        vol.create_snapshot(id, &SnapshotOptions { diff_limit: None }).expect("snapshot");
-        vol.write_at(&vec![0xEE; 5 * 1024 * 1024], 3 * 1024 * 1024).expect("overwrite");
+        vol.create_snapshot(id, &SnapshotOptions { diff_limit: None })
+            .expect("snapshot");
+        vol.write_at(&vec![0xEE; 5 * 1024 * 1024], 3 * 1024 * 1024)
+            .expect("overwrite");
         let snap = vol.snapshot(id).expect("open snapshot");
         let want = blake3::hash(&before).to_hex().to_string();
         assert_eq!(compute_image_hash(&snap).expect("hash"), want);
@@ -354,7 +419,17 @@ mod tests {
         )
         .expect("verify");
         assert_eq!(got, want);
-        assert_eq!(reported.last(), Some(&(size, size)), "progress ends at the whole image");
-        assert_eq!(load(vol.state_dir(), id).expect("load").expect("stored").blake3, Some(want));
+        assert_eq!(
+            reported.last(),
+            Some(&(size, size)),
+            "progress ends at the whole image"
+        );
+        assert_eq!(
+            load(vol.state_dir(), id)
+                .expect("load")
+                .expect("stored")
+                .blake3,
+            Some(want)
+        );
     }
 }

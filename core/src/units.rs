@@ -32,7 +32,10 @@ pub const MAX_BLOCK_SIZE: u32 = 1 << 20;
 
 /// Parses a byte count: a whole number with an optional unit suffix.
 pub fn parse_size(input: &str) -> Result<u64> {
-    let bad = |why: &str| Error::InvalidSize { input: input.to_string(), why: why.to_string() };
+    let bad = |why: &str| Error::InvalidSize {
+        input: input.to_string(),
+        why: why.to_string(),
+    };
     let s = input.trim();
     let digits_end = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(digits_end);
@@ -50,26 +53,37 @@ pub fn parse_size(input: &str) -> Result<u64> {
             .map(|(_, m)| *m)
             .ok_or_else(|| bad("unknown unit (use B, KiB, MiB, GiB, TiB, KB, MB, GB or TB)"))?
     };
-    n.checked_mul(mult).ok_or_else(|| bad("size overflows 64 bits"))
+    n.checked_mul(mult)
+        .ok_or_else(|| bad("size overflows 64 bits"))
 }
 
 /// Parses a volume block size: a power of two from 4 KiB to 1 MiB.
 pub fn parse_block_size(input: &str) -> Result<u32> {
     let n = parse_size(input)?;
-    check_block_size(n).map_err(|why| Error::InvalidSize { input: input.to_string(), why })
+    check_block_size(n).map_err(|why| Error::InvalidSize {
+        input: input.to_string(),
+        why,
+    })
 }
 
 /// Checks that `n` is a usable block size; the error says why not.
 pub fn check_block_size(n: u64) -> std::result::Result<u32, String> {
     if n < MIN_BLOCK_SIZE as u64 || n > MAX_BLOCK_SIZE as u64 || !n.is_power_of_two() {
-        return Err(format!("block size must be a power of two from 4KiB to 1MiB, not {n} bytes"));
+        return Err(format!(
+            "block size must be a power of two from 4KiB to 1MiB, not {n} bytes"
+        ));
     }
     Ok(n as u32)
 }
 
 /// Formats a byte count with the largest binary unit that divides it exactly.
 pub fn format_size(n: u64) -> String {
-    for (name, mult) in [("TiB", 1u64 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] {
+    for (name, mult) in [
+        ("TiB", 1u64 << 40),
+        ("GiB", 1 << 30),
+        ("MiB", 1 << 20),
+        ("KiB", 1 << 10),
+    ] {
         if n >= mult && n.checked_rem(mult) == Some(0) {
             return format!("{}{name}", n / mult);
         }
@@ -95,7 +109,10 @@ pub fn human_size(n: u64) -> String {
 
 /// Parses a duration: a whole number with `ms`, `s`, `m` or `h` (seconds if bare).
 pub fn parse_duration(input: &str) -> Result<Duration> {
-    let bad = |why: &str| Error::InvalidDuration { input: input.to_string(), why: why.to_string() };
+    let bad = |why: &str| Error::InvalidDuration {
+        input: input.to_string(),
+        why: why.to_string(),
+    };
     let s = input.trim();
     let digits_end = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(digits_end);
@@ -110,7 +127,8 @@ pub fn parse_duration(input: &str) -> Result<Duration> {
         "h" => n.checked_mul(3_600_000),
         _ => return Err(bad("unknown unit (use ms, s, m or h)")),
     };
-    ms.map(Duration::from_millis).ok_or_else(|| bad("duration overflows"))
+    ms.map(Duration::from_millis)
+        .ok_or_else(|| bad("duration overflows"))
 }
 
 #[cfg(test)]
@@ -129,7 +147,15 @@ mod tests {
 
     #[test]
     fn bad_sizes_are_refused_with_the_input_quoted() {
-        for bad in ["", "GiB", "12XB", "-5", "1.5GiB", "99999999999999999999", "16777216TiB"] {
+        for bad in [
+            "",
+            "GiB",
+            "12XB",
+            "-5",
+            "1.5GiB",
+            "99999999999999999999",
+            "16777216TiB",
+        ] {
             let err = parse_size(bad).expect_err(bad).to_string();
             assert!(err.contains(&format!("{bad:?}")), "{err}");
         }
@@ -141,7 +167,10 @@ mod tests {
         assert_eq!(parse_block_size("4KiB").ok(), Some(4096));
         assert_eq!(parse_block_size("1MiB").ok(), Some(1 << 20));
         for bad in ["2KiB", "2MiB", "48KiB", "0"] {
-            assert!(parse_block_size(bad).expect_err(bad).to_string().contains("power of two"));
+            assert!(parse_block_size(bad)
+                .expect_err(bad)
+                .to_string()
+                .contains("power of two"));
         }
     }
 
@@ -154,7 +183,10 @@ mod tests {
 
     #[test]
     fn durations_parse() {
-        assert_eq!(parse_duration("500ms").ok(), Some(Duration::from_millis(500)));
+        assert_eq!(
+            parse_duration("500ms").ok(),
+            Some(Duration::from_millis(500))
+        );
         assert_eq!(parse_duration("10s").ok(), Some(Duration::from_secs(10)));
         assert_eq!(parse_duration("2m").ok(), Some(Duration::from_secs(120)));
         assert!(parse_duration("soon").is_err());

@@ -153,9 +153,15 @@ pub struct Attr {
 /// An open file of the tree.
 pub enum Handle {
     Live,
-    Snapshot { id: SnapshotId, image: Arc<dyn SnapshotImage> },
+    Snapshot {
+        id: SnapshotId,
+        image: Arc<dyn SnapshotImage>,
+    },
     /// Generated at open so that one open sees one consistent document.
-    Manifest { id: SnapshotId, bytes: Arc<Vec<u8>> },
+    Manifest {
+        id: SnapshotId,
+        bytes: Arc<Vec<u8>>,
+    },
 }
 
 impl std::fmt::Debug for Handle {
@@ -241,14 +247,24 @@ fn not_found(path: String) -> Error {
 
 fn engine(node: Node, e: Error) -> Error {
     match e {
-        Error::VfsNotFound { .. } | Error::VfsReadOnly { .. } | Error::VfsSnapshotInvalid { .. } | Error::VfsWrongKind { .. } => e,
-        other => Error::VfsEngine { path: node_path(node), source: Box::new(other) },
+        Error::VfsNotFound { .. }
+        | Error::VfsReadOnly { .. }
+        | Error::VfsSnapshotInvalid { .. }
+        | Error::VfsWrongKind { .. } => e,
+        other => Error::VfsEngine {
+            path: node_path(node),
+            source: Box::new(other),
+        },
     }
 }
 
 impl Vfs {
     pub fn new(source: Arc<dyn VfsSource>) -> Vfs {
-        Vfs { source, listing: Mutex::new(None), images: Mutex::new(HashMap::new()) }
+        Vfs {
+            source,
+            listing: Mutex::new(None),
+            images: Mutex::new(HashMap::new()),
+        }
     }
 
     /// The usual case: a node's tree over its volume.
@@ -268,10 +284,19 @@ impl Vfs {
                 return Ok(l.infos.clone());
             }
         }
-        let infos: BTreeMap<_, _> = self.source.snapshots().map_err(|e| engine(Node::SnapshotsDir, e))?.into_iter().map(|i| (i.id, i)).collect();
+        let infos: BTreeMap<_, _> = self
+            .source
+            .snapshots()
+            .map_err(|e| engine(Node::SnapshotsDir, e))?
+            .into_iter()
+            .map(|i| (i.id, i))
+            .collect();
         let infos = Arc::new(infos);
         lock(&self.images).retain(|id, _| infos.contains_key(id));
-        *cached = Some(Listing { fetched: Instant::now(), infos: infos.clone() });
+        *cached = Some(Listing {
+            fetched: Instant::now(),
+            infos: infos.clone(),
+        });
         Ok(infos)
     }
 
@@ -280,16 +305,30 @@ impl Vfs {
         if let Some(i) = self.listing(false)?.get(&id) {
             return Ok(i.clone());
         }
-        self.listing(true)?.get(&id).cloned().ok_or_else(|| not_found(node_path(node)))
+        self.listing(true)?
+            .get(&id)
+            .cloned()
+            .ok_or_else(|| not_found(node_path(node)))
     }
 
     fn latest(&self) -> Result<Option<SnapshotId>> {
         let l = self.listing(false)?;
-        Ok(l.values().rev().find(|i| i.state == SnapshotState::Sealed).map(|i| i.id))
+        Ok(l.values()
+            .rev()
+            .find(|i| i.state == SnapshotState::Sealed)
+            .map(|i| i.id))
     }
 
     fn dir(node: Node, mtime_ms: Option<u64>, stable: bool) -> Attr {
-        Attr { node, kind: Kind::Dir, size: 0, writable: false, stable, direct_io: false, mtime_ms }
+        Attr {
+            node,
+            kind: Kind::Dir,
+            size: 0,
+            writable: false,
+            stable,
+            direct_io: false,
+            mtime_ms,
+        }
     }
 
     /// Attributes of `node`, or NotFound if it does not (or no longer) exist.
@@ -301,11 +340,27 @@ impl Vfs {
                 None => Err(not_found(node_path(node))),
             },
             Node::LiveImage => match self.source.live() {
-                Some(live) => Ok(Attr { node, kind: Kind::File, size: live.size(), writable: true, stable: false, direct_io: true, mtime_ms: None }),
+                Some(live) => Ok(Attr {
+                    node,
+                    kind: Kind::File,
+                    size: live.size(),
+                    writable: true,
+                    stable: false,
+                    direct_io: true,
+                    mtime_ms: None,
+                }),
                 None => Err(not_found(node_path(node))),
             },
             Node::Latest => match self.latest()? {
-                Some(id) => Ok(Attr { node, kind: Kind::Symlink, size: id.to_string().len() as u64, writable: false, stable: false, direct_io: false, mtime_ms: None }),
+                Some(id) => Ok(Attr {
+                    node,
+                    kind: Kind::Symlink,
+                    size: id.to_string().len() as u64,
+                    writable: false,
+                    stable: false,
+                    direct_io: false,
+                    mtime_ms: None,
+                }),
                 None => Err(not_found(node_path(node))),
             },
             Node::SnapshotDir(id) => {
@@ -318,12 +373,28 @@ impl Vfs {
                 let sealed = info.state == SnapshotState::Sealed;
                 let open = info.state == SnapshotState::Open;
                 let size = self.image_size(id, node)?;
-                Ok(Attr { node, kind: Kind::File, size, writable: open, stable: sealed, direct_io: !sealed, mtime_ms: Some(info.created_ms) })
+                Ok(Attr {
+                    node,
+                    kind: Kind::File,
+                    size,
+                    writable: open,
+                    stable: sealed,
+                    direct_io: !sealed,
+                    mtime_ms: Some(info.created_ms),
+                })
             }
             Node::Manifest(id) => {
                 let info = self.info(id, node)?;
                 let bytes = self.manifest_bytes(&info)?;
-                Ok(Attr { node, kind: Kind::File, size: bytes.len() as u64, writable: false, stable: false, direct_io: true, mtime_ms: Some(info.created_ms) })
+                Ok(Attr {
+                    node,
+                    kind: Kind::File,
+                    size: bytes.len() as u64,
+                    writable: false,
+                    stable: false,
+                    direct_io: true,
+                    mtime_ms: Some(info.created_ms),
+                })
             }
         }
     }
@@ -356,7 +427,15 @@ impl Vfs {
             ),
         };
         m.status = ManifestStatus::from(&info.state);
-        let mut bytes = serde_json::to_vec_pretty(&m).map_err(|e| engine(node, Error::ManifestCorrupt { path: node_path(node).into(), reason: e.to_string() }))?;
+        let mut bytes = serde_json::to_vec_pretty(&m).map_err(|e| {
+            engine(
+                node,
+                Error::ManifestCorrupt {
+                    path: node_path(node).into(),
+                    reason: e.to_string(),
+                },
+            )
+        })?;
         bytes.push(b'\n');
         Ok(bytes)
     }
@@ -377,7 +456,10 @@ impl Vfs {
             (Node::SnapshotDir(id), "volume.img") => Node::SnapshotImage(id),
             (Node::SnapshotDir(id), "manifest.json") => Node::Manifest(id),
             (Node::LiveImage | Node::SnapshotImage(_) | Node::Manifest(_) | Node::Latest, _) => {
-                return Err(Error::VfsWrongKind { path: node_path(parent), what: "not a directory" })
+                return Err(Error::VfsWrongKind {
+                    path: node_path(parent),
+                    what: "not a directory",
+                })
             }
             _ => return Err(not_found(child_path())),
         };
@@ -398,8 +480,15 @@ impl Vfs {
             Node::LiveDir => Ok(vec![("volume.img".into(), self.getattr(Node::LiveImage)?)]),
             Node::SnapshotsDir => {
                 let listing = self.listing(false)?;
-                let mut v: Vec<(String, Attr)> =
-                    listing.values().map(|i| (i.id.to_string(), Self::dir(Node::SnapshotDir(i.id), Some(i.created_ms), false))).collect();
+                let mut v: Vec<(String, Attr)> = listing
+                    .values()
+                    .map(|i| {
+                        (
+                            i.id.to_string(),
+                            Self::dir(Node::SnapshotDir(i.id), Some(i.created_ms), false),
+                        )
+                    })
+                    .collect();
                 if let Ok(attr) = self.getattr(Node::Latest) {
                     v.push(("latest".into(), attr));
                 }
@@ -407,7 +496,10 @@ impl Vfs {
             }
             Node::SnapshotDir(id) => {
                 let info = self.info(id, node)?;
-                let mut v = vec![("volume.img".to_string(), self.getattr(Node::SnapshotImage(id))?)];
+                let mut v = vec![(
+                    "volume.img".to_string(),
+                    self.getattr(Node::SnapshotImage(id))?,
+                )];
                 // A manifest that cannot be read must not hide the image; it fails on open.
                 let manifest = self.getattr(Node::Manifest(id)).unwrap_or(Attr {
                     node: Node::Manifest(id),
@@ -421,15 +513,24 @@ impl Vfs {
                 v.push(("manifest.json".into(), manifest));
                 Ok(v)
             }
-            _ => Err(Error::VfsWrongKind { path: node_path(node), what: "not a directory" }),
+            _ => Err(Error::VfsWrongKind {
+                path: node_path(node),
+                what: "not a directory",
+            }),
         }
     }
 
     /// The target of a symlink.
     pub fn readlink(&self, node: Node) -> Result<String> {
         match node {
-            Node::Latest => self.latest()?.map(|id| id.to_string()).ok_or_else(|| not_found(node_path(node))),
-            _ => Err(Error::VfsWrongKind { path: node_path(node), what: "not a symbolic link" }),
+            Node::Latest => self
+                .latest()?
+                .map(|id| id.to_string())
+                .ok_or_else(|| not_found(node_path(node))),
+            _ => Err(Error::VfsWrongKind {
+                path: node_path(node),
+                what: "not a symbolic link",
+            }),
         }
     }
 
@@ -445,21 +546,39 @@ impl Vfs {
                 let info = self.info(id, node)?;
                 match (&info.state, write) {
                     (SnapshotState::Invalid { reason }, _) => {
-                        return Err(Error::VfsSnapshotInvalid { path: node_path(node), id, reason: reason.clone() })
+                        return Err(Error::VfsSnapshotInvalid {
+                            path: node_path(node),
+                            id,
+                            reason: reason.clone(),
+                        })
                     }
-                    (SnapshotState::Sealed, true) => return Err(read_only(node, "the snapshot is complete (sealed)")),
+                    (SnapshotState::Sealed, true) => {
+                        return Err(read_only(node, "the snapshot is complete (sealed)"))
+                    }
                     _ => {}
                 }
-                Ok(Handle::Snapshot { id, image: self.image(id, node)? })
+                Ok(Handle::Snapshot {
+                    id,
+                    image: self.image(id, node)?,
+                })
             }
             Node::Manifest(id) => {
                 if write {
-                    return Err(read_only(node, "manifests are written by the node, not through the mount"));
+                    return Err(read_only(
+                        node,
+                        "manifests are written by the node, not through the mount",
+                    ));
                 }
                 let info = self.info(id, node)?;
-                Ok(Handle::Manifest { id, bytes: Arc::new(self.manifest_bytes(&info)?) })
+                Ok(Handle::Manifest {
+                    id,
+                    bytes: Arc::new(self.manifest_bytes(&info)?),
+                })
             }
-            _ => Err(Error::VfsWrongKind { path: node_path(node), what: "not a regular file" }),
+            _ => Err(Error::VfsWrongKind {
+                path: node_path(node),
+                what: "not a regular file",
+            }),
         }
     }
 
@@ -467,11 +586,16 @@ impl Vfs {
     pub fn read(&self, h: &Handle, buf: &mut [u8], offset: u64) -> Result<usize> {
         match h {
             Handle::Live => {
-                let live = self.source.live().ok_or_else(|| not_found(node_path(Node::LiveImage)))?;
-                read_all(buf, offset, live.size(), |b, o| live.read_at(b, o)).map_err(|e| engine(Node::LiveImage, e))
+                let live = self
+                    .source
+                    .live()
+                    .ok_or_else(|| not_found(node_path(Node::LiveImage)))?;
+                read_all(buf, offset, live.size(), |b, o| live.read_at(b, o))
+                    .map_err(|e| engine(Node::LiveImage, e))
             }
             Handle::Snapshot { id, image } => {
-                read_all(buf, offset, image.size(), |b, o| image.read_at(b, o)).map_err(|e| self.explain(*id, image.as_ref(), e, false))
+                read_all(buf, offset, image.size(), |b, o| image.read_at(b, o))
+                    .map_err(|e| self.explain(*id, image.as_ref(), e, false))
             }
             Handle::Manifest { bytes, .. } => {
                 let start = (offset.min(bytes.len() as u64)) as usize;
@@ -486,21 +610,34 @@ impl Vfs {
     /// has a fixed size.
     pub fn write(&self, h: &Handle, data: &[u8], offset: u64) -> Result<usize> {
         let (node, size) = match h {
-            Handle::Live => (Node::LiveImage, self.source.live().map(|l| l.size()).unwrap_or(0)),
+            Handle::Live => (
+                Node::LiveImage,
+                self.source.live().map(|l| l.size()).unwrap_or(0),
+            ),
             Handle::Snapshot { id, image } => (Node::SnapshotImage(*id), image.size()),
-            Handle::Manifest { id, .. } => return Err(read_only(Node::Manifest(*id), "manifests are read-only")),
+            Handle::Manifest { id, .. } => {
+                return Err(read_only(Node::Manifest(*id), "manifests are read-only"))
+            }
         };
         let end = offset.checked_add(data.len() as u64);
         if end.is_none_or(|end| end > size) {
-            return Err(Error::VfsWrongKind { path: node_path(node), what: "write past the end of the image (fixed size)" });
+            return Err(Error::VfsWrongKind {
+                path: node_path(node),
+                what: "write past the end of the image (fixed size)",
+            });
         }
         match h {
             Handle::Live => {
-                let live = self.source.live().ok_or_else(|| not_found(node_path(node)))?;
+                let live = self
+                    .source
+                    .live()
+                    .ok_or_else(|| not_found(node_path(node)))?;
                 live.write_at(data, offset).map_err(|e| engine(node, e))?;
             }
             Handle::Snapshot { id, image } => {
-                image.write_at(data, offset).map_err(|e| self.explain(*id, image.as_ref(), e, true))?;
+                image
+                    .write_at(data, offset)
+                    .map_err(|e| self.explain(*id, image.as_ref(), e, true))?;
             }
             Handle::Manifest { .. } => {}
         }
@@ -523,7 +660,11 @@ impl Vfs {
     fn explain(&self, id: SnapshotId, image: &dyn SnapshotImage, e: Error, writing: bool) -> Error {
         let node = Node::SnapshotImage(id);
         match image.state() {
-            Ok(SnapshotState::Invalid { reason }) => Error::VfsSnapshotInvalid { path: node_path(node), id, reason },
+            Ok(SnapshotState::Invalid { reason }) => Error::VfsSnapshotInvalid {
+                path: node_path(node),
+                id,
+                reason,
+            },
             Ok(SnapshotState::Sealed) if writing => read_only(node, "the snapshot was sealed"),
             Ok(_) => engine(node, e),
             // The state is unreadable too: most likely deleted. Still an I/O error for
@@ -534,12 +675,20 @@ impl Vfs {
 }
 
 fn read_only(node: Node, why: &str) -> Error {
-    Error::VfsReadOnly { path: node_path(node), why: why.to_string() }
+    Error::VfsReadOnly {
+        path: node_path(node),
+        why: why.to_string(),
+    }
 }
 
 /// Fills `buf` from `offset` up to the image end with as many engine reads as needed:
 /// a short read from the kernel's point of view would look like end of file.
-fn read_all(buf: &mut [u8], offset: u64, size: u64, mut read: impl FnMut(&mut [u8], u64) -> Result<usize>) -> Result<usize> {
+fn read_all(
+    buf: &mut [u8],
+    offset: u64,
+    size: u64,
+    mut read: impl FnMut(&mut [u8], u64) -> Result<usize>,
+) -> Result<usize> {
     if offset >= size {
         return Ok(0);
     }
@@ -578,7 +727,10 @@ mod tests {
             Ok(n)
         }
         fn write_at(&self, _buf: &[u8], _offset: u64) -> Result<()> {
-            Err(Error::VfsWrongKind { path: "replica".into(), what: "replicas are not written through the tree" })
+            Err(Error::VfsWrongKind {
+                path: "replica".into(),
+                what: "replicas are not written through the tree",
+            })
         }
         fn state(&self) -> Result<SnapshotState> {
             Ok(self.1.clone())
@@ -599,7 +751,13 @@ mod tests {
             Ok(lock(&self.snaps).clone())
         }
         fn open_snapshot(&self, id: SnapshotId) -> Result<Arc<dyn SnapshotImage>> {
-            let state = lock(&self.snaps).iter().find(|i| i.id == id).map(|i| i.state.clone()).ok_or(Error::VfsNotFound { path: id.to_string() })?;
+            let state = lock(&self.snaps)
+                .iter()
+                .find(|i| i.id == id)
+                .map(|i| i.state.clone())
+                .ok_or(Error::VfsNotFound {
+                    path: id.to_string(),
+                })?;
             Ok(Arc::new(Image(vec![id as u8; 10_000], state)))
         }
         fn manifest(&self, _id: SnapshotId) -> Result<Option<SnapshotManifest>> {
@@ -608,46 +766,96 @@ mod tests {
     }
 
     fn info(id: SnapshotId, state: SnapshotState) -> SnapshotInfo {
-        SnapshotInfo { id, created_ms: 1_000 * id, state, diff_blocks: 0, diff_bytes: 0, diff_limit: None }
+        SnapshotInfo {
+            id,
+            created_ms: 1_000 * id,
+            state,
+            diff_blocks: 0,
+            diff_bytes: 0,
+            diff_limit: None,
+        }
     }
 
     #[test]
     fn a_replica_tree_has_no_live_volume_and_latest_is_the_newest_sealed_snapshot() {
         let source = Arc::new(Replica {
-            snaps: Mutex::new(vec![info(3, SnapshotState::Sealed), info(5, SnapshotState::Sealed), info(6, SnapshotState::Open)]),
+            snaps: Mutex::new(vec![
+                info(3, SnapshotState::Sealed),
+                info(5, SnapshotState::Sealed),
+                info(6, SnapshotState::Open),
+            ]),
         });
         let vfs = Vfs::new(source.clone());
-        let names: Vec<String> = vfs.readdir(Node::Root).expect("root").into_iter().map(|(n, _)| n).collect();
+        let names: Vec<String> = vfs
+            .readdir(Node::Root)
+            .expect("root")
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
         assert_eq!(names, vec!["snapshots"]);
-        assert_eq!(classify(&vfs.lookup(Node::Root, "live").expect_err("no live")), ErrorClass::NotFound);
+        assert_eq!(
+            classify(&vfs.lookup(Node::Root, "live").expect_err("no live")),
+            ErrorClass::NotFound
+        );
         assert_eq!(vfs.readlink(Node::Latest).expect("latest"), "5");
-        assert_eq!(classify(&vfs.lookup(Node::SnapshotsDir, "005").expect_err("not canonical")), ErrorClass::NotFound);
+        assert_eq!(
+            classify(
+                &vfs.lookup(Node::SnapshotsDir, "005")
+                    .expect_err("not canonical")
+            ),
+            ErrorClass::NotFound
+        );
 
-        let img = vfs.lookup(Node::SnapshotDir(5), "volume.img").expect("image");
+        let img = vfs
+            .lookup(Node::SnapshotDir(5), "volume.img")
+            .expect("image");
         assert!(img.stable && !img.writable && img.size == 10_000);
-        let open = vfs.lookup(Node::SnapshotDir(6), "volume.img").expect("open image");
+        let open = vfs
+            .lookup(Node::SnapshotDir(6), "volume.img")
+            .expect("open image");
         assert!(!open.stable && open.writable && open.direct_io);
         let h = vfs.open(Node::SnapshotImage(5), false).expect("open");
         let mut buf = vec![0u8; 100];
         assert_eq!(vfs.read(&h, &mut buf, 9_950).expect("read at the end"), 50);
         assert_eq!(buf[..50], [5u8; 50]);
-        assert_eq!(classify(&vfs.open(Node::SnapshotImage(5), true).expect_err("sealed")), ErrorClass::ReadOnly);
+        assert_eq!(
+            classify(&vfs.open(Node::SnapshotImage(5), true).expect_err("sealed")),
+            ErrorClass::ReadOnly
+        );
 
         let manifest = vfs.open(Node::Manifest(5), false).expect("manifest");
         let mut text = vec![0u8; 4096];
         let n = vfs.read(&manifest, &mut text, 0).expect("read manifest");
-        let m: SnapshotManifest = serde_json::from_slice(&text[..n]).expect("generated manifest parses");
-        assert_eq!((m.id, m.size, m.status), (5, 10_000, ManifestStatus::Sealed));
+        let m: SnapshotManifest =
+            serde_json::from_slice(&text[..n]).expect("generated manifest parses");
+        assert_eq!(
+            (m.id, m.size, m.status),
+            (5, 10_000, ManifestStatus::Sealed)
+        );
 
         // Invalid and deleted snapshots, seen without waiting for the listing to expire
         // on a lookup miss; an invalid one cannot be opened at all.
-        lock(&source.snaps)[1].state = SnapshotState::Invalid { reason: "diff area full".into() };
+        lock(&source.snaps)[1].state = SnapshotState::Invalid {
+            reason: "diff area full".into(),
+        };
         lock(&source.snaps).push(info(7, SnapshotState::Sealed));
-        assert!(vfs.lookup(Node::SnapshotsDir, "7").is_ok(), "a new snapshot is found on a lookup miss");
-        assert_eq!(classify(&vfs.open(Node::SnapshotImage(5), false).expect_err("invalid")), ErrorClass::Invalid);
+        assert!(
+            vfs.lookup(Node::SnapshotsDir, "7").is_ok(),
+            "a new snapshot is found on a lookup miss"
+        );
+        assert_eq!(
+            classify(
+                &vfs.open(Node::SnapshotImage(5), false)
+                    .expect_err("invalid")
+            ),
+            ErrorClass::Invalid
+        );
         lock(&source.snaps).retain(|i| i.id != 3);
         std::thread::sleep(LISTING_TTL + Duration::from_millis(20));
-        assert_eq!(classify(&vfs.lookup(Node::SnapshotsDir, "3").expect_err("deleted")), ErrorClass::NotFound);
+        assert_eq!(
+            classify(&vfs.lookup(Node::SnapshotsDir, "3").expect_err("deleted")),
+            ErrorClass::NotFound
+        );
         assert_eq!(vfs.readlink(Node::Latest).expect("latest"), "7");
     }
 }

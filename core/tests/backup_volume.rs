@@ -22,18 +22,26 @@ struct Setup {
 fn setup(seed: u64) -> Setup {
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = tmp.path().to_path_buf();
-    let vol = Volume::create(&dir.join("volume.img"), BLOCKS * u64::from(BS), BS, None).expect("create volume");
+    let vol = Volume::create(&dir.join("volume.img"), BLOCKS * u64::from(BS), BS, None)
+        .expect("create volume");
     let mut rng = StdRng::seed_from_u64(seed);
     let mut data = vec![0u8; (BLOCKS * u64::from(BS)) as usize];
     rng.fill_bytes(&mut data);
     vol.write_at(&data, 0).expect("fill volume");
     let repo = Repository::init(&dir.join("repo"), 1 << 20).expect("init repo");
-    Setup { _tmp: tmp, dir, vol, repo, rng }
+    Setup {
+        _tmp: tmp,
+        dir,
+        vol,
+        repo,
+        rng,
+    }
 }
 
 fn snapshot(vol: &Volume) -> u64 {
     let id = vol.reserve_snapshot_id().expect("reserve id");
-    vol.create_snapshot(id, &SnapshotOptions { diff_limit: None }).expect("create snapshot");
+    vol.create_snapshot(id, &SnapshotOptions { diff_limit: None })
+        .expect("create snapshot");
     vol.seal_snapshot(id).expect("seal snapshot");
     id
 }
@@ -43,7 +51,9 @@ fn snapshot_image(vol: &Volume, id: u64) -> Vec<u8> {
     let mut buf = vec![0u8; snap.size() as usize];
     let mut done = 0;
     while done < buf.len() {
-        let n = snap.read_at(&mut buf[done..], done as u64).expect("read snapshot");
+        let n = snap
+            .read_at(&mut buf[done..], done as u64)
+            .expect("read snapshot");
         assert!(n > 0, "snapshot ended early");
         done += n;
     }
@@ -69,7 +79,13 @@ fn change(s: &mut Setup, n: usize) -> Vec<u64> {
 fn incrementals_read_only_the_blocks_the_diff_area_lists_and_restore_exact() {
     let mut s = setup(21);
     let s1 = snapshot(&s.vol);
-    let full = s.repo.backup(&VolumeSnapshotSource::new(&s.vol, Some(s1)).expect("source"), &NoProgress).expect("full");
+    let full = s
+        .repo
+        .backup(
+            &VolumeSnapshotSource::new(&s.vol, Some(s1)).expect("source"),
+            &NoProgress,
+        )
+        .expect("full");
     assert_eq!(full.header.stats.blocks_read, BLOCKS);
     let mut taken = vec![(full.header.id.clone(), s1, snapshot_image(&s.vol, s1))];
 
@@ -80,14 +96,25 @@ fn incrementals_read_only_the_blocks_the_diff_area_lists_and_restore_exact() {
         let src = VolumeSnapshotSource::new(&s.vol, None).expect("latest");
         assert_eq!(src.info().id, id);
         let m = s.repo.backup(&src, &NoProgress).expect("incremental");
-        assert!(matches!(m.header.kind, BackupKind::Incremental { .. }), "round {round}: {:?}", m.header.kind);
-        assert_eq!(m.header.stats.blocks_read, changed.len() as u64, "round {round}: read exactly the changed blocks");
+        assert!(
+            matches!(m.header.kind, BackupKind::Incremental { .. }),
+            "round {round}: {:?}",
+            m.header.kind
+        );
+        assert_eq!(
+            m.header.stats.blocks_read,
+            changed.len() as u64,
+            "round {round}: read exactly the changed blocks"
+        );
         taken.push((m.header.id.clone(), id, snapshot_image(&s.vol, id)));
     }
     for (backup, snap, image) in &taken {
         let out = s.dir.join(format!("{backup}.img"));
         s.repo.restore(backup, &out, &NoProgress).expect("restore");
-        assert!(std::fs::read(&out).expect("restored") == *image, "backup {backup} of snapshot {snap} is bit-exact");
+        assert!(
+            std::fs::read(&out).expect("restored") == *image,
+            "backup {backup} of snapshot {snap} is bit-exact"
+        );
     }
 }
 
@@ -95,26 +122,54 @@ fn incrementals_read_only_the_blocks_the_diff_area_lists_and_restore_exact() {
 fn an_open_snapshot_is_refused_and_a_deleted_base_means_a_full_backup() {
     let mut s = setup(22);
     let s1 = snapshot(&s.vol);
-    s.repo.backup(&VolumeSnapshotSource::new(&s.vol, Some(s1)).expect("source"), &NoProgress).expect("full");
+    s.repo
+        .backup(
+            &VolumeSnapshotSource::new(&s.vol, Some(s1)).expect("source"),
+            &NoProgress,
+        )
+        .expect("full");
 
     let open = s.vol.reserve_snapshot_id().expect("reserve");
-    s.vol.create_snapshot(open, &SnapshotOptions { diff_limit: None }).expect("create open snapshot");
-    let err = s.repo.backup(&VolumeSnapshotSource::new(&s.vol, Some(open)).expect("source"), &NoProgress).expect_err("open");
-    assert!(matches!(err, Error::SnapshotNotBackupable { snapshot, .. } if snapshot == open), "{err}");
+    s.vol
+        .create_snapshot(open, &SnapshotOptions { diff_limit: None })
+        .expect("create open snapshot");
+    let err = s
+        .repo
+        .backup(
+            &VolumeSnapshotSource::new(&s.vol, Some(open)).expect("source"),
+            &NoProgress,
+        )
+        .expect_err("open");
+    assert!(
+        matches!(err, Error::SnapshotNotBackupable { snapshot, .. } if snapshot == open),
+        "{err}"
+    );
     assert!(err.to_string().contains("still open"), "{err}");
     s.vol.seal_snapshot(open).expect("seal");
 
     change(&mut s, 5);
     let s3 = snapshot(&s.vol);
-    s.vol.delete_snapshot(s1).expect("delete the backed-up snapshot");
+    s.vol
+        .delete_snapshot(s1)
+        .expect("delete the backed-up snapshot");
     s.vol.delete_snapshot(open).expect("delete");
-    let m = s.repo.backup(&VolumeSnapshotSource::new(&s.vol, Some(s3)).expect("source"), &NoProgress).expect("backup");
+    let m = s
+        .repo
+        .backup(
+            &VolumeSnapshotSource::new(&s.vol, Some(s3)).expect("source"),
+            &NoProgress,
+        )
+        .expect("backup");
     match &m.header.kind {
-        BackupKind::Full { reason: Some(r) } => assert!(r.contains("no longer in the volume's catalog"), "{r}"),
+        BackupKind::Full { reason: Some(r) } => {
+            assert!(r.contains("no longer in the volume's catalog"), "{r}")
+        }
         other => panic!("expected a full backup with its reason, got {other:?}"),
     }
     let out = s.dir.join("s3.img");
-    s.repo.restore(&m.header.id, &out, &NoProgress).expect("restore");
+    s.repo
+        .restore(&m.header.id, &out, &NoProgress)
+        .expect("restore");
     assert!(std::fs::read(&out).expect("restored") == snapshot_image(&s.vol, s3));
 }
 
@@ -123,11 +178,21 @@ fn an_invalid_snapshot_is_refused() {
     let mut s = setup(23);
     let id = s.vol.reserve_snapshot_id().expect("reserve");
     // A diff-area limit of two blocks, then many overwrites: the engine marks it invalid.
-    s.vol.create_snapshot(id, &SnapshotOptions { diff_limit: Some(2 * u64::from(BS)) }).expect("create");
+    s.vol
+        .create_snapshot(
+            id,
+            &SnapshotOptions {
+                diff_limit: Some(2 * u64::from(BS)),
+            },
+        )
+        .expect("create");
     s.vol.seal_snapshot(id).expect("seal");
     change(&mut s, 40);
     let src = VolumeSnapshotSource::new(&s.vol, Some(id)).expect("source");
-    let err = s.repo.backup(&src, &NoProgress).expect_err("invalid snapshot");
+    let err = s
+        .repo
+        .backup(&src, &NoProgress)
+        .expect_err("invalid snapshot");
     assert!(matches!(err, Error::SnapshotNotBackupable { .. }), "{err}");
     assert!(err.to_string().contains("invalid"), "{err}");
     assert!(s.repo.list().expect("list").backups.is_empty());

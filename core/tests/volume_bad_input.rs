@@ -12,7 +12,8 @@ fn setup(dir: &Path) -> (Volume, u64) {
     let v = Volume::create(&dir.join("vol.img"), 16 * BS as u64, BS, None).expect("create");
     v.write_at(&vec![3u8; 16 * BS as usize], 0).expect("fill");
     let id = v.reserve_snapshot_id().expect("reserve");
-    v.create_snapshot(id, &SnapshotOptions::default()).expect("snapshot");
+    v.create_snapshot(id, &SnapshotOptions::default())
+        .expect("snapshot");
     v.write_at(&[4u8; 10], 0).expect("copy block 0");
     (v, id)
 }
@@ -29,7 +30,10 @@ fn a_catalog_with_the_wrong_magic_is_refused_by_name() {
         std::fs::write(&cat, bytes).expect("write");
     }
     let err = Volume::open(v.path()).expect_err("wrong magic").to_string();
-    assert!(err.contains("wrong magic") && err.contains("catalog.a"), "{err}");
+    assert!(
+        err.contains("wrong magic") && err.contains("catalog.a"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -37,11 +41,21 @@ fn a_truncated_map_is_refused_by_name() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (v, id) = setup(dir.path());
     let map = v.state_dir().join(format!("snap-{id}.map"));
-    let f = std::fs::OpenOptions::new().write(true).open(&map).expect("open");
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&map)
+        .expect("open");
     f.set_len(20).expect("truncate");
     let fresh = Volume::open(v.path()).expect("open volume");
-    let err = fresh.snapshot(id).and_then(|s| s.read_at(&mut [0u8; 10], 0)).expect_err("truncated").to_string();
-    assert!(err.contains("truncated") && err.contains(&map.display().to_string()), "{err}");
+    let err = fresh
+        .snapshot(id)
+        .and_then(|s| s.read_at(&mut [0u8; 10], 0))
+        .expect_err("truncated")
+        .to_string();
+    assert!(
+        err.contains("truncated") && err.contains(&map.display().to_string()),
+        "{err}"
+    );
 }
 
 #[test]
@@ -49,19 +63,42 @@ fn a_full_diff_area_invalidates_the_snapshot_but_never_fails_a_live_write() {
     let dir = tempfile::tempdir().expect("tempdir");
     let v = Volume::create(&dir.path().join("vol.img"), 16 * BS as u64, BS, None).expect("create");
     let id = v.reserve_snapshot_id().expect("reserve");
-    v.create_snapshot(id, &SnapshotOptions { diff_limit: Some(2 * BS as u64) }).expect("snapshot");
-    v.write_at(&[1u8; 10], 0).expect("first copy within the limit");
-    v.write_at(&vec![2u8; 4 * BS as usize], 4 * BS as u64).expect("live write must succeed past the limit");
+    v.create_snapshot(
+        id,
+        &SnapshotOptions {
+            diff_limit: Some(2 * BS as u64),
+        },
+    )
+    .expect("snapshot");
+    v.write_at(&[1u8; 10], 0)
+        .expect("first copy within the limit");
+    v.write_at(&vec![2u8; 4 * BS as usize], 4 * BS as u64)
+        .expect("live write must succeed past the limit");
     let mut b = [0u8; 4];
     v.read_at(&mut b, 4 * BS as u64).expect("live read");
     assert_eq!(b, [2; 4]);
-    let err = v.snapshot(id).expect("handle").read_at(&mut [0u8; 10], 0).expect_err("invalid").to_string();
-    assert!(err.contains(&format!("snapshot {id} is invalid")) && err.contains("diff area full"), "{err}");
+    let err = v
+        .snapshot(id)
+        .expect("handle")
+        .read_at(&mut [0u8; 10], 0)
+        .expect_err("invalid")
+        .to_string();
+    assert!(
+        err.contains(&format!("snapshot {id} is invalid")) && err.contains("diff area full"),
+        "{err}"
+    );
     let infos = v.snapshots().expect("list");
-    assert!(matches!(infos[0].state, SnapshotState::Invalid { .. }), "{infos:?}");
+    assert!(
+        matches!(infos[0].state, SnapshotState::Invalid { .. }),
+        "{infos:?}"
+    );
     // Another process sees it too.
     let other = Volume::open(v.path()).expect("open");
-    assert!(other.snapshot(id).expect("handle").read_at(&mut [0u8; 1], 8 * BS as u64).is_err());
+    assert!(other
+        .snapshot(id)
+        .expect("handle")
+        .read_at(&mut [0u8; 1], 8 * BS as u64)
+        .is_err());
 }
 
 #[test]
@@ -77,7 +114,10 @@ fn a_torn_newest_catalog_slot_falls_back_to_the_previous_generation() {
     for slot in ["catalog.a", "catalog.b"] {
         let path = v.state_dir().join(slot);
         let saved = std::fs::read(&path).expect("read slot");
-        let f = std::fs::OpenOptions::new().write(true).open(&path).expect("open");
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .expect("open");
         f.set_len(30).expect("tear");
         drop(f);
         let again = Volume::open(v.path()).expect("opens from the other slot");
@@ -86,17 +126,31 @@ fn a_torn_newest_catalog_slot_falls_back_to_the_previous_generation() {
         }
         std::fs::write(&path, saved).expect("restore slot");
     }
-    assert_eq!(lost.len(), 1, "exactly the newest slot carries the change, got {lost:?}");
+    assert_eq!(
+        lost.len(),
+        1,
+        "exactly the newest slot carries the change, got {lost:?}"
+    );
 }
 
 #[test]
 fn a_volume_shorter_than_its_catalog_is_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (v, _) = setup(dir.path());
-    let f = std::fs::OpenOptions::new().write(true).open(v.path()).expect("open");
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(v.path())
+        .expect("open");
     f.set_len(5000).expect("truncate");
     let err = Volume::open(v.path()).expect_err("short").to_string();
-    assert_eq!(err, format!("volume file {} is 5000 bytes but its catalog says {}", v.path().display(), 16 * BS));
+    assert_eq!(
+        err,
+        format!(
+            "volume file {} is 5000 bytes but its catalog says {}",
+            v.path().display(),
+            16 * BS
+        )
+    );
 }
 
 #[test]
@@ -107,8 +161,16 @@ fn damaged_diff_area_data_fails_its_checksum_instead_of_being_served() {
     let mut bytes = std::fs::read(&diff).expect("read");
     bytes[100] ^= 0xFF;
     std::fs::write(&diff, bytes).expect("write");
-    let err = v.snapshot(id).expect("handle").read_at(&mut [0u8; 10], 0).expect_err("checksum").to_string();
-    assert!(err.contains("block 0") && err.contains("fails its checksum"), "{err}");
+    let err = v
+        .snapshot(id)
+        .expect("handle")
+        .read_at(&mut [0u8; 10], 0)
+        .expect_err("checksum")
+        .to_string();
+    assert!(
+        err.contains("block 0") && err.contains("fails its checksum"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -117,7 +179,10 @@ fn a_volume_without_state_says_how_to_create_it() {
     let path = dir.path().join("plain.img");
     std::fs::write(&path, [0u8; 4096]).expect("write");
     let err = Volume::open(&path).expect_err("no state").to_string();
-    assert!(err.contains("no freezeframe state") && err.contains("volume create"), "{err}");
+    assert!(
+        err.contains("no freezeframe state") && err.contains("volume create"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -26,7 +26,8 @@ fn child_main() -> ! {
     loop {
         if rng.gen_range(0..40) == 0 {
             let id = v.reserve_snapshot_id().expect("reserve");
-            v.create_snapshot(id, &SnapshotOptions::default()).expect("create");
+            v.create_snapshot(id, &SnapshotOptions::default())
+                .expect("create");
             v.seal_snapshot(id).expect("seal");
         }
         let len = rng.gen_range(1..3 * BS as u64);
@@ -38,7 +39,12 @@ fn child_main() -> ! {
 
 fn spawn_child(seed: u64, path: &Path) -> std::process::Child {
     Command::new(std::env::current_exe().expect("test binary"))
-        .args(["snapshots_survive_writers_killed_at_random_instants", "--exact", "--nocapture", "--test-threads=1"])
+        .args([
+            "snapshots_survive_writers_killed_at_random_instants",
+            "--exact",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env(CHILD_ENV, format!("{seed}:{}", path.display()))
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
@@ -48,7 +54,10 @@ fn spawn_child(seed: u64, path: &Path) -> std::process::Child {
 
 fn image(v: &Volume, id: u64) -> Vec<u8> {
     let mut buf = vec![0u8; SIZE as usize];
-    v.snapshot(id).expect("handle").read_at(&mut buf, 0).expect("snapshot read");
+    v.snapshot(id)
+        .expect("handle")
+        .read_at(&mut buf, 0)
+        .expect("snapshot read");
     buf
 }
 
@@ -71,7 +80,8 @@ fn snapshots_survive_writers_killed_at_random_instants() {
         if rng.gen_range(0..3) == 0 {
             // A snapshot taken while the children write; its image is read at once.
             let id = v.reserve_snapshot_id().expect("reserve");
-            v.create_snapshot(id, &SnapshotOptions::default()).expect("create");
+            v.create_snapshot(id, &SnapshotOptions::default())
+                .expect("create");
             known.insert(id, image(&v, id));
             parent_ids.push(id);
             std::thread::sleep(Duration::from_millis(rng.gen_range(0..10)));
@@ -89,15 +99,27 @@ fn snapshots_survive_writers_killed_at_random_instants() {
                 child_snapshots_seen += 1;
             }
             let want = known.entry(info.id).or_insert_with(|| img.clone());
-            assert!(img == *want, "round {round}: snapshot {} changed across a SIGKILL", info.id);
+            assert!(
+                img == *want,
+                "round {round}: snapshot {} changed across a SIGKILL",
+                info.id
+            );
         }
         while known.len() > 6 {
-            let victim = *known.keys().nth(rng.gen_range(0..known.len())).expect("some");
+            let victim = *known
+                .keys()
+                .nth(rng.gen_range(0..known.len()))
+                .expect("some");
             fresh.delete_snapshot(victim).expect("delete");
             known.remove(&victim);
         }
-        fresh.write_at(&[round as u8; 5000], rng.gen_range(0..SIZE - 5000)).expect("write after kill");
+        fresh
+            .write_at(&[round as u8; 5000], rng.gen_range(0..SIZE - 5000))
+            .expect("write after kill");
     }
     // Proof that the children really wrote through the engine and got killed mid-way.
-    assert!(child_snapshots_seen > 0, "no child ever created a snapshot: children are not running");
+    assert!(
+        child_snapshots_seen > 0,
+        "no child ever created a snapshot: children are not running"
+    );
 }

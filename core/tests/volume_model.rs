@@ -31,7 +31,11 @@ const CHILD_ENV: &str = "FF_MODEL_CHILD";
 fn region(k: u64) -> (u64, u64) {
     let w = SIZE / (THREADS + CHILDREN);
     let start = k * w;
-    let end = if k == THREADS + CHILDREN - 1 { SIZE } else { (k + 1) * w };
+    let end = if k == THREADS + CHILDREN - 1 {
+        SIZE
+    } else {
+        (k + 1) * w
+    };
     (start, end)
 }
 
@@ -44,7 +48,11 @@ fn worker_writes(seed: u64, k: u64) -> Vec<(u64, Vec<u8>)> {
         .map(|_| {
             let len = rng.gen_range(1..=(3 * BS as u64).min(end - start));
             // Runs of sequential writes, as well as random ones.
-            let off = if rng.gen_bool(0.4) && prev_end + len <= end { prev_end } else { rng.gen_range(start..=end - len) };
+            let off = if rng.gen_bool(0.4) && prev_end + len <= end {
+                prev_end
+            } else {
+                rng.gen_range(start..=end - len)
+            };
             prev_end = off + len;
             let data: Vec<u8> = (0..len).map(|_| rng.gen()).collect();
             (off, data)
@@ -80,7 +88,10 @@ fn spawn_child(test: &str, seed: u64, k: u64, path: &Path) -> std::process::Chil
 
 fn read_snapshot(v: &Volume, id: u64) -> Vec<u8> {
     let mut buf = vec![0u8; SIZE as usize];
-    v.snapshot(id).expect("snapshot handle").read_at(&mut buf, 0).expect("snapshot read");
+    v.snapshot(id)
+        .expect("snapshot handle")
+        .read_at(&mut buf, 0)
+        .expect("snapshot read");
     buf
 }
 
@@ -91,15 +102,27 @@ fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {
 fn check_all(v: &Volume, live: &[u8], snaps: &BTreeMap<u64, (Vec<u8>, bool)>, when: &str) {
     let mut buf = vec![0u8; SIZE as usize];
     v.read_at(&mut buf, 0).expect("live read");
-    assert_eq!(first_difference(&buf, live), None, "{when}: live volume differs from the model");
+    assert_eq!(
+        first_difference(&buf, live),
+        None,
+        "{when}: live volume differs from the model"
+    );
     for (id, (img, _)) in snaps {
         let got = read_snapshot(v, *id);
         if let Some(at) = first_difference(&got, img) {
-            panic!("{when}: snapshot {id} differs from the model at byte {at} (block {})", at as u64 / BS as u64);
+            panic!(
+                "{when}: snapshot {id} differs from the model at byte {at} (block {})",
+                at as u64 / BS as u64
+            );
         }
     }
     let blocks_differing = |a: &[u8], b: &[u8]| -> Vec<u64> {
-        (0..BLOCKS).filter(|blk| a[(*blk * BS as u64) as usize..((blk + 1) * BS as u64) as usize] != b[(*blk * BS as u64) as usize..((blk + 1) * BS as u64) as usize]).collect()
+        (0..BLOCKS)
+            .filter(|blk| {
+                a[(*blk * BS as u64) as usize..((blk + 1) * BS as u64) as usize]
+                    != b[(*blk * BS as u64) as usize..((blk + 1) * BS as u64) as usize]
+            })
+            .collect()
     };
     let ids: Vec<u64> = snaps.keys().copied().collect();
     for (n, from) in ids.iter().enumerate() {
@@ -108,9 +131,14 @@ fn check_all(v: &Volume, live: &[u8], snaps: &BTreeMap<u64, (Vec<u8>, bool)>, wh
             assert!(changed.contains(&b), "{when}: block {b} differs between snapshot {from} and live but is not in changed_blocks");
         }
         if let Some(to) = ids.get(n + 1) {
-            let changed = v.changed_blocks(*from, Some(*to)).expect("changed between snapshots");
+            let changed = v
+                .changed_blocks(*from, Some(*to))
+                .expect("changed between snapshots");
             for b in blocks_differing(&snaps[from].0, &snaps[to].0) {
-                assert!(changed.contains(&b), "{when}: block {b} differs between {from} and {to} but is not listed");
+                assert!(
+                    changed.contains(&b),
+                    "{when}: block {b} differs between {from} and {to} but is not listed"
+                );
             }
         }
     }
@@ -127,17 +155,33 @@ fn run_seed(seed: u64) {
     for phase in 0..8u64 {
         let phase_seed = rng.gen::<u64>();
         // Concurrent phase: threads + child processes write, a reader checks snapshots.
-        let children: Vec<_> = (THREADS..THREADS + CHILDREN).map(|k| spawn_child("concurrent_writers_and_snapshots_match_the_model", phase_seed, k, &path)).collect();
+        let children: Vec<_> = (THREADS..THREADS + CHILDREN)
+            .map(|k| {
+                spawn_child(
+                    "concurrent_writers_and_snapshots_match_the_model",
+                    phase_seed,
+                    k,
+                    &path,
+                )
+            })
+            .collect();
         let stop = Arc::new(AtomicBool::new(false));
         let reader = {
             let (v, stop) = (v.clone(), stop.clone());
-            let expect: Vec<(u64, Vec<u8>)> = snaps.iter().map(|(id, (img, _))| (*id, img.clone())).collect();
+            let expect: Vec<(u64, Vec<u8>)> = snaps
+                .iter()
+                .map(|(id, (img, _))| (*id, img.clone()))
+                .collect();
             std::thread::spawn(move || {
                 let mut checks = 0;
                 while !stop.load(Ordering::SeqCst) || checks == 0 {
                     for (id, img) in &expect {
                         let got = read_snapshot(&v, *id);
-                        assert_eq!(first_difference(&got, img), None, "snapshot {id} read wrong while live writes ran");
+                        assert_eq!(
+                            first_difference(&got, img),
+                            None,
+                            "snapshot {id} read wrong while live writes ran"
+                        );
                     }
                     checks += 1;
                 }
@@ -153,7 +197,10 @@ fn run_seed(seed: u64) {
             t.join().expect("writer thread");
         }
         for mut c in children {
-            assert!(c.wait().expect("wait child").success(), "child writer failed");
+            assert!(
+                c.wait().expect("wait child").success(),
+                "child writer failed"
+            );
         }
         stop.store(true, Ordering::SeqCst);
         reader.join().expect("reader thread");
@@ -162,46 +209,75 @@ fn run_seed(seed: u64) {
                 live[off as usize..off as usize + data.len()].copy_from_slice(&data);
             }
         }
-        check_all(&v, &live, &snaps, &format!("seed {seed} phase {phase} after writes"));
+        check_all(
+            &v,
+            &live,
+            &snaps,
+            &format!("seed {seed} phase {phase} after writes"),
+        );
 
         // Quiescent step: snapshot lifecycle at random.
         for _ in 0..rng.gen_range(1..4) {
             match rng.gen_range(0..10) {
                 0..=3 => {
                     let id = v.reserve_snapshot_id().expect("reserve");
-                    v.create_snapshot(id, &SnapshotOptions::default()).expect("create");
+                    v.create_snapshot(id, &SnapshotOptions::default())
+                        .expect("create");
                     snaps.insert(id, (live.clone(), false));
                 }
                 4..=6 => {
-                    let open: Vec<u64> = snaps.iter().filter(|(_, (_, sealed))| !sealed).map(|(id, _)| *id).collect();
+                    let open: Vec<u64> = snaps
+                        .iter()
+                        .filter(|(_, (_, sealed))| !sealed)
+                        .map(|(id, _)| *id)
+                        .collect();
                     if let Some(id) = open.get(rng.gen_range(0..open.len().max(1))) {
                         let len = rng.gen_range(1..2 * BS as usize);
                         let off = rng.gen_range(0..SIZE as usize - len);
                         let data: Vec<u8> = (0..len).map(|_| rng.gen()).collect();
-                        v.snapshot(*id).expect("handle").write_at(&data, off as u64).expect("post-snapshot write");
+                        v.snapshot(*id)
+                            .expect("handle")
+                            .write_at(&data, off as u64)
+                            .expect("post-snapshot write");
                         if let Some((img, _)) = snaps.get_mut(id) {
                             img[off..off + len].copy_from_slice(&data);
                         }
                     }
                 }
                 7 | 8 => {
-                    if let Some(id) = snaps.keys().nth(rng.gen_range(0..snaps.len().max(1))).copied() {
+                    if let Some(id) = snaps
+                        .keys()
+                        .nth(rng.gen_range(0..snaps.len().max(1)))
+                        .copied()
+                    {
                         v.seal_snapshot(id).expect("seal");
                         if let Some(s) = snaps.get_mut(&id) {
                             s.1 = true;
                         }
-                        assert_eq!(v.snapshot(id).expect("handle").state().expect("state"), SnapshotState::Sealed);
+                        assert_eq!(
+                            v.snapshot(id).expect("handle").state().expect("state"),
+                            SnapshotState::Sealed
+                        );
                     }
                 }
                 _ => {
-                    if let Some(id) = snaps.keys().nth(rng.gen_range(0..snaps.len().max(1))).copied() {
+                    if let Some(id) = snaps
+                        .keys()
+                        .nth(rng.gen_range(0..snaps.len().max(1)))
+                        .copied()
+                    {
                         v.delete_snapshot(id).expect("delete");
                         snaps.remove(&id);
                     }
                 }
             }
         }
-        check_all(&v, &live, &snaps, &format!("seed {seed} phase {phase} after lifecycle"));
+        check_all(
+            &v,
+            &live,
+            &snaps,
+            &format!("seed {seed} phase {phase} after lifecycle"),
+        );
     }
 }
 

@@ -15,9 +15,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use freezeframe_core::vfs::{self, Attr, ErrorClass, Handle, Kind, Node, Vfs};
 use freezeframe_core::volume::SnapshotId;
 use fuser::{
-    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner,
-    OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite,
-    Request, TimeOrNow, WriteFlags,
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
+    KernelConfig, LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory,
+    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow, WriteFlags,
 };
 
 /// Largest read and write request we ask the kernel for.
@@ -123,19 +123,37 @@ impl FreezeFs {
     pub fn new(vfs: Arc<Vfs>) -> FreezeFs {
         // SAFETY: getuid/getgid cannot fail and touch no memory.
         let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
-        FreezeFs { vfs, handles: Mutex::new(HashMap::new()), next_fh: AtomicU64::new(1), uid, gid, started: SystemTime::now() }
+        FreezeFs {
+            vfs,
+            handles: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+            uid,
+            gid,
+            started: SystemTime::now(),
+        }
     }
 
     fn handle(&self, fh: FileHandle) -> Option<Arc<Handle>> {
-        self.handles.lock().unwrap_or_else(|p| p.into_inner()).get(&fh.0).cloned()
+        self.handles
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&fh.0)
+            .cloned()
     }
 
     fn file_attr(&self, a: &Attr) -> Option<FileAttr> {
         let ino = ino_of(a.node)?;
-        let mtime = a.mtime_ms.map(|ms| UNIX_EPOCH + Duration::from_millis(ms)).unwrap_or(self.started);
+        let mtime = a
+            .mtime_ms
+            .map(|ms| UNIX_EPOCH + Duration::from_millis(ms))
+            .unwrap_or(self.started);
         let (kind, perm, nlink) = match a.kind {
             Kind::Dir => (FileType::Directory, 0o555, 2),
-            Kind::File => (FileType::RegularFile, if a.writable { 0o644 } else { 0o444 }, 1),
+            Kind::File => (
+                FileType::RegularFile,
+                if a.writable { 0o644 } else { 0o444 },
+                1,
+            ),
             Kind::Symlink => (FileType::Symlink, 0o777, 1),
         };
         Some(FileAttr {
@@ -209,13 +227,19 @@ impl Filesystem for FreezeFs {
             Ok(n) => n,
             Err(e) => return reply.error(e),
         };
-        let Some(name) = name.to_str() else { return reply.error(Errno::ENOENT) };
+        let Some(name) = name.to_str() else {
+            return reply.error(Errno::ENOENT);
+        };
         match self.vfs.lookup(parent, name) {
             Ok(a) => match self.file_attr(&a) {
                 Some(fa) => reply.entry(&Self::ttl(&a), &fa, Generation(0)),
                 None => reply.error(Errno::ENOENT),
             },
-            Err(e) => reply.error(errno_for(&e, Op::Lookup, &format!("lookup {}/{name}", vfs::node_path(parent)))),
+            Err(e) => reply.error(errno_for(
+                &e,
+                Op::Lookup,
+                &format!("lookup {}/{name}", vfs::node_path(parent)),
+            )),
         }
     }
 
@@ -304,7 +328,10 @@ impl Filesystem for FreezeFs {
         match self.vfs.open(node, write) {
             Ok(h) => {
                 let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-                self.handles.lock().unwrap_or_else(|p| p.into_inner()).insert(fh, Arc::new(h));
+                self.handles
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(fh, Arc::new(h));
                 let fopen = if attr.direct_io {
                     // Writes to the live volume may run in parallel: the engine serialises
                     // what must be serialised (copy-on-write claims), not the kernel.
@@ -331,7 +358,9 @@ impl Filesystem for FreezeFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        let Some(h) = self.handle(fh) else { return reply.error(Errno::EBADF) };
+        let Some(h) = self.handle(fh) else {
+            return reply.error(Errno::EBADF);
+        };
         READ_BUF.with(|buf| {
             let mut buf = buf.borrow_mut();
             let want = (size as usize).min(MAX_IO as usize * 16);
@@ -342,7 +371,11 @@ impl Filesystem for FreezeFs {
                 Ok(n) => reply.data(&buf[..n]),
                 Err(e) => {
                     let ctx = node_of(ino.0).map(vfs::node_path).unwrap_or_default();
-                    reply.error(errno_for(&e, Op::Read, &format!("read {ctx} at byte {offset}")))
+                    reply.error(errno_for(
+                        &e,
+                        Op::Read,
+                        &format!("read {ctx} at byte {offset}"),
+                    ))
                 }
             }
         });
@@ -360,26 +393,52 @@ impl Filesystem for FreezeFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        let Some(h) = self.handle(fh) else { return reply.error(Errno::EBADF) };
+        let Some(h) = self.handle(fh) else {
+            return reply.error(Errno::EBADF);
+        };
         match self.vfs.write(&h, data, offset) {
             Ok(n) => reply.written(n as u32),
             Err(e) => {
                 let ctx = node_of(ino.0).map(vfs::node_path).unwrap_or_default();
-                reply.error(errno_for(&e, Op::Write, &format!("write {ctx} at byte {offset}")))
+                reply.error(errno_for(
+                    &e,
+                    Op::Write,
+                    &format!("write {ctx} at byte {offset}"),
+                ))
             }
         }
     }
 
-    fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
         // Writes reach the engine before they are acknowledged: nothing is buffered here.
         reply.ok();
     }
 
-    fn fsync(&self, _req: &Request, ino: INodeNo, fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
-        let Some(h) = self.handle(fh) else { return reply.error(Errno::EBADF) };
+    fn fsync(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        let Some(h) = self.handle(fh) else {
+            return reply.error(Errno::EBADF);
+        };
         match self.vfs.fsync(&h) {
             Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno_for(&e, Op::Other, &node_of(ino.0).map(vfs::node_path).unwrap_or_default())),
+            Err(e) => reply.error(errno_for(
+                &e,
+                Op::Other,
+                &node_of(ino.0).map(vfs::node_path).unwrap_or_default(),
+            )),
         }
     }
 
@@ -393,11 +452,21 @@ impl Filesystem for FreezeFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        self.handles.lock().unwrap_or_else(|p| p.into_inner()).remove(&fh.0);
+        self.handles
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&fh.0);
         reply.ok();
     }
 
-    fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
         let node = match Self::node(ino) {
             Ok(n) => n,
             Err(e) => return reply.error(e),
@@ -410,8 +479,15 @@ impl Filesystem for FreezeFs {
             Node::SnapshotDir(_) => INO_SNAPSHOTS,
             _ => INO_ROOT,
         };
-        let dots = [(ino.0, FileType::Directory, ".".to_string()), (parent, FileType::Directory, "..".to_string())];
-        let all = dots.into_iter().chain(entries.into_iter().filter_map(|(name, a)| Some((ino_of(a.node)?, file_type(a.kind), name))));
+        let dots = [
+            (ino.0, FileType::Directory, ".".to_string()),
+            (parent, FileType::Directory, "..".to_string()),
+        ];
+        let all = dots.into_iter().chain(
+            entries
+                .into_iter()
+                .filter_map(|(name, a)| Some((ino_of(a.node)?, file_type(a.kind), name))),
+        );
         for (i, (child, kind, name)) in all.enumerate().skip(offset as usize) {
             if reply.add(INodeNo(child), (i + 1) as u64, kind, name) {
                 break;

@@ -31,16 +31,25 @@ pub use stale::{clear_stale_mount, is_mounted};
 pub enum Error {
     /// The FUSE mount itself failed (no /dev/fuse, no permission, bad mount point).
     #[error("cannot mount freezeframe at {path}: {source}")]
-    Mount { path: PathBuf, source: std::io::Error },
+    Mount {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     /// Something is already mounted there and it is alive: refuse to stack a second one.
     #[error("{path} is already a mount point ({fstype}); unmount it first")]
     AlreadyMounted { path: PathBuf, fstype: String },
     /// The mount point exists but cannot be used as one.
     #[error("mount point {path}: {source}")]
-    MountPoint { path: PathBuf, source: std::io::Error },
+    MountPoint {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     /// Unmounting failed (busy, or the mount vanished underneath).
     #[error("cannot unmount {path}: {source}")]
-    Unmount { path: PathBuf, source: std::io::Error },
+    Unmount {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// Result with this crate's [`Error`].
@@ -58,7 +67,10 @@ pub struct MountConfig {
 
 impl Default for MountConfig {
     fn default() -> Self {
-        MountConfig { allow_other: false, threads: 4 }
+        MountConfig {
+            allow_other: false,
+            threads: 4,
+        }
     }
 }
 
@@ -75,11 +87,20 @@ pub struct MountHandle {
 pub fn mount(vfs: Arc<Vfs>, mountpoint: &Path, config: MountConfig) -> Result<MountHandle> {
     stale::clear_stale_mount(mountpoint)?;
     if let Err(e) = std::fs::create_dir_all(mountpoint) {
-        return Err(Error::MountPoint { path: mountpoint.to_path_buf(), source: e });
+        return Err(Error::MountPoint {
+            path: mountpoint.to_path_buf(),
+            source: e,
+        });
     }
-    let mountpoint = std::fs::canonicalize(mountpoint).map_err(|e| Error::MountPoint { path: mountpoint.to_path_buf(), source: e })?;
+    let mountpoint = std::fs::canonicalize(mountpoint).map_err(|e| Error::MountPoint {
+        path: mountpoint.to_path_buf(),
+        source: e,
+    })?;
     if let Some(fstype) = stale::mounted_fstype(&mountpoint) {
-        return Err(Error::AlreadyMounted { path: mountpoint, fstype });
+        return Err(Error::AlreadyMounted {
+            path: mountpoint,
+            fstype,
+        });
     }
     let options = vec![
         fuser::MountOption::FSName("freezeframe".into()),
@@ -95,7 +116,11 @@ pub fn mount(vfs: Arc<Vfs>, mountpoint: &Path, config: MountConfig) -> Result<Mo
     ];
     let mut fuse_config = fuser::Config::default();
     fuse_config.mount_options = options;
-    fuse_config.acl = if config.allow_other { fuser::SessionACL::All } else { fuser::SessionACL::Owner };
+    fuse_config.acl = if config.allow_other {
+        fuser::SessionACL::All
+    } else {
+        fuser::SessionACL::Owner
+    };
     fuse_config.n_threads = Some(config.threads.max(1));
     // One /dev/fuse fd per thread: the kernel then hands requests to idle threads
     // without them contending on one queue.
@@ -103,10 +128,17 @@ pub fn mount(vfs: Arc<Vfs>, mountpoint: &Path, config: MountConfig) -> Result<Mo
     let filesystem = fs::FreezeFs::new(vfs.clone());
     let session = fuser::Session::new(filesystem, &mountpoint, &fuse_config)
         .and_then(fuser::Session::spawn)
-        .map_err(|e| Error::Mount { path: mountpoint.clone(), source: e })?;
+        .map_err(|e| Error::Mount {
+            path: mountpoint.clone(),
+            source: e,
+        })?;
     tune_readahead(&mountpoint);
     tracing::info!(mountpoint = %mountpoint.display(), source = %vfs.source().describe(), "mounted freezeframe");
-    Ok(MountHandle { session: Some(session), mountpoint, vfs })
+    Ok(MountHandle {
+        session: Some(session),
+        mountpoint,
+        vfs,
+    })
 }
 
 /// Raises the mount's readahead window to [`fs::MAX_IO`]: the kernel starts a FUSE
@@ -114,7 +146,9 @@ pub fn mount(vfs: Arc<Vfs>, mountpoint: &Path, config: MountConfig) -> Result<Mo
 /// Best effort (needs root and sysfs); without it the mount is only slower.
 fn tune_readahead(mountpoint: &Path) {
     use std::os::unix::fs::MetadataExt;
-    let Ok(meta) = std::fs::metadata(mountpoint) else { return };
+    let Ok(meta) = std::fs::metadata(mountpoint) else {
+        return;
+    };
     let dev = meta.dev();
     let (major, minor) = (libc::major(dev), libc::minor(dev));
     let knob = format!("/sys/class/bdi/{major}:{minor}/read_ahead_kb");
@@ -141,7 +175,9 @@ impl MountHandle {
     }
 
     fn do_unmount(&mut self) -> Result<()> {
-        let Some(session) = self.session.take() else { return Ok(()) };
+        let Some(session) = self.session.take() else {
+            return Ok(());
+        };
         match session.umount_and_join() {
             Ok(()) => {
                 tracing::info!(mountpoint = %self.mountpoint.display(), "unmounted freezeframe");
@@ -149,7 +185,10 @@ impl MountHandle {
             }
             Err(e) => {
                 tracing::warn!(mountpoint = %self.mountpoint.display(), error = %e, "unmount failed; detaching lazily");
-                stale::lazy_unmount(&self.mountpoint).map_err(|source| Error::Unmount { path: self.mountpoint.clone(), source })
+                stale::lazy_unmount(&self.mountpoint).map_err(|source| Error::Unmount {
+                    path: self.mountpoint.clone(),
+                    source,
+                })
             }
         }
     }

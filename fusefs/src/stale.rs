@@ -17,7 +17,10 @@ use crate::{Error, Result};
 pub fn clear_stale_mount(mountpoint: &Path) -> Result<bool> {
     let dead = match mounted_fstype(mountpoint) {
         Some(fstype) if fstype == "fuse" || fstype.starts_with("fuse.") => {
-            matches!(statfs_errno(mountpoint), Some(libc::ENOTCONN) | Some(libc::ECONNABORTED))
+            matches!(
+                statfs_errno(mountpoint),
+                Some(libc::ENOTCONN) | Some(libc::ECONNABORTED)
+            )
         }
         // Not a FUSE mount point, but a stat through a dead mount above still says so.
         _ => std::fs::metadata(mountpoint).is_err_and(|e| e.raw_os_error() == Some(libc::ENOTCONN)),
@@ -26,7 +29,10 @@ pub fn clear_stale_mount(mountpoint: &Path) -> Result<bool> {
         return Ok(false);
     }
     tracing::warn!(mountpoint = %mountpoint.display(), "clearing a dead FUSE mount left by a killed process");
-    lazy_unmount(mountpoint).map_err(|source| Error::Unmount { path: mountpoint.to_path_buf(), source })?;
+    lazy_unmount(mountpoint).map_err(|source| Error::Unmount {
+        path: mountpoint.to_path_buf(),
+        source,
+    })?;
     Ok(true)
 }
 
@@ -37,28 +43,42 @@ fn statfs_errno(path: &Path) -> Option<i32> {
     // the call fills in.
     let mut buf: libc::statfs = unsafe { std::mem::zeroed() };
     let rc = unsafe { libc::statfs(c_path.as_ptr(), &mut buf) };
-    (rc != 0).then(|| io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO))
+    (rc != 0).then(|| {
+        io::Error::last_os_error()
+            .raw_os_error()
+            .unwrap_or(libc::EIO)
+    })
 }
 
 /// Detaches the mount at `mountpoint` now (MNT_DETACH); the kernel finishes it once no
 /// one uses it. Root does it directly; others go through `fusermount3 -uz`.
 pub fn lazy_unmount(mountpoint: &Path) -> io::Result<()> {
-    let c_path = std::ffi::CString::new(mountpoint.as_os_str().as_encoded_bytes())
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "mount point path contains a NUL byte"))?;
+    let c_path =
+        std::ffi::CString::new(mountpoint.as_os_str().as_encoded_bytes()).map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "mount point path contains a NUL byte",
+            )
+        })?;
     // SAFETY: c_path is a valid NUL-terminated string that outlives the call.
     let rc = unsafe { libc::umount2(c_path.as_ptr(), libc::MNT_DETACH) };
     if rc == 0 {
         return Ok(());
     }
     let direct = io::Error::last_os_error();
-    let out = Command::new("fusermount3").arg("-uz").arg(mountpoint).output();
+    let out = Command::new("fusermount3")
+        .arg("-uz")
+        .arg(mountpoint)
+        .output();
     match out {
         Ok(o) if o.status.success() => Ok(()),
         Ok(o) => Err(io::Error::other(format!(
             "umount2: {direct}; fusermount3 -uz: {}",
             String::from_utf8_lossy(&o.stderr).trim()
         ))),
-        Err(e) => Err(io::Error::other(format!("umount2: {direct}; fusermount3 -uz could not run: {e}"))),
+        Err(e) => Err(io::Error::other(format!(
+            "umount2: {direct}; fusermount3 -uz could not run: {e}"
+        ))),
     }
 }
 
@@ -87,7 +107,10 @@ fn unescape_mountinfo(s: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
             out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
             i += 4;
         } else {
@@ -104,7 +127,10 @@ mod tests {
 
     #[test]
     fn mountinfo_octal_escapes_are_decoded() {
-        assert_eq!(unescape_mountinfo(r"/mnt/with\040space\134x"), "/mnt/with space\\x");
+        assert_eq!(
+            unescape_mountinfo(r"/mnt/with\040space\134x"),
+            "/mnt/with space\\x"
+        );
         assert_eq!(unescape_mountinfo(r"/plain"), "/plain");
         assert_eq!(unescape_mountinfo(r"/trailing\04"), r"/trailing\04");
     }

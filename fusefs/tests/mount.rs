@@ -34,29 +34,48 @@ fn fuse_available(test: &str) -> bool {
 impl Node {
     fn new(size: u64) -> Node {
         let dir = tempfile::tempdir().expect("tempdir");
-        let volume = Volume::create(&dir.path().join("volume.img"), size, BS, Some(&dir.path().join("state"))).expect("create volume");
+        let volume = Volume::create(
+            &dir.path().join("volume.img"),
+            size,
+            BS,
+            Some(&dir.path().join("state")),
+        )
+        .expect("create volume");
         Node { dir, volume }
     }
 
     fn mount(&self, name: &str) -> MountHandle {
         let mp = self.dir.path().join(name);
-        mount(Arc::new(Vfs::for_volume(self.volume.clone())), &mp, MountConfig::default()).expect("mount")
+        mount(
+            Arc::new(Vfs::for_volume(self.volume.clone())),
+            &mp,
+            MountConfig::default(),
+        )
+        .expect("mount")
     }
 
     fn snapshot(&self) -> SnapshotId {
         let id = self.volume.reserve_snapshot_id().expect("reserve id");
-        self.volume.create_snapshot(id, &SnapshotOptions { diff_limit: None }).expect("create snapshot");
+        self.volume
+            .create_snapshot(id, &SnapshotOptions { diff_limit: None })
+            .expect("create snapshot");
         id
     }
 }
 
 fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    (0..len).map(|i| (i as u32).wrapping_mul(2654435761).to_le_bytes()[i % 4] ^ seed).collect()
+    (0..len)
+        .map(|i| (i as u32).wrapping_mul(2654435761).to_le_bytes()[i % 4] ^ seed)
+        .collect()
 }
 
 fn write_through(path: &Path, data: &[u8], offset: u64) {
-    let f = OpenOptions::new().write(true).open(path).unwrap_or_else(|e| panic!("open {} for write: {e}", path.display()));
-    f.write_all_at(data, offset).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+    let f = OpenOptions::new()
+        .write(true)
+        .open(path)
+        .unwrap_or_else(|e| panic!("open {} for write: {e}", path.display()));
+    f.write_all_at(data, offset)
+        .unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
 }
 
 fn read_file(path: &Path) -> Vec<u8> {
@@ -65,15 +84,26 @@ fn read_file(path: &Path) -> Vec<u8> {
 
 /// Runs a command, panicking with its stderr if it fails; returns stdout.
 fn run(cmd: &str, args: &[&str]) -> String {
-    let out = Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("{cmd}: {e}"));
-    assert!(out.status.success(), "{cmd} {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 fn sha256_of(bytes: &[u8], scratch: &Path) -> String {
     let p = scratch.join("expected.bin");
     std::fs::write(&p, bytes).expect("write expected");
-    run("sha256sum", &[p.to_str().expect("utf8")]).split_whitespace().next().expect("hash").to_string()
+    run("sha256sum", &[p.to_str().expect("utf8")])
+        .split_whitespace()
+        .next()
+        .expect("hash")
+        .to_string()
 }
 
 fn s(p: &Path) -> &str {
@@ -98,42 +128,98 @@ fn snapshot_image_is_the_point_in_time_data_and_common_tools_work_on_it() {
     write_through(&live, &after, MIB + 123);
 
     let snap = m.mountpoint().join(format!("snapshots/{id}/volume.img"));
-    assert!(read_file(&snap) == before, "snapshot image differs from the point-in-time data");
+    assert!(
+        read_file(&snap) == before,
+        "snapshot image differs from the point-in-time data"
+    );
     let mut now = before.clone();
     now[(MIB + 123) as usize..(MIB + 123) as usize + after.len()].copy_from_slice(&after);
-    assert!(read_file(&live) == now, "live image differs from what was written");
+    assert!(
+        read_file(&live) == now,
+        "live image differs from what was written"
+    );
 
     // The tools people use on a mounted snapshot.
     let scratch = tempfile::tempdir().expect("scratch");
     let ls = run("ls", &["-l", s(&snap)]);
-    assert!(ls.starts_with("-r--r--r--") && ls.contains(&size.to_string()), "ls -l: {ls}");
-    assert_eq!(run("stat", &["-c", "%s %F", s(&snap)]).trim(), format!("{size} regular file"));
+    assert!(
+        ls.starts_with("-r--r--r--") && ls.contains(&size.to_string()),
+        "ls -l: {ls}"
+    );
+    assert_eq!(
+        run("stat", &["-c", "%s %F", s(&snap)]).trim(),
+        format!("{size} regular file")
+    );
     let copy = scratch.path().join("copy.img");
     run("cp", &[s(&snap), s(&copy)]);
     assert!(read_file(&copy) == before, "cp copy differs");
     let dd_out = scratch.path().join("dd.img");
-    run("dd", &[&format!("if={}", s(&snap)), &format!("of={}", s(&dd_out)), "bs=1M", "status=none"]);
+    run(
+        "dd",
+        &[
+            &format!("if={}", s(&snap)),
+            &format!("of={}", s(&dd_out)),
+            "bs=1M",
+            "status=none",
+        ],
+    );
     assert!(read_file(&dd_out) == before, "dd copy differs");
     let want = sha256_of(&before, scratch.path());
     let got = run("sha256sum", &[s(&snap)]);
-    assert!(got.starts_with(&want), "sha256sum through the mount: {got}, expected {want}");
+    assert!(
+        got.starts_with(&want),
+        "sha256sum through the mount: {got}, expected {want}"
+    );
     let tarball = scratch.path().join("snap.tar");
-    run("tar", &["-C", s(&m.mountpoint().join("snapshots")), "-cf", s(&tarball), &id.to_string()]);
+    run(
+        "tar",
+        &[
+            "-C",
+            s(&m.mountpoint().join("snapshots")),
+            "-cf",
+            s(&tarball),
+            &id.to_string(),
+        ],
+    );
     let listed = run("tar", &["-tvf", s(&tarball)]);
-    assert!(listed.contains(&format!("{id}/volume.img")) && listed.contains(&format!("{id}/manifest.json")), "tar: {listed}");
+    assert!(
+        listed.contains(&format!("{id}/volume.img"))
+            && listed.contains(&format!("{id}/manifest.json")),
+        "tar: {listed}"
+    );
     run("tar", &["-C", s(scratch.path()), "-xf", s(&tarball)]);
-    assert!(read_file(&scratch.path().join(format!("{id}/volume.img"))) == before, "tar round trip differs");
+    assert!(
+        read_file(&scratch.path().join(format!("{id}/volume.img"))) == before,
+        "tar round trip differs"
+    );
 
     // Manifest and latest.
-    let manifest: serde_json::Value = serde_json::from_slice(&read_file(&m.mountpoint().join(format!("snapshots/{id}/manifest.json")))).expect("manifest is JSON");
+    let manifest: serde_json::Value = serde_json::from_slice(&read_file(
+        &m.mountpoint().join(format!("snapshots/{id}/manifest.json")),
+    ))
+    .expect("manifest is JSON");
     assert_eq!(manifest["id"], id);
     assert_eq!(manifest["status"]["state"], "sealed");
     assert_eq!(manifest["size"], size);
-    assert_eq!(std::fs::read_link(m.mountpoint().join("snapshots/latest")).expect("latest").to_str(), Some(id.to_string().as_str()));
+    assert_eq!(
+        std::fs::read_link(m.mountpoint().join("snapshots/latest"))
+            .expect("latest")
+            .to_str(),
+        Some(id.to_string().as_str())
+    );
 
     // How the mount presents itself.
-    let mounts = run("findmnt", &["-n", "-o", "FSTYPE,SOURCE,OPTIONS", s(m.mountpoint())]);
-    assert!(mounts.contains("fuse.freezeframe") && mounts.contains("freezeframe") && mounts.contains("nosuid") && mounts.contains("nodev"), "findmnt: {mounts}");
+    let mounts = run(
+        "findmnt",
+        &["-n", "-o", "FSTYPE,SOURCE,OPTIONS", s(m.mountpoint())],
+    );
+    assert!(
+        mounts.contains("fuse.freezeframe")
+            && mounts.contains("freezeframe")
+            && mounts.contains("nosuid")
+            && mounts.contains("nodev"),
+        "findmnt: {mounts}"
+    );
     m.unmount().expect("unmount");
 }
 
@@ -144,27 +230,62 @@ fn post_snapshot_write_on_one_node_is_seen_on_another_and_sealed_snapshot_is_rea
     }
     let node = Node::new(4 * MIB);
     let (a, b) = (node.mount("node-a"), node.mount("node-b"));
-    write_through(&a.mountpoint().join("live/volume.img"), &pattern(4 * MIB as usize, 1), 0);
+    write_through(
+        &a.mountpoint().join("live/volume.img"),
+        &pattern(4 * MIB as usize, 1),
+        0,
+    );
     let id = node.snapshot();
     let img = |m: &MountHandle| m.mountpoint().join(format!("snapshots/{id}/volume.img"));
 
     // Node B reads first (so a stale cache would show), then node A's writer modifies its region.
     let mut seen = vec![0u8; 4096];
-    File::open(img(&b)).expect("open on b").read_exact_at(&mut seen, 2 * MIB).expect("read on b");
+    File::open(img(&b))
+        .expect("open on b")
+        .read_exact_at(&mut seen, 2 * MIB)
+        .expect("read on b");
     let region = vec![0xABu8; 4096];
-    let held_open = OpenOptions::new().write(true).open(img(&a)).expect("open snapshot for post-snapshot write");
-    held_open.write_all_at(&region, 2 * MIB).expect("post-snapshot write");
-    File::open(img(&b)).expect("open on b").read_exact_at(&mut seen, 2 * MIB).expect("read on b");
-    assert_eq!(seen, region, "node B does not see node A's post-snapshot write");
+    let held_open = OpenOptions::new()
+        .write(true)
+        .open(img(&a))
+        .expect("open snapshot for post-snapshot write");
+    held_open
+        .write_all_at(&region, 2 * MIB)
+        .expect("post-snapshot write");
+    File::open(img(&b))
+        .expect("open on b")
+        .read_exact_at(&mut seen, 2 * MIB)
+        .expect("read on b");
+    assert_eq!(
+        seen, region,
+        "node B does not see node A's post-snapshot write"
+    );
 
     node.volume.seal_snapshot(id).expect("seal");
     std::thread::sleep(freezeframe_core::vfs::LISTING_TTL + Duration::from_millis(100));
-    let err = OpenOptions::new().write(true).open(img(&b)).expect_err("a sealed snapshot must refuse writers");
-    assert!(matches!(err.raw_os_error(), Some(libc::EROFS) | Some(libc::EACCES)), "open for write after seal: {err}");
-    let err = held_open.write_all_at(&region, 0).expect_err("a writer opened before the seal must be refused too");
-    assert!(matches!(err.raw_os_error(), Some(libc::EROFS) | Some(libc::EACCES)), "write after seal: {err}");
-    File::open(img(&a)).expect("open on a").read_exact_at(&mut seen, 2 * MIB).expect("read on a");
-    assert_eq!(seen, region, "the post-snapshot write is part of the sealed snapshot");
+    let err = OpenOptions::new()
+        .write(true)
+        .open(img(&b))
+        .expect_err("a sealed snapshot must refuse writers");
+    assert!(
+        matches!(err.raw_os_error(), Some(libc::EROFS) | Some(libc::EACCES)),
+        "open for write after seal: {err}"
+    );
+    let err = held_open
+        .write_all_at(&region, 0)
+        .expect_err("a writer opened before the seal must be refused too");
+    assert!(
+        matches!(err.raw_os_error(), Some(libc::EROFS) | Some(libc::EACCES)),
+        "write after seal: {err}"
+    );
+    File::open(img(&a))
+        .expect("open on a")
+        .read_exact_at(&mut seen, 2 * MIB)
+        .expect("read on a");
+    assert_eq!(
+        seen, region,
+        "the post-snapshot write is part of the sealed snapshot"
+    );
 }
 
 #[test]
@@ -178,22 +299,40 @@ fn deleted_snapshot_disappears_and_invalid_snapshot_never_returns_data() {
     write_through(&live, &pattern(4 * MIB as usize, 3), 0);
     let gone = node.snapshot();
     node.volume.seal_snapshot(gone).expect("seal");
-    assert!(m.mountpoint().join(format!("snapshots/{gone}/volume.img")).exists());
+    assert!(m
+        .mountpoint()
+        .join(format!("snapshots/{gone}/volume.img"))
+        .exists());
     node.volume.delete_snapshot(gone).expect("delete");
     std::thread::sleep(freezeframe_core::vfs::LISTING_TTL + Duration::from_millis(100));
-    let err = std::fs::metadata(m.mountpoint().join(format!("snapshots/{gone}"))).expect_err("deleted snapshot still listed");
+    let err = std::fs::metadata(m.mountpoint().join(format!("snapshots/{gone}")))
+        .expect_err("deleted snapshot still listed");
     assert_eq!(err.raw_os_error(), Some(libc::ENOENT));
-    assert!(std::fs::read_link(m.mountpoint().join("snapshots/latest")).is_err(), "latest points at a deleted snapshot");
+    assert!(
+        std::fs::read_link(m.mountpoint().join("snapshots/latest")).is_err(),
+        "latest points at a deleted snapshot"
+    );
 
     // A diff area of one block overflows after two overwritten blocks: invalid.
     let id = node.volume.reserve_snapshot_id().expect("reserve");
-    node.volume.create_snapshot(id, &SnapshotOptions { diff_limit: Some(BS as u64) }).expect("create");
+    node.volume
+        .create_snapshot(
+            id,
+            &SnapshotOptions {
+                diff_limit: Some(BS as u64),
+            },
+        )
+        .expect("create");
     node.volume.seal_snapshot(id).expect("seal");
     write_through(&live, &vec![9u8; 4 * BS as usize], 0);
     std::thread::sleep(freezeframe_core::vfs::LISTING_TTL + Duration::from_millis(100));
     let res = std::fs::read(m.mountpoint().join(format!("snapshots/{id}/volume.img")));
     let err = res.expect_err("an invalid snapshot must not be readable");
-    assert_eq!(err.raw_os_error(), Some(libc::EIO), "reading an invalid snapshot: {err}");
+    assert_eq!(
+        err.raw_os_error(),
+        Some(libc::EIO),
+        "reading an invalid snapshot: {err}"
+    );
 }
 
 #[test]
@@ -225,7 +364,15 @@ fn ext4_made_in_the_live_volume_loop_mounts_from_the_snapshot_as_it_was() {
 
     let snapdir = node.dir.path().join("snapfs");
     std::fs::create_dir_all(&snapdir).expect("mkdir");
-    run("mount", &["-o", "loop,ro,noload", s(&m.mountpoint().join(format!("snapshots/{id}/volume.img"))), s(&snapdir)]);
+    run(
+        "mount",
+        &[
+            "-o",
+            "loop,ro,noload",
+            s(&m.mountpoint().join(format!("snapshots/{id}/volume.img"))),
+            s(&snapdir),
+        ],
+    );
     let a = std::fs::read(snapdir.join("a.txt"));
     let b_exists = snapdir.join("b.txt").exists();
     run("umount", &[s(&snapdir)]);
@@ -253,7 +400,14 @@ fn thousands_of_random_reads_through_the_mount_match_the_engine() {
         write_through(&live, &vec![rng.gen::<u8>(); len], off);
     }
     let snap = node.volume.snapshot(id).expect("engine snapshot");
-    let files = [(File::open(m.mountpoint().join(format!("snapshots/{id}/volume.img"))).expect("open snap"), true), (File::open(&live).expect("open live"), false)];
+    let files = [
+        (
+            File::open(m.mountpoint().join(format!("snapshots/{id}/volume.img")))
+                .expect("open snap"),
+            true,
+        ),
+        (File::open(&live).expect("open live"), false),
+    ];
     for op in 0..4000 {
         let (f, is_snap) = &files[op % 2];
         let off = rng.gen_range(0..size + 1000);
@@ -261,16 +415,25 @@ fn thousands_of_random_reads_through_the_mount_match_the_engine() {
         let mut via_mount = vec![0u8; len];
         let n = read_at_most(f, &mut via_mount, off);
         let mut direct = vec![0u8; len];
-        let m = if *is_snap { engine_read(|b, o| snap.read_at(b, o), &mut direct, off, size) } else { engine_read(|b, o| node.volume.read_at(b, o), &mut direct, off, size) };
+        let m = if *is_snap {
+            engine_read(|b, o| snap.read_at(b, o), &mut direct, off, size)
+        } else {
+            engine_read(|b, o| node.volume.read_at(b, o), &mut direct, off, size)
+        };
         assert_eq!(n, m, "op {op}: length at {off}+{len} (snapshot: {is_snap})");
-        assert!(via_mount[..n] == direct[..m], "op {op}: data differs at {off}+{len} (snapshot: {is_snap})");
+        assert!(
+            via_mount[..n] == direct[..m],
+            "op {op}: data differs at {off}+{len} (snapshot: {is_snap})"
+        );
     }
 }
 
 fn read_at_most(f: &File, buf: &mut [u8], off: u64) -> usize {
     let mut done = 0;
     loop {
-        let n = f.read_at(&mut buf[done..], off + done as u64).expect("pread through the mount");
+        let n = f
+            .read_at(&mut buf[done..], off + done as u64)
+            .expect("pread through the mount");
         done += n;
         if n == 0 || done == buf.len() {
             return done;
@@ -278,7 +441,12 @@ fn read_at_most(f: &File, buf: &mut [u8], off: u64) -> usize {
     }
 }
 
-fn engine_read(read: impl Fn(&mut [u8], u64) -> freezeframe_core::Result<usize>, buf: &mut [u8], off: u64, size: u64) -> usize {
+fn engine_read(
+    read: impl Fn(&mut [u8], u64) -> freezeframe_core::Result<usize>,
+    buf: &mut [u8],
+    off: u64,
+    size: u64,
+) -> usize {
     if off >= size {
         return 0;
     }
@@ -314,13 +482,26 @@ fn held_live_writes_do_not_stall_snapshot_reads() {
     let t = Instant::now();
     let data = read_file(&m.mountpoint().join(format!("snapshots/{id}/volume.img")));
     assert_eq!(data.len() as u64, 4 * MIB);
-    assert!(t.elapsed() < Duration::from_secs(5), "a snapshot read waited on a held write: {:?}", t.elapsed());
-    assert!(!writer.is_finished(), "the live write went through while I/O was held");
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "a snapshot read waited on a held write: {:?}",
+        t.elapsed()
+    );
+    assert!(
+        !writer.is_finished(),
+        "the live write went through while I/O was held"
+    );
     drop(hold);
     let waited = writer.join().expect("writer");
-    assert!(waited >= Duration::from_millis(200), "write returned after {waited:?}, before the hold was released");
+    assert!(
+        waited >= Duration::from_millis(200),
+        "write returned after {waited:?}, before the hold was released"
+    );
     let mut head = vec![0u8; 18];
-    File::open(&live).expect("open").read_exact(&mut head).expect("read");
+    File::open(&live)
+        .expect("open")
+        .read_exact(&mut head)
+        .expect("read");
     assert_eq!(&head, b"written while held");
 }
 
@@ -331,10 +512,23 @@ const SERVE_ENV: &str = "FREEZEFRAME_TEST_SERVE_MOUNT";
 #[test]
 fn serve_mount_in_child() {
     // Only does something when re-executed by the kill test.
-    let Some(dir) = std::env::var_os(SERVE_ENV) else { return };
+    let Some(dir) = std::env::var_os(SERVE_ENV) else {
+        return;
+    };
     let dir = PathBuf::from(dir);
-    let volume = Volume::create(&dir.join("volume.img"), 256 * MIB, BS, Some(&dir.join("state"))).expect("create");
-    let m = mount(Arc::new(Vfs::for_volume(volume)), &dir.join("mnt"), MountConfig::default()).expect("child mount");
+    let volume = Volume::create(
+        &dir.join("volume.img"),
+        256 * MIB,
+        BS,
+        Some(&dir.join("state")),
+    )
+    .expect("create");
+    let m = mount(
+        Arc::new(Vfs::for_volume(volume)),
+        &dir.join("mnt"),
+        MountConfig::default(),
+    )
+    .expect("child mount");
     std::fs::write(dir.join("ready"), b"").expect("ready flag");
     std::thread::sleep(Duration::from_secs(120));
     drop(m);
@@ -392,17 +586,40 @@ fn killing_the_serving_process_fails_a_long_read_promptly_and_the_mount_point_re
     child.kill().expect("kill child");
     let killed = Instant::now();
     child.wait().expect("reap child");
-    let (err, at) = reader.join().expect("reader thread").expect_err("the read must fail");
-    assert!(at.duration_since(killed) < Duration::from_secs(5), "reader hung {:?} after the kill", at.duration_since(killed));
+    let (err, at) = reader
+        .join()
+        .expect("reader thread")
+        .expect_err("the read must fail");
+    assert!(
+        at.duration_since(killed) < Duration::from_secs(5),
+        "reader hung {:?} after the kill",
+        at.duration_since(killed)
+    );
     // ECONNABORTED for a request in flight when the connection died, ENOTCONN after.
     assert!(
-        matches!(err.raw_os_error(), Some(libc::ENOTCONN) | Some(libc::ECONNABORTED) | Some(libc::EIO)),
+        matches!(
+            err.raw_os_error(),
+            Some(libc::ENOTCONN) | Some(libc::ECONNABORTED) | Some(libc::EIO)
+        ),
         "reader error: {err}"
     );
 
     // The dead mount is found and cleared; a new mount at the same place works.
-    assert!(freezeframe_fusefs::clear_stale_mount(&mp).expect("clear"), "no stale mount found");
+    assert!(
+        freezeframe_fusefs::clear_stale_mount(&mp).expect("clear"),
+        "no stale mount found"
+    );
     let node = Node::new(MIB);
-    let m = mount(Arc::new(Vfs::for_volume(node.volume.clone())), &mp, MountConfig::default()).expect("remount");
-    assert_eq!(std::fs::metadata(m.mountpoint().join("live/volume.img")).expect("stat").len(), MIB);
+    let m = mount(
+        Arc::new(Vfs::for_volume(node.volume.clone())),
+        &mp,
+        MountConfig::default(),
+    )
+    .expect("remount");
+    assert_eq!(
+        std::fs::metadata(m.mountpoint().join("live/volume.img"))
+            .expect("stat")
+            .len(),
+        MIB
+    );
 }

@@ -99,7 +99,10 @@ impl ConsoleApp {
 
     fn now_ms(&self) -> u64 {
         self.clock.unwrap_or_else(|| {
-            SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0)
         })
     }
 
@@ -147,7 +150,10 @@ impl ConsoleApp {
                 let repo = self.settings.repository.trim();
                 if !repo.is_empty() {
                     self.model.job_requested(JobKind::Backup, id);
-                    self.backend.send(Request::Backup { id, repo: PathBuf::from(repo) });
+                    self.backend.send(Request::Backup {
+                        id,
+                        repo: PathBuf::from(repo),
+                    });
                 }
             }
             Command::OpenMount(id) => {
@@ -182,26 +188,37 @@ impl ConsoleApp {
             ui.add_space(4.0);
         });
         let side_w = ui.text_style_height(&egui::TextStyle::Body) * 24.0;
-        egui::Panel::left("cluster").default_size(side_w).resizable(true).show(ui, |ui| {
-            egui::ScrollArea::vertical().id_salt("side-scroll").show(ui, |ui| {
-                ui.add_space(4.0);
-                panels::cluster(ui, &self.model);
-                ui.separator();
-                cmds.extend(panels::job(ui, &self.model));
-                if self.model.job.is_some() {
-                    ui.separator();
-                }
-                cmds.extend(panels::settings(ui, &self.settings.repository));
+        egui::Panel::left("cluster")
+            .default_size(side_w)
+            .resizable(true)
+            .show(ui, |ui| {
+                egui::ScrollArea::vertical()
+                    .id_salt("side-scroll")
+                    .show(ui, |ui| {
+                        ui.add_space(4.0);
+                        panels::cluster(ui, &self.model);
+                        ui.separator();
+                        cmds.extend(panels::job(ui, &self.model));
+                        if self.model.job.is_some() {
+                            ui.separator();
+                        }
+                        cmds.extend(panels::settings(ui, &self.settings.repository));
+                    });
             });
-        });
         egui::CentralPanel::default().show(ui, |ui| {
-            egui::ScrollArea::vertical().id_salt("main-scroll").show(ui, |ui| {
-                panels::timeline(ui, &self.model, now);
-                ui.separator();
-                panels::freeze_plot(ui, &self.model);
-                ui.separator();
-                cmds.extend(panels::snapshots(ui, &self.model, &self.settings.repository));
-            });
+            egui::ScrollArea::vertical()
+                .id_salt("main-scroll")
+                .show(ui, |ui| {
+                    panels::timeline(ui, &self.model, now);
+                    ui.separator();
+                    panels::freeze_plot(ui, &self.model);
+                    ui.separator();
+                    cmds.extend(panels::snapshots(
+                        ui,
+                        &self.model,
+                        &self.settings.repository,
+                    ));
+                });
         });
         if let Some(id) = self.ui.confirm_delete {
             cmds.extend(panels::confirm_delete(&ctx, id));

@@ -18,11 +18,11 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, Notify};
 
-use freezeframe_netproto::control::{ControlClient, ControlRequest};
 use crate::jobs;
 use crate::model::{JobKind, Link, Update};
 use crate::wire::{self, PhaseEvent, Report, SnapshotRow, Status};
 use crate::{Error, Result};
+use freezeframe_netproto::control::{ControlClient, ControlRequest};
 
 /// How often the backend retries an unreachable node and refreshes status.
 pub const TICK: Duration = Duration::from_secs(1);
@@ -33,7 +33,10 @@ pub enum Request {
     TakeSnapshot,
     Delete(u64),
     Verify(u64),
-    Backup { id: u64, repo: PathBuf },
+    Backup {
+        id: u64,
+        repo: PathBuf,
+    },
     /// Kill the running long operation.
     CancelJob,
     /// Open a mounted snapshot in the system file manager.
@@ -121,7 +124,10 @@ impl BackendHandle {
             .name("console-backend".into())
             .spawn(move || rt.block_on(run(cfg, fake)))
             .map_err(Error::Runtime)?;
-        Ok(BackendHandle { _thread: Some(Arc::new(thread)), ..handle })
+        Ok(BackendHandle {
+            _thread: Some(Arc::new(thread)),
+            ..handle
+        })
     }
 
     /// A handle whose other end the caller drives (tests, demo mode).
@@ -129,10 +135,21 @@ impl BackendHandle {
         let (req_tx, req_rx) = mpsc::unbounded_channel();
         let (up_tx, up_rx) = std_mpsc::channel();
         let repaint = Arc::new(Mutex::new(None));
-        let sink = UpdateSink { tx: up_tx, repaint: repaint.clone() };
+        let sink = UpdateSink {
+            tx: up_tx,
+            repaint: repaint.clone(),
+        };
         (
-            BackendHandle { requests: req_tx, updates: up_rx, repaint, _thread: None },
-            FakeBackend { sink, requests: req_rx },
+            BackendHandle {
+                requests: req_tx,
+                updates: up_rx,
+                repaint,
+                _thread: None,
+            },
+            FakeBackend {
+                sink,
+                requests: req_rx,
+            },
         )
     }
 
@@ -169,26 +186,40 @@ async fn run(cfg: BackendConfig, mut fake: FakeBackend) {
                 let (cfg, sink, refresh) = (cfg.clone(), sink.clone(), refresh.clone());
                 tokio::spawn(async move {
                     let timeout_ms = cfg.snapshot_timeout_ms;
-                    let r = one_call(&cfg, ControlRequest::SnapshotCreate { timeout_ms: Some(timeout_ms) }).await;
-                    sink.send(match r.and_then(|v| wire::decode::<Report>("snapshot_create", v)) {
-                        Ok(report) => Update::Report(report),
-                        Err(e) => Update::SnapshotFailed(e.to_string()),
-                    });
+                    let r = one_call(
+                        &cfg,
+                        ControlRequest::SnapshotCreate {
+                            timeout_ms: Some(timeout_ms),
+                        },
+                    )
+                    .await;
+                    sink.send(
+                        match r.and_then(|v| wire::decode::<Report>("snapshot_create", v)) {
+                            Ok(report) => Update::Report(report),
+                            Err(e) => Update::SnapshotFailed(e.to_string()),
+                        },
+                    );
                     refresh.notify_one();
                 });
             }
             Request::Delete(id) => {
                 let (cfg, sink, refresh) = (cfg.clone(), sink.clone(), refresh.clone());
                 tokio::spawn(async move {
-                    sink.send(match one_call(&cfg, ControlRequest::SnapshotDelete { id }).await {
-                        Ok(_) => Update::Deleted(id),
-                        Err(e) => Update::ActionFailed(format!("Could not delete snapshot {id}: {e}")),
-                    });
+                    sink.send(
+                        match one_call(&cfg, ControlRequest::SnapshotDelete { id }).await {
+                            Ok(_) => Update::Deleted(id),
+                            Err(e) => {
+                                Update::ActionFailed(format!("Could not delete snapshot {id}: {e}"))
+                            }
+                        },
+                    );
                     refresh.notify_one();
                 });
             }
             Request::Verify(id) => job = start_job(&cfg, &sink, job, JobKind::Verify, id, None),
-            Request::Backup { id, repo } => job = start_job(&cfg, &sink, job, JobKind::Backup, id, Some(repo)),
+            Request::Backup { id, repo } => {
+                job = start_job(&cfg, &sink, job, JobKind::Backup, id, Some(repo))
+            }
             Request::CancelJob => {
                 if let Some(j) = job.take() {
                     j.cancel();
@@ -225,12 +256,21 @@ fn start_job(
         )));
         return Some(r);
     }
-    Some(jobs::spawn(&cfg.freezeframe_exe, kind, id, repo, sink.clone()))
+    Some(jobs::spawn(
+        &cfg.freezeframe_exe,
+        kind,
+        id,
+        repo,
+        sink.clone(),
+    ))
 }
 
 /// One request on a fresh connection (snapshot and delete run beside the refresh loop).
 async fn one_call(cfg: &BackendConfig, req: ControlRequest) -> Result<serde_json::Value> {
-    Ok(ControlClient::connect(&cfg.control_socket).await?.call(&req).await?)
+    Ok(ControlClient::connect(&cfg.control_socket)
+        .await?
+        .call(&req)
+        .await?)
 }
 
 /// `xdg-open PATH`; `false` when there is no `xdg-open` or it failed.
@@ -264,7 +304,11 @@ async fn connection_loop(cfg: BackendConfig, sink: UpdateSink, refresh: Arc<Noti
 }
 
 /// One connected session; returns the error that ended it, or `Ok` when the UI has gone.
-async fn connected_session(cfg: &BackendConfig, sink: &UpdateSink, refresh: &Arc<Notify>) -> Result<()> {
+async fn connected_session(
+    cfg: &BackendConfig,
+    sink: &UpdateSink,
+    refresh: &Arc<Notify>,
+) -> Result<()> {
     let mut calls = ControlClient::connect(&cfg.control_socket).await?;
     let mut events = ControlClient::connect(&cfg.control_socket).await?;
     events.subscribe().await?;
@@ -286,7 +330,9 @@ async fn connected_session(cfg: &BackendConfig, sink: &UpdateSink, refresh: &Arc
                         // One bad event should not cost the whole stream.
                         Err(e) => tracing::warn!("skipping an event: {e}"),
                     },
-                    Ok(None) => break Error::Control(freezeframe_netproto::Error::NodeClosed { path }),
+                    Ok(None) => {
+                        break Error::Control(freezeframe_netproto::Error::NodeClosed { path })
+                    }
                     Err(e) => break Error::Control(e),
                 }
             };
@@ -332,7 +378,9 @@ mod tests {
     /// snapshot_create, and streams two events to each subscriber.
     async fn fake_node(listener: tokio::net::UnixListener) {
         loop {
-            let Ok((stream, _)) = listener.accept().await else { return };
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
             tokio::spawn(async move {
                 let (r, mut w) = stream.into_split();
                 let mut lines = BufReader::new(r).lines();
@@ -342,10 +390,14 @@ mod tests {
                         Some("status") => vec![json!({"node":"n1","cluster":"t","phase":"idle",
                             "nodes":[{"node":"n1","connected":true,"phase":"idle","writers":[]},
                                      {"node":"n2","connected":false,"phase":"idle","writers":[]}]})],
-                        Some("snapshot_list") => vec![json!([{"id":1,"created_ms":5,"initiator":"n1","status":"complete",
-                            "diff_bytes":0,"changed_blocks":0,"freeze_window_ms":9,"path":"/m/1"}])],
-                        Some("snapshot_create") => vec![json!({"id":2,"status":"complete","initiator":"n1",
-                            "requested_ms":1,"finished_ms":3,"freeze_window_ms":2,"nodes":[]})],
+                        Some("snapshot_list") => vec![
+                            json!([{"id":1,"created_ms":5,"initiator":"n1","status":"complete",
+                            "diff_bytes":0,"changed_blocks":0,"freeze_window_ms":9,"path":"/m/1"}]),
+                        ],
+                        Some("snapshot_create") => {
+                            vec![json!({"id":2,"status":"complete","initiator":"n1",
+                            "requested_ms":1,"finished_ms":3,"freeze_window_ms":2,"nodes":[]})]
+                        }
                         Some("events") => vec![
                             json!({"snapshot":2,"node":"n1","phase":"freezing","edge":"enter","at_ms":1}),
                             json!({"snapshot":2,"node":"n1","phase":"freezing","edge":"exit","at_ms":2}),
@@ -364,7 +416,11 @@ mod tests {
     }
 
     /// Collects updates until `done` holds for everything seen so far.
-    fn wait_for(handle: &BackendHandle, what: &str, done: impl Fn(&[Update]) -> bool) -> Vec<Update> {
+    fn wait_for(
+        handle: &BackendHandle,
+        what: &str,
+        done: impl Fn(&[Update]) -> bool,
+    ) -> Vec<Update> {
         let mut seen = Vec::new();
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while std::time::Instant::now() < deadline {
@@ -390,7 +446,9 @@ mod tests {
         // The node runs on its own runtime so that shutting it down closes every connection.
         let serve = || {
             let rt = tokio::runtime::Runtime::new().unwrap();
-            let listener = rt.block_on(async { tokio::net::UnixListener::bind(&sock) }).unwrap();
+            let listener = rt
+                .block_on(async { tokio::net::UnixListener::bind(&sock) })
+                .unwrap();
             rt.spawn(fake_node(listener));
             rt
         };
@@ -404,25 +462,38 @@ mod tests {
         let handle = BackendHandle::spawn(cfg).unwrap();
         wait_for(&handle, "connection, status, list and events", |seen| {
             seen.contains(&Update::Link(Link::Connected))
-                && seen.iter().any(|u| matches!(u, Update::Status(s) if s.nodes.len() == 2))
-                && seen.iter().any(|u| matches!(u, Update::Snapshots(r) if r[0].path.as_deref() == Some("/m/1")))
-                && seen.iter().any(|u| matches!(u, Update::Event(e) if e.edge == wire::Edge::Exit))
+                && seen
+                    .iter()
+                    .any(|u| matches!(u, Update::Status(s) if s.nodes.len() == 2))
+                && seen.iter().any(
+                    |u| matches!(u, Update::Snapshots(r) if r[0].path.as_deref() == Some("/m/1")),
+                )
+                && seen
+                    .iter()
+                    .any(|u| matches!(u, Update::Event(e) if e.edge == wire::Edge::Exit))
         });
 
         handle.send(Request::TakeSnapshot);
         wait_for(&handle, "report", |seen| {
-            seen.iter().any(|u| matches!(u, Update::Report(r) if r.id == 2 && r.freeze_window_ms == Some(2)))
+            seen.iter().any(
+                |u| matches!(u, Update::Report(r) if r.id == 2 && r.freeze_window_ms == Some(2)),
+            )
         });
 
         // The node goes away: the console says so, keeps trying, and comes back by itself.
         node.shutdown_background();
         std::fs::remove_file(&sock).unwrap();
         let seen = wait_for(&handle, "unreachable", |seen| {
-            seen.iter().any(|u| matches!(u, Update::Link(Link::Unreachable { .. })))
+            seen.iter()
+                .any(|u| matches!(u, Update::Link(Link::Unreachable { .. })))
         });
-        assert!(seen.iter().any(|u| matches!(u, Update::Link(Link::Unreachable { reason }) if !reason.is_empty())));
+        assert!(seen.iter().any(
+            |u| matches!(u, Update::Link(Link::Unreachable { reason }) if !reason.is_empty())
+        ));
         let node = serve();
-        wait_for(&handle, "reconnect", |seen| seen.contains(&Update::Link(Link::Connected)));
+        wait_for(&handle, "reconnect", |seen| {
+            seen.contains(&Update::Link(Link::Connected))
+        });
         node.shutdown_background();
         let _ = std::fs::remove_dir_all(&dir);
     }
@@ -441,13 +512,19 @@ mod tests {
         while unreachable < 2 && std::time::Instant::now() < deadline {
             match handle.try_recv() {
                 Some(Update::Link(Link::Unreachable { reason })) => {
-                    assert!(reason.contains("/nonexistent/ff-gui/control.sock"), "{reason}");
+                    assert!(
+                        reason.contains("/nonexistent/ff-gui/control.sock"),
+                        "{reason}"
+                    );
                     unreachable += 1;
                 }
                 Some(other) => panic!("unexpected update {other:?}"),
                 None => std::thread::sleep(Duration::from_millis(20)),
             }
         }
-        assert_eq!(unreachable, 2, "the backend should retry after the first failure");
+        assert_eq!(
+            unreachable, 2,
+            "the backend should retry after the first failure"
+        );
     }
 }

@@ -13,7 +13,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::backend::{FakeBackend, Request};
 use crate::model::{JobKind, Link, Update};
-use crate::wire::{Edge, Failure, NodeReport, NodeStatus, PhaseEvent, PhaseSpan, Progress, Report, SnapshotRow, Status, WriterStatus};
+use crate::wire::{
+    Edge, Failure, NodeReport, NodeStatus, PhaseEvent, PhaseSpan, Progress, Report, SnapshotRow,
+    Status, WriterStatus,
+};
 
 /// The demo cluster's nodes and the one writer on each.
 pub const NODES: [(&str, &str); 3] = [("n1", "postgres"), ("n2", "kafka"), ("n3", "redis")];
@@ -94,7 +97,11 @@ pub fn complete_events(id: u64, t0: u64, scale: u64) -> Vec<PhaseEvent> {
 /// The snapshot where node n3 dies while its writer flushes: everything up to
 /// n3's freeze, then n1 and n2 give up after n3's connection drops and abort.
 pub fn n3_killed_events(id: u64, t0: u64) -> Vec<PhaseEvent> {
-    let mut v: Vec<PhaseEvent> = RECORDING.iter().filter(|e| e.4 <= 420).map(|e| event(id, t0, 1, e)).collect();
+    let mut v: Vec<PhaseEvent> = RECORDING
+        .iter()
+        .filter(|e| e.4 <= 420)
+        .map(|e| event(id, t0, 1, e))
+        .collect();
     use Edge::{Enter, Exit};
     for (node, writer, phase, edge, at) in [
         ("n1", None, "freezing", Exit, 1500),
@@ -133,16 +140,28 @@ pub fn complete_report(id: u64, t0: u64, scale: u64) -> Report {
     let nodes = NODES
         .iter()
         .map(|(n, _)| {
-            let mine: Vec<&PhaseEvent> = events.iter().filter(|e| e.node == *n && e.writer.is_none()).collect();
+            let mine: Vec<&PhaseEvent> = events
+                .iter()
+                .filter(|e| e.node == *n && e.writer.is_none())
+                .collect();
             let phases = mine
                 .iter()
                 .filter(|e| e.edge == Edge::Enter)
                 .filter_map(|enter| {
-                    let exit = mine.iter().find(|x| x.edge == Edge::Exit && x.phase == enter.phase)?;
-                    Some(PhaseSpan { name: enter.phase.clone(), start_ms: enter.at_ms, end_ms: exit.at_ms })
+                    let exit = mine
+                        .iter()
+                        .find(|x| x.edge == Edge::Exit && x.phase == enter.phase)?;
+                    Some(PhaseSpan {
+                        name: enter.phase.clone(),
+                        start_ms: enter.at_ms,
+                        end_ms: exit.at_ms,
+                    })
                 })
                 .collect();
-            NodeReport { node: (*n).into(), phases }
+            NodeReport {
+                node: (*n).into(),
+                phases,
+            }
         })
         .collect();
     Report {
@@ -167,15 +186,28 @@ pub fn status(down: &[&str]) -> Status {
             connected: !down.contains(n),
             phase: "idle".into(),
             snapshot: None,
-            writers: vec![WriterStatus { name: (*w).into(), state: "idle".into() }],
+            writers: vec![WriterStatus {
+                name: (*w).into(),
+                state: "idle".into(),
+            }],
         })
         .collect();
-    Status { node: "n1".into(), cluster: "demo".into(), mounted: true, phase: "idle".into(), nodes, ..Status::default() }
+    Status {
+        node: "n1".into(),
+        cluster: "demo".into(),
+        mounted: true,
+        phase: "idle".into(),
+        nodes,
+        ..Status::default()
+    }
 }
 
 /// A snapshot row as the node would list it (initiated by n1, like the recording).
 pub fn row(id: u64, created_ms: u64, freeze_window_ms: u64) -> SnapshotRow {
-    SnapshotRow { initiator: "n1".into(), ..history_row(id, created_ms, freeze_window_ms) }
+    SnapshotRow {
+        initiator: "n1".into(),
+        ..history_row(id, created_ms, freeze_window_ms)
+    }
 }
 
 /// An earlier snapshot; the initiator rotates, as it does when operators use several nodes.
@@ -202,13 +234,20 @@ pub fn history(n: u64, now_ms: u64, scale: u64) -> Vec<SnapshotRow> {
     (1..=n)
         .map(|id| {
             let jitter = (id * 7919) % 260;
-            history_row(id, now_ms.saturating_sub((n + 1 - id) * 60_000), (520 + jitter) * scale)
+            history_row(
+                id,
+                now_ms.saturating_sub((n + 1 - id) * 60_000),
+                (520 + jitter) * scale,
+            )
         })
         .collect()
 }
 
 fn wall_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// Runs the demo backend until the UI goes away: a snapshot every `period`
@@ -275,11 +314,18 @@ fn fake_job(sink: &crate::backend::UpdateSink, kind: JobKind, id: u64) {
     let total = 1u64 << 30;
     for i in 1..=20u64 {
         std::thread::sleep(Duration::from_millis(100));
-        sink.send(Update::JobProgress(Progress { done: total / 20 * i, total }));
+        sink.send(Update::JobProgress(Progress {
+            done: total / 20 * i,
+            total,
+        }));
     }
     let outcome = match kind {
         JobKind::Verify => format!("Snapshot {id} verified: blake3 9f86d081884c7d65… over 1.0 GiB"),
         JobKind::Backup => format!("Snapshot {id} backed up"),
     };
-    sink.send(Update::JobFinished { kind, id, outcome: Ok(outcome) });
+    sink.send(Update::JobFinished {
+        kind,
+        id,
+        outcome: Ok(outcome),
+    });
 }

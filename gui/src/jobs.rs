@@ -38,16 +38,37 @@ impl Running {
 pub fn args(kind: JobKind, id: u64, repo: Option<&Path>) -> Vec<String> {
     let id = id.to_string();
     match kind {
-        JobKind::Verify => vec!["snapshot".into(), "verify".into(), id, "--json".into(), "--progress".into()],
+        JobKind::Verify => vec![
+            "snapshot".into(),
+            "verify".into(),
+            id,
+            "--json".into(),
+            "--progress".into(),
+        ],
         JobKind::Backup => {
             let repo = repo.map(|r| r.display().to_string()).unwrap_or_default();
-            vec!["backup".into(), "run".into(), "--repo".into(), repo, "--snapshot".into(), id, "--json".into(), "--progress".into()]
+            vec![
+                "backup".into(),
+                "run".into(),
+                "--repo".into(),
+                repo,
+                "--snapshot".into(),
+                id,
+                "--json".into(),
+                "--progress".into(),
+            ]
         }
     }
 }
 
 /// Starts the child on the current tokio runtime and reports through `sink`.
-pub fn spawn(exe: &Path, kind: JobKind, id: u64, repo: Option<PathBuf>, sink: UpdateSink) -> Running {
+pub fn spawn(
+    exe: &Path,
+    kind: JobKind,
+    id: u64,
+    repo: Option<PathBuf>,
+    sink: UpdateSink,
+) -> Running {
     let (cancel_tx, cancel_rx) = tokio::sync::oneshot::channel();
     let finished = Arc::new(AtomicBool::new(false));
     let done = finished.clone();
@@ -64,7 +85,10 @@ pub fn spawn(exe: &Path, kind: JobKind, id: u64, repo: Option<PathBuf>, sink: Up
         done.store(true, Ordering::Release);
         sink.send(Update::JobFinished { kind, id, outcome });
     });
-    Running { cancel: Some(cancel_tx), finished }
+    Running {
+        cancel: Some(cancel_tx),
+        finished,
+    }
 }
 
 async fn run_child(
@@ -76,7 +100,9 @@ async fn run_child(
     sink: &UpdateSink,
     cancel: tokio::sync::oneshot::Receiver<()>,
 ) -> Result<String, String> {
-    let mut child = cmd.spawn().map_err(|e| format!("cannot run {}: {e}", exe.display()))?;
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| format!("cannot run {}: {e}", exe.display()))?;
     let (Some(stderr), Some(mut stdout)) = (child.stderr.take(), child.stdout.take()) else {
         return Err("the child's output pipes are missing".into());
     };
@@ -115,7 +141,11 @@ async fn run_child(
     let out = stdout_task.await.unwrap_or_default();
     if !status.success() {
         let why = last_err.trim().trim_start_matches("error: ").to_string();
-        return Err(if why.is_empty() { format!("{} exited with {status}", exe.display()) } else { why });
+        return Err(if why.is_empty() {
+            format!("{} exited with {status}", exe.display())
+        } else {
+            why
+        });
     }
     let v: serde_json::Value = serde_json::from_slice(&out)
         .map_err(|e| format!("{} printed a result that is not JSON: {e}", exe.display()))?;
@@ -129,7 +159,10 @@ pub fn summary(kind: JobKind, id: u64, repo: Option<&Path>, v: &serde_json::Valu
             let hash = v.get("blake3").and_then(|h| h.as_str()).unwrap_or("?");
             let short = hash.get(..16).unwrap_or(hash);
             match v.get("bytes").and_then(|b| b.as_u64()) {
-                Some(b) => format!("Snapshot {id} verified: blake3 {short}… over {}", crate::format::bytes(b)),
+                Some(b) => format!(
+                    "Snapshot {id} verified: blake3 {short}… over {}",
+                    crate::format::bytes(b)
+                ),
                 None => format!("Snapshot {id} verified: blake3 {short}…"),
             }
         }
@@ -194,21 +227,40 @@ echo '{"id":7,"blake3":"00112233445566778899aabbccddeeff","bytes":2048}'"#,
         let (handle, fake) = BackendHandle::fake();
         let _job = rt.block_on(async { spawn(&exe, JobKind::Verify, 7, None, fake.sink.clone()) });
         let seen = until_finished(&fake, &handle);
-        assert!(seen.contains(&Update::JobProgress(wire::Progress { done: 1, total: 2 })), "{seen:?}");
-        let Some(Update::JobFinished { outcome: Ok(text), .. }) = seen.last() else { panic!("{seen:?}") };
-        assert_eq!(text, "Snapshot 7 verified: blake3 0011223344556677… over 2.0 KiB");
+        assert!(
+            seen.contains(&Update::JobProgress(wire::Progress { done: 1, total: 2 })),
+            "{seen:?}"
+        );
+        let Some(Update::JobFinished {
+            outcome: Ok(text), ..
+        }) = seen.last()
+        else {
+            panic!("{seen:?}")
+        };
+        assert_eq!(
+            text,
+            "Snapshot 7 verified: blake3 0011223344556677… over 2.0 KiB"
+        );
         let _ = std::fs::remove_dir_all(dir);
     }
 
     #[test]
     fn a_failing_child_reports_its_error_line() {
         let dir = tempdir("fail");
-        let exe = script(&dir, "echo 'error: snapshot 7 does not exist on n1' >&2\nexit 1");
+        let exe = script(
+            &dir,
+            "echo 'error: snapshot 7 does not exist on n1' >&2\nexit 1",
+        );
         let rt = tokio::runtime::Runtime::new().unwrap();
         let (handle, fake) = BackendHandle::fake();
         let _job = rt.block_on(async { spawn(&exe, JobKind::Verify, 7, None, fake.sink.clone()) });
         let seen = until_finished(&fake, &handle);
-        let Some(Update::JobFinished { outcome: Err(why), .. }) = seen.last() else { panic!("{seen:?}") };
+        let Some(Update::JobFinished {
+            outcome: Err(why), ..
+        }) = seen.last()
+        else {
+            panic!("{seen:?}")
+        };
         assert_eq!(why, "snapshot 7 does not exist on n1");
         let _ = std::fs::remove_dir_all(dir);
     }
@@ -216,19 +268,38 @@ echo '{"id":7,"blake3":"00112233445566778899aabbccddeeff","bytes":2048}'"#,
     #[test]
     fn cancel_kills_the_child_and_says_cancelled() {
         let dir = tempdir("cancel");
-        let exe = script(&dir, "echo '{\"progress\":{\"done\":0,\"total\":9}}' >&2\nexec sleep 30");
+        let exe = script(
+            &dir,
+            "echo '{\"progress\":{\"done\":0,\"total\":9}}' >&2\nexec sleep 30",
+        );
         let rt = tokio::runtime::Runtime::new().unwrap();
         let (handle, fake) = BackendHandle::fake();
         let started = Instant::now();
-        let job = rt.block_on(async { spawn(&exe, JobKind::Backup, 3, Some(PathBuf::from("/r")), fake.sink.clone()) });
+        let job = rt.block_on(async {
+            spawn(
+                &exe,
+                JobKind::Backup,
+                3,
+                Some(PathBuf::from("/r")),
+                fake.sink.clone(),
+            )
+        });
         // Wait for the first progress line so the child is surely running.
         while !matches!(handle.try_recv(), Some(Update::JobProgress(_))) {
-            assert!(started.elapsed() < Duration::from_secs(5), "no progress from the child");
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "no progress from the child"
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
         job.cancel();
         let seen = until_finished(&fake, &handle);
-        let Some(Update::JobFinished { outcome: Err(why), .. }) = seen.last() else { panic!("{seen:?}") };
+        let Some(Update::JobFinished {
+            outcome: Err(why), ..
+        }) = seen.last()
+        else {
+            panic!("{seen:?}")
+        };
         assert_eq!(why, "cancelled");
         assert!(started.elapsed() < Duration::from_secs(10));
         let _ = std::fs::remove_dir_all(dir);
@@ -240,6 +311,9 @@ echo '{"id":7,"blake3":"00112233445566778899aabbccddeeff","bytes":2048}'"#,
             args(JobKind::Backup, 7, Some(Path::new("/backups/repo"))).join(" "),
             "backup run --repo /backups/repo --snapshot 7 --json --progress"
         );
-        assert_eq!(args(JobKind::Verify, 7, None).join(" "), "snapshot verify 7 --json --progress");
+        assert_eq!(
+            args(JobKind::Verify, 7, None).join(" "),
+            "snapshot verify 7 --json --progress"
+        );
     }
 }

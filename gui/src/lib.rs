@@ -110,7 +110,14 @@ fn open_window(mut app: ConsoleApp) -> Result<()> {
         Ok(icon) => viewport = viewport.with_icon(icon),
         Err(e) => tracing::warn!("the built-in icon does not decode: {e}"),
     }
-    let options = eframe::NativeOptions { viewport, ..Default::default() };
-    eframe::run_native("freezeframe console", options, Box::new(|_cc| Ok(Box::new(app))))
-        .map_err(|e| Error::Window(e.to_string()))
+    let options = eframe::NativeOptions {
+        viewport,
+        ..Default::default()
+    };
+    eframe::run_native(
+        "freezeframe console",
+        options,
+        Box::new(|_cc| Ok(Box::new(app))),
+    )
+    .map_err(|e| Error::Window(e.to_string()))
 }

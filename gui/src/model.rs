@@ -20,7 +20,9 @@ pub enum Link {
     Connecting,
     Connected,
     /// The last attempt failed; the backend retries about every second.
-    Unreachable { reason: String },
+    Unreachable {
+        reason: String,
+    },
 }
 
 /// The long operations the console runs as child processes.
@@ -55,10 +57,17 @@ pub enum Update {
     Deleted(u64),
     /// A request other than a snapshot failed; the text says which and why.
     ActionFailed(String),
-    JobStarted { kind: JobKind, id: u64 },
+    JobStarted {
+        kind: JobKind,
+        id: u64,
+    },
     JobProgress(Progress),
     /// The child ended: `Ok(summary)` or `Err(why)`; a cancelled job ends `Err("cancelled")`.
-    JobFinished { kind: JobKind, id: u64, outcome: Result<String, String> },
+    JobFinished {
+        kind: JobKind,
+        id: u64,
+        outcome: Result<String, String>,
+    },
     /// `xdg-open` is not available: show this path with a Copy button.
     ShowPath(String),
 }
@@ -130,14 +139,20 @@ impl FailureView {
             if let Some(w) = &self.writer {
                 s.push_str(&format!(" (writer {w} had not answered)"));
             }
-            s.push_str(&format!(", in phase {}; the initiator's report has the reason", crate::palette::phase_label(&self.phase)));
+            s.push_str(&format!(
+                ", in phase {}; the initiator's report has the reason",
+                crate::palette::phase_label(&self.phase)
+            ));
             return s;
         }
         let mut s = format!("Snapshot {snapshot} failed on node {}", self.node);
         if let Some(w) = &self.writer {
             s.push_str(&format!(", writer {w}"));
         }
-        s.push_str(&format!(", in phase {}", crate::palette::phase_label(&self.phase)));
+        s.push_str(&format!(
+            ", in phase {}",
+            crate::palette::phase_label(&self.phase)
+        ));
         if let Some(r) = &self.reason {
             s.push_str(&format!(": {r}"));
         }
@@ -147,7 +162,12 @@ impl FailureView {
 
 impl From<&Failure> for FailureView {
     fn from(f: &Failure) -> Self {
-        FailureView { node: f.node.clone(), writer: f.writer.clone(), phase: f.phase.clone(), reason: Some(f.reason.clone()) }
+        FailureView {
+            node: f.node.clone(),
+            writer: f.writer.clone(),
+            phase: f.phase.clone(),
+            reason: Some(f.reason.clone()),
+        }
     }
 }
 
@@ -171,7 +191,11 @@ impl JobView {
     /// 0.0–1.0, `None` before the first progress line.
     pub fn fraction(&self) -> Option<f32> {
         let p = self.progress?;
-        Some(if p.total == 0 { 1.0 } else { (p.done as f64 / p.total as f64).clamp(0.0, 1.0) as f32 })
+        Some(if p.total == 0 {
+            1.0
+        } else {
+            (p.done as f64 / p.total as f64).clamp(0.0, 1.0) as f32
+        })
     }
 }
 
@@ -227,14 +251,26 @@ impl Model {
             Update::Report(r) => self.apply_report(r),
             Update::SnapshotFailed(why) => {
                 self.creating = false;
-                self.notice = Some(Notice { text: format!("Snapshot failed: {why}"), error: true });
+                self.notice = Some(Notice {
+                    text: format!("Snapshot failed: {why}"),
+                    error: true,
+                });
             }
             Update::Deleted(id) => {
                 self.snapshots.retain(|r| r.id != id);
-                self.notice = Some(Notice { text: format!("Snapshot {id} deleted"), error: false });
+                self.notice = Some(Notice {
+                    text: format!("Snapshot {id} deleted"),
+                    error: false,
+                });
             }
             Update::ActionFailed(text) => self.notice = Some(Notice { text, error: true }),
-            Update::JobStarted { kind, id } => self.job = Some(JobView { kind, snapshot: id, progress: None }),
+            Update::JobStarted { kind, id } => {
+                self.job = Some(JobView {
+                    kind,
+                    snapshot: id,
+                    progress: None,
+                })
+            }
             Update::JobProgress(p) => {
                 if let Some(j) = &mut self.job {
                     j.progress = Some(p);
@@ -243,8 +279,14 @@ impl Model {
             Update::JobFinished { kind, id, outcome } => {
                 self.job = None;
                 self.notice = Some(match outcome {
-                    Ok(summary) => Notice { text: summary, error: false },
-                    Err(why) => Notice { text: format!("Could not {} snapshot {id}: {why}", kind.verb()), error: true },
+                    Ok(summary) => Notice {
+                        text: summary,
+                        error: false,
+                    },
+                    Err(why) => Notice {
+                        text: format!("Could not {} snapshot {id}: {why}", kind.verb()),
+                        error: true,
+                    },
                 });
             }
             Update::ShowPath(p) => self.show_path = Some(p),
@@ -259,7 +301,11 @@ impl Model {
 
     /// The app asked the backend for a long operation; shown at once, before the child starts.
     pub fn job_requested(&mut self, kind: JobKind, id: u64) {
-        self.job = Some(JobView { kind, snapshot: id, progress: None });
+        self.job = Some(JobView {
+            kind,
+            snapshot: id,
+            progress: None,
+        });
         self.notice = None;
     }
 
@@ -271,7 +317,10 @@ impl Model {
     /// The plain sentence for the banner while the node cannot be reached.
     pub fn banner(&self) -> Option<String> {
         match &self.link {
-            Link::Unreachable { reason } => Some(format!("node {} unreachable: {reason}, retrying", self.node)),
+            Link::Unreachable { reason } => Some(format!(
+                "node {} unreachable: {reason}, retrying",
+                self.node
+            )),
             _ => None,
         }
     }
@@ -286,7 +335,14 @@ impl Model {
                 connected: n.connected,
                 phase: n.phase.clone(),
                 snapshot: n.snapshot,
-                writers: n.writers.iter().map(|w| WriterView { name: w.name.clone(), state: w.state.clone() }).collect(),
+                writers: n
+                    .writers
+                    .iter()
+                    .map(|w| WriterView {
+                        name: w.name.clone(),
+                        state: w.state.clone(),
+                    })
+                    .collect(),
             })
             .collect();
         // A node that lists no cluster still shows itself.
@@ -296,7 +352,14 @@ impl Model {
                 connected: true,
                 phase: s.phase.clone(),
                 snapshot: s.in_flight,
-                writers: s.writers.iter().map(|w| WriterView { name: w.name.clone(), state: w.state.clone() }).collect(),
+                writers: s
+                    .writers
+                    .iter()
+                    .map(|w| WriterView {
+                        name: w.name.clone(),
+                        state: w.state.clone(),
+                    })
+                    .collect(),
             });
         }
         nodes.sort_by(|a, b| a.name.cmp(&b.name));
@@ -307,7 +370,13 @@ impl Model {
         match &self.run {
             Some(run) if ev.snapshot < run.id => return, // a late event of an older snapshot
             Some(run) if ev.snapshot == run.id => {}
-            _ => self.run = Some(SnapshotRun { id: ev.snapshot, events: Vec::new(), report: None }),
+            _ => {
+                self.run = Some(SnapshotRun {
+                    id: ev.snapshot,
+                    events: Vec::new(),
+                    report: None,
+                })
+            }
         }
         // The status refresh that follows is authoritative; this keeps the view
         // live between refreshes.
@@ -320,7 +389,9 @@ impl Model {
                 (Some(w), edge) => {
                     let state = match (PhaseKind::parse(&ev.phase), edge) {
                         (_, Edge::Enter) => ev.phase.clone(),
-                        (PhaseKind::Freezing | PhaseKind::PostSnapshot, Edge::Exit) => "frozen".into(),
+                        (PhaseKind::Freezing | PhaseKind::PostSnapshot, Edge::Exit) => {
+                            "frozen".into()
+                        }
                         (PhaseKind::Thawing, Edge::Exit) => "thawed".into(),
                         (_, Edge::Exit) => ev.phase.clone(),
                     };
@@ -346,12 +417,21 @@ impl Model {
                 },
                 error: false,
             },
-            Some(f) => Notice { text: format!("Snapshot {} failed: {f}", r.id), error: true },
+            Some(f) => Notice {
+                text: format!("Snapshot {} failed: {f}", r.id),
+                error: true,
+            },
         });
         match &mut self.run {
             Some(run) if run.id == r.id => run.report = Some(r),
             Some(run) if run.id > r.id => {}
-            _ => self.run = Some(SnapshotRun { id: r.id, events: Vec::new(), report: Some(r) }),
+            _ => {
+                self.run = Some(SnapshotRun {
+                    id: r.id,
+                    events: Vec::new(),
+                    report: Some(r),
+                })
+            }
         }
     }
 
@@ -364,7 +444,11 @@ impl Model {
             match tracks.iter().position(|t| t.node == node) {
                 Some(i) => i,
                 None => {
-                    tracks.push(Track { node: node.to_string(), bars: Vec::new(), current: None });
+                    tracks.push(Track {
+                        node: node.to_string(),
+                        bars: Vec::new(),
+                        current: None,
+                    });
                     tracks.len() - 1
                 }
             }
@@ -381,12 +465,21 @@ impl Model {
                     if let Some(open) = bars.iter_mut().rev().find(|b| b.end_ms.is_none()) {
                         open.end_ms = Some(ev.at_ms);
                     }
-                    let end = matches!(kind, PhaseKind::Done | PhaseKind::Aborted).then_some(ev.at_ms);
-                    bars.push(Bar { phase: kind, start_ms: ev.at_ms, end_ms: end });
+                    let end =
+                        matches!(kind, PhaseKind::Done | PhaseKind::Aborted).then_some(ev.at_ms);
+                    bars.push(Bar {
+                        phase: kind,
+                        start_ms: ev.at_ms,
+                        end_ms: end,
+                    });
                     tracks[t].current = Some(kind);
                 }
                 Edge::Exit => {
-                    if let Some(open) = bars.iter_mut().rev().find(|b| b.phase == kind && b.end_ms.is_none()) {
+                    if let Some(open) = bars
+                        .iter_mut()
+                        .rev()
+                        .find(|b| b.phase == kind && b.end_ms.is_none())
+                    {
                         open.end_ms = Some(ev.at_ms);
                     }
                 }
@@ -402,10 +495,22 @@ impl Model {
                 tracks[t].bars = nr
                     .phases
                     .iter()
-                    .map(|p| Bar { phase: PhaseKind::parse(&p.name), start_ms: p.start_ms, end_ms: Some(p.end_ms) })
+                    .map(|p| Bar {
+                        phase: PhaseKind::parse(&p.name),
+                        start_ms: p.start_ms,
+                        end_ms: Some(p.end_ms),
+                    })
                     .collect();
-                let end = if r.error.is_some() { PhaseKind::Aborted } else { PhaseKind::Done };
-                tracks[t].bars.push(Bar { phase: end, start_ms: r.finished_ms, end_ms: Some(r.finished_ms) });
+                let end = if r.error.is_some() {
+                    PhaseKind::Aborted
+                } else {
+                    PhaseKind::Done
+                };
+                tracks[t].bars.push(Bar {
+                    phase: end,
+                    start_ms: r.finished_ms,
+                    end_ms: Some(r.finished_ms),
+                });
                 tracks[t].current = Some(end);
             }
         }
@@ -417,8 +522,13 @@ impl Model {
         let finished = |t: &Track| matches!(t.current, Some(PhaseKind::Done | PhaseKind::Aborted));
         // A node that went away mid-snapshot will never finish it; the snapshot is
         // over once every node still reachable has finished.
-        let running = run.report.is_none() && tracks.iter().any(|t| !finished(t) && !self.unreachable(&t.node));
-        let starts = tracks.iter().flat_map(|t| t.bars.iter().map(|b| b.start_ms));
+        let running = run.report.is_none()
+            && tracks
+                .iter()
+                .any(|t| !finished(t) && !self.unreachable(&t.node));
+        let starts = tracks
+            .iter()
+            .flat_map(|t| t.bars.iter().map(|b| b.start_ms));
         let start_ms = starts.min().unwrap_or(now_ms);
         let last_seen = tracks
             .iter()
@@ -426,15 +536,26 @@ impl Model {
             .chain(run.report.as_ref().map(|r| r.finished_ms))
             .max()
             .unwrap_or(start_ms);
-        let end_ms = if running { last_seen.max(now_ms) } else { last_seen };
+        let end_ms = if running {
+            last_seen.max(now_ms)
+        } else {
+            last_seen
+        };
 
         let writer_edge = |phase: PhaseKind| {
             run.events
                 .iter()
-                .filter(move |e| e.writer.is_some() && e.edge == Edge::Exit && PhaseKind::parse(&e.phase) == phase)
+                .filter(move |e| {
+                    e.writer.is_some()
+                        && e.edge == Edge::Exit
+                        && PhaseKind::parse(&e.phase) == phase
+                })
                 .map(|e| e.at_ms)
         };
-        let freeze_window = match (writer_edge(PhaseKind::Freezing).min(), writer_edge(PhaseKind::Thawing).max()) {
+        let freeze_window = match (
+            writer_edge(PhaseKind::Freezing).min(),
+            writer_edge(PhaseKind::Thawing).max(),
+        ) {
             (Some(a), Some(b)) if b >= a => Some((a, b)),
             (Some(a), None) if running => Some((a, now_ms.max(a))),
             _ => None,
@@ -444,7 +565,15 @@ impl Model {
             Some(f) => Some(FailureView::from(f)),
             None => self.failure_from_events(run, &tracks),
         };
-        Some(Timeline { snapshot: run.id, start_ms, end_ms, running, tracks, freeze_window, failure })
+        Some(Timeline {
+            snapshot: run.id,
+            start_ms,
+            end_ms,
+            running,
+            tracks,
+            freeze_window,
+            failure,
+        })
     }
 
     /// True when the last status says the node is not connected.
@@ -459,11 +588,17 @@ impl Model {
             return None;
         }
         let finished = |t: &&Track| matches!(t.current, Some(PhaseKind::Done | PhaseKind::Aborted));
-        if let Some(gone) = tracks.iter().find(|t| !finished(t) && self.unreachable(&t.node)) {
+        if let Some(gone) = tracks
+            .iter()
+            .find(|t| !finished(t) && self.unreachable(&t.node))
+        {
             return Some(FailureView {
                 node: gone.node.clone(),
                 writer: None,
-                phase: gone.current.map(|p| p.label().replace('-', "_")).unwrap_or_else(|| "idle".into()),
+                phase: gone
+                    .current
+                    .map(|p| p.label().replace('-', "_"))
+                    .unwrap_or_else(|| "idle".into()),
                 reason: Some("the node became unreachable during the snapshot".into()),
             });
         }
@@ -475,7 +610,11 @@ impl Model {
             })
             .min_by_key(|(at, _, _)| *at)?;
         let (_, t, i) = first_abort;
-        let phase = if i > 0 { t.bars[i - 1].phase.label().replace('-', "_") } else { "idle".into() };
+        let phase = if i > 0 {
+            t.bars[i - 1].phase.label().replace('-', "_")
+        } else {
+            "idle".into()
+        };
         // A writer that entered a phase and never left it is the likely culprit.
         let writer = run
             .events
@@ -483,18 +622,29 @@ impl Model {
             .filter(|e| e.node == t.node && e.writer.is_some() && e.edge == Edge::Enter)
             .filter(|enter| {
                 !run.events.iter().any(|x| {
-                    x.node == enter.node && x.writer == enter.writer && x.phase == enter.phase && x.edge == Edge::Exit
+                    x.node == enter.node
+                        && x.writer == enter.writer
+                        && x.phase == enter.phase
+                        && x.edge == Edge::Exit
                 })
             })
             .find_map(|e| e.writer.clone());
-        Some(FailureView { node: t.node.clone(), writer, phase, reason: None })
+        Some(FailureView {
+            node: t.node.clone(),
+            writer,
+            phase,
+            reason: None,
+        })
     }
 
     /// `(snapshot id, freeze window ms)` of the last `n` snapshots that have one,
     /// oldest first; the running report counts before the list shows it.
     pub fn freeze_history(&self, n: usize) -> Vec<(u64, u64)> {
-        let mut v: Vec<(u64, u64)> =
-            self.snapshots.iter().filter_map(|r| r.freeze_window_ms.map(|ms| (r.id, ms))).collect();
+        let mut v: Vec<(u64, u64)> = self
+            .snapshots
+            .iter()
+            .filter_map(|r| r.freeze_window_ms.map(|ms| (r.id, ms)))
+            .collect();
         if let Some(r) = self.run.as_ref().and_then(|run| run.report.as_ref()) {
             if let (Some(ms), None) = (r.freeze_window_ms, r.error.as_ref()) {
                 if !v.iter().any(|(id, _)| *id == r.id) {
@@ -529,7 +679,10 @@ mod tests {
     }
 
     fn node<'a>(m: &'a Model, name: &str) -> &'a NodeView {
-        m.nodes.iter().find(|n| n.name == name).expect("node in the model")
+        m.nodes
+            .iter()
+            .find(|n| n.name == name)
+            .expect("node in the model")
     }
 
     #[test]
@@ -537,12 +690,26 @@ mod tests {
         let mut m = connected_cluster();
         let events = demo::complete_events(9, T0, 1);
         // Up to the moment n3's writer has flushed and n1 commits.
-        feed(&mut m, events.iter().filter(|e| e.at_ms <= T0 + 563).cloned().collect());
+        feed(
+            &mut m,
+            events
+                .iter()
+                .filter(|e| e.at_ms <= T0 + 563)
+                .cloned()
+                .collect(),
+        );
         assert_eq!(node(&m, "n1").phase, "committing");
         assert_eq!(node(&m, "n2").phase, "frozen");
         assert_eq!(node(&m, "n3").snapshot, Some(9));
-        assert_eq!(node(&m, "n2").writers[0].state, "frozen", "kafka acked freeze");
-        feed(&mut m, events.into_iter().filter(|e| e.at_ms > T0 + 563).collect());
+        assert_eq!(
+            node(&m, "n2").writers[0].state,
+            "frozen",
+            "kafka acked freeze"
+        );
+        feed(
+            &mut m,
+            events.into_iter().filter(|e| e.at_ms > T0 + 563).collect(),
+        );
         for n in ["n1", "n2", "n3"] {
             assert_eq!(node(&m, n).phase, "done");
         }
@@ -554,11 +721,17 @@ mod tests {
         let mut m = connected_cluster();
         feed(&mut m, demo::complete_events(9, T0, 1));
         let t = m.timeline(T0 + 60_000).expect("a timeline");
-        assert_eq!((t.snapshot, t.start_ms, t.end_ms, t.running), (9, T0, T0 + 951, false));
+        assert_eq!(
+            (t.snapshot, t.start_ms, t.end_ms, t.running),
+            (9, T0, T0 + 951, false)
+        );
         let n1 = &t.tracks[0];
         assert_eq!(n1.node, "n1");
-        let spans: Vec<(PhaseKind, u64, Option<u64>)> =
-            n1.bars.iter().map(|b| (b.phase, b.start_ms - T0, b.end_ms.map(|e| e - T0))).collect();
+        let spans: Vec<(PhaseKind, u64, Option<u64>)> = n1
+            .bars
+            .iter()
+            .map(|b| (b.phase, b.start_ms - T0, b.end_ms.map(|e| e - T0)))
+            .collect();
         assert_eq!(
             spans,
             vec![
@@ -569,30 +742,59 @@ mod tests {
                 (PhaseKind::Done, 901, Some(901)),
             ]
         );
-        assert_eq!(t.tracks[1].bars[1].phase, PhaseKind::Frozen, "n2 waits frozen while n1 commits");
+        assert_eq!(
+            t.tracks[1].bars[1].phase,
+            PhaseKind::Frozen,
+            "n2 waits frozen while n1 commits"
+        );
         assert_eq!(t.freeze_window, Some((T0 + 310, T0 + 950)));
-        assert_eq!(t.freeze_window.map(|(a, b)| b - a), Some(demo::FREEZE_WINDOW_MS));
-        assert!(t.tracks.iter().all(|tr| tr.current == Some(PhaseKind::Done)));
+        assert_eq!(
+            t.freeze_window.map(|(a, b)| b - a),
+            Some(demo::FREEZE_WINDOW_MS)
+        );
+        assert!(t
+            .tracks
+            .iter()
+            .all(|tr| tr.current == Some(PhaseKind::Done)));
         assert_eq!(t.failure, None);
     }
 
     #[test]
     fn a_running_snapshot_stretches_its_open_bars_to_now() {
         let mut m = connected_cluster();
-        feed(&mut m, demo::complete_events(9, T0, 1).into_iter().filter(|e| e.at_ms <= T0 + 600).collect());
+        feed(
+            &mut m,
+            demo::complete_events(9, T0, 1)
+                .into_iter()
+                .filter(|e| e.at_ms <= T0 + 600)
+                .collect(),
+        );
         let t = m.timeline(T0 + 700).expect("a timeline");
         assert!(t.running);
         assert_eq!(t.end_ms, T0 + 700);
         let n1_open = t.tracks[0].bars.last().expect("bars");
-        assert_eq!((n1_open.phase, n1_open.end_ms), (PhaseKind::Committing, None));
-        assert_eq!(t.freeze_window, Some((T0 + 310, T0 + 700)), "the freeze window grows until the last thaw");
+        assert_eq!(
+            (n1_open.phase, n1_open.end_ms),
+            (PhaseKind::Committing, None)
+        );
+        assert_eq!(
+            t.freeze_window,
+            Some((T0 + 310, T0 + 700)),
+            "the freeze window grows until the last thaw"
+        );
     }
 
     #[test]
     fn a_failed_report_names_node_writer_and_phase() {
         let mut m = connected_cluster();
         m.snapshot_requested();
-        feed(&mut m, demo::complete_events(4, T0, 1).into_iter().take(6).collect());
+        feed(
+            &mut m,
+            demo::complete_events(4, T0, 1)
+                .into_iter()
+                .take(6)
+                .collect(),
+        );
         m.apply(Update::Report(Report {
             id: 4,
             status: "failed".into(),
@@ -617,7 +819,10 @@ mod tests {
             "Snapshot 4 failed on node n2, writer kafka, in phase freezing: vetoed: log segment rolling"
         );
         assert!(!t.running, "a report ends the snapshot");
-        assert!(m.notice.as_ref().is_some_and(|n| n.error && n.text.contains("node n2 writer kafka in freezing")));
+        assert!(m
+            .notice
+            .as_ref()
+            .is_some_and(|n| n.error && n.text.contains("node n2 writer kafka in freezing")));
     }
 
     #[test]
@@ -636,7 +841,9 @@ mod tests {
     fn the_banner_says_which_node_is_unreachable_and_goes_away_on_reconnect() {
         let mut m = connected_cluster();
         assert_eq!(m.banner(), None);
-        m.apply(Update::Link(Link::Unreachable { reason: "cannot connect to /run/n1/control.sock: refused".into() }));
+        m.apply(Update::Link(Link::Unreachable {
+            reason: "cannot connect to /run/n1/control.sock: refused".into(),
+        }));
         assert_eq!(
             m.banner().as_deref(),
             Some("node n1 unreachable: cannot connect to /run/n1/control.sock: refused, retrying")
@@ -650,8 +857,20 @@ mod tests {
     fn a_new_snapshot_replaces_the_timeline_and_late_events_of_the_old_one_are_ignored() {
         let mut m = connected_cluster();
         feed(&mut m, demo::complete_events(3, T0, 1));
-        feed(&mut m, demo::complete_events(4, T0 + 10_000, 1).into_iter().take(2).collect());
-        feed(&mut m, demo::complete_events(3, T0, 1).into_iter().take(1).collect());
+        feed(
+            &mut m,
+            demo::complete_events(4, T0 + 10_000, 1)
+                .into_iter()
+                .take(2)
+                .collect(),
+        );
+        feed(
+            &mut m,
+            demo::complete_events(3, T0, 1)
+                .into_iter()
+                .take(1)
+                .collect(),
+        );
         let t = m.timeline(T0 + 10_100).expect("a timeline");
         assert_eq!(t.snapshot, 4);
         assert_eq!(t.tracks.len(), 1);
@@ -663,8 +882,14 @@ mod tests {
         let mut m = connected_cluster();
         m.apply(Update::Report(demo::complete_report(5, T0, 1)));
         let t = m.timeline(T0).expect("a timeline");
-        assert_eq!(t.tracks.iter().map(|t| t.node.as_str()).collect::<Vec<_>>(), ["n1", "n2", "n3"]);
-        assert!(t.tracks.iter().all(|tr| tr.current == Some(PhaseKind::Done)));
+        assert_eq!(
+            t.tracks.iter().map(|t| t.node.as_str()).collect::<Vec<_>>(),
+            ["n1", "n2", "n3"]
+        );
+        assert!(t
+            .tracks
+            .iter()
+            .all(|tr| tr.current == Some(PhaseKind::Done)));
         assert_eq!(t.tracks[0].bars[0].phase, PhaseKind::Freezing);
     }
 
@@ -674,7 +899,10 @@ mod tests {
         m.apply(Update::Snapshots(demo::history(12, T0, 1)));
         m.apply(Update::Report(demo::complete_report(13, T0, 1)));
         let h = m.freeze_history(5);
-        assert_eq!(h.iter().map(|(id, _)| *id).collect::<Vec<_>>(), [9, 10, 11, 12, 13]);
+        assert_eq!(
+            h.iter().map(|(id, _)| *id).collect::<Vec<_>>(),
+            [9, 10, 11, 12, 13]
+        );
         assert_eq!(h.last(), Some(&(13, demo::FREEZE_WINDOW_MS)));
     }
 
@@ -683,10 +911,20 @@ mod tests {
         let mut m = connected_cluster();
         m.job_requested(JobKind::Verify, 2);
         assert_eq!(m.job.as_ref().and_then(|j| j.fraction()), None);
-        m.apply(Update::JobProgress(Progress { done: 25, total: 100 }));
+        m.apply(Update::JobProgress(Progress {
+            done: 25,
+            total: 100,
+        }));
         assert_eq!(m.job.as_ref().and_then(|j| j.fraction()), Some(0.25));
-        m.apply(Update::JobFinished { kind: JobKind::Verify, id: 2, outcome: Err("cancelled".into()) });
+        m.apply(Update::JobFinished {
+            kind: JobKind::Verify,
+            id: 2,
+            outcome: Err("cancelled".into()),
+        });
         assert!(m.job.is_none());
-        assert_eq!(m.notice.as_ref().map(|n| n.text.as_str()), Some("Could not verify snapshot 2: cancelled"));
+        assert_eq!(
+            m.notice.as_ref().map(|n| n.text.as_str()),
+            Some("Could not verify snapshot 2: cancelled")
+        );
     }
 }

@@ -120,8 +120,10 @@ mod tests {
 
     #[test]
     fn every_snapshot_phase_has_its_own_colour_and_letter() {
-        let colors: std::collections::HashSet<_> = PhaseKind::SNAPSHOT.iter().map(|p| p.color()).collect();
-        let letters: std::collections::HashSet<_> = PhaseKind::SNAPSHOT.iter().map(|p| p.letter()).collect();
+        let colors: std::collections::HashSet<_> =
+            PhaseKind::SNAPSHOT.iter().map(|p| p.color()).collect();
+        let letters: std::collections::HashSet<_> =
+            PhaseKind::SNAPSHOT.iter().map(|p| p.letter()).collect();
         assert_eq!(colors.len(), PhaseKind::SNAPSHOT.len());
         assert_eq!(letters.len(), PhaseKind::SNAPSHOT.len());
     }

@@ -78,10 +78,14 @@ pub fn toolbar(ui: &mut Ui, model: &Model) -> Vec<Command> {
         });
     });
     if let Some(text) = model.banner() {
-        egui::Frame::new().fill(palette::UNREACHABLE).inner_margin(6.0).corner_radius(4.0).show(ui, |ui| {
-            ui.set_width(ui.available_width());
-            ui.label(RichText::new(text.clone()).color(Color32::WHITE).strong());
-        });
+        egui::Frame::new()
+            .fill(palette::UNREACHABLE)
+            .inner_margin(6.0)
+            .corner_radius(4.0)
+            .show(ui, |ui| {
+                ui.set_width(ui.available_width());
+                ui.label(RichText::new(text.clone()).color(Color32::WHITE).strong());
+            });
     } else if model.link == Link::Connecting {
         ui.horizontal(|ui| {
             ui.spinner();
@@ -89,7 +93,11 @@ pub fn toolbar(ui: &mut Ui, model: &Model) -> Vec<Command> {
         });
     }
     if let Some(n) = &model.notice {
-        let color = if n.error { palette::UNREACHABLE } else { ui.visuals().text_color() };
+        let color = if n.error {
+            palette::UNREACHABLE
+        } else {
+            ui.visuals().text_color()
+        };
         ui.label(RichText::new(&n.text).color(color));
     }
     out
@@ -106,27 +114,42 @@ pub fn cluster(ui: &mut Ui, model: &Model) {
     if stale {
         ui.label(RichText::new("Last known state (the node is not answering):").italics());
     }
-    egui::Grid::new("cluster-grid").num_columns(3).spacing([12.0, 4.0]).striped(true).show(ui, |ui| {
-        for n in &model.nodes {
-            ui.horizontal(|ui| {
-                dot(ui, if n.connected && !stale { palette::CONNECTED } else { palette::UNREACHABLE });
-                ui.label(RichText::new(&n.name).strong());
-            });
-            ui.label(if n.connected { "connected" } else { "unreachable" });
-            phase_chip(ui, &n.phase);
-            ui.end_row();
-            for w in &n.writers {
-                ui.label(RichText::new(format!("      {}", w.name)));
-                ui.label(RichText::new("writer").weak());
-                phase_chip(ui, &w.state);
+    egui::Grid::new("cluster-grid")
+        .num_columns(3)
+        .spacing([12.0, 4.0])
+        .striped(true)
+        .show(ui, |ui| {
+            for n in &model.nodes {
+                ui.horizontal(|ui| {
+                    dot(
+                        ui,
+                        if n.connected && !stale {
+                            palette::CONNECTED
+                        } else {
+                            palette::UNREACHABLE
+                        },
+                    );
+                    ui.label(RichText::new(&n.name).strong());
+                });
+                ui.label(if n.connected {
+                    "connected"
+                } else {
+                    "unreachable"
+                });
+                phase_chip(ui, &n.phase);
                 ui.end_row();
+                for w in &n.writers {
+                    ui.label(RichText::new(format!("      {}", w.name)));
+                    ui.label(RichText::new("writer").weak());
+                    phase_chip(ui, &w.state);
+                    ui.end_row();
+                }
+                if n.writers.is_empty() {
+                    ui.label(RichText::new("    no writers").weak());
+                    ui.end_row();
+                }
             }
-            if n.writers.is_empty() {
-                ui.label(RichText::new("    no writers").weak());
-                ui.end_row();
-            }
-        }
-    });
+        });
 }
 
 /// A phase word on its colour, with its letter.
@@ -137,7 +160,9 @@ fn phase_chip(ui: &mut Ui, word: &str) {
         ui.label(text);
         return;
     }
-    let rich = RichText::new(format!("{} {text}", kind.letter())).color(kind.text_color()).background_color(kind.color());
+    let rich = RichText::new(format!("{} {text}", kind.letter()))
+        .color(kind.text_color())
+        .background_color(kind.color());
     ui.label(rich);
 }
 
@@ -148,7 +173,11 @@ pub fn settings(ui: &mut Ui, repo: &str) -> Vec<Command> {
     let label = ui.label("Backup repository");
     let mut text = repo.to_string();
     let resp = ui
-        .add(egui::TextEdit::singleline(&mut text).hint_text("/path/to/backup/repo").desired_width(f32::INFINITY))
+        .add(
+            egui::TextEdit::singleline(&mut text)
+                .hint_text("/path/to/backup/repo")
+                .desired_width(f32::INFINITY),
+        )
         .labelled_by(label.id);
     if resp.changed() {
         out.push(Command::SetRepository(text));
@@ -167,11 +196,17 @@ pub fn job(ui: &mut Ui, model: &Model) -> Vec<Command> {
     };
     let bar = match j.fraction() {
         Some(f) => egui::ProgressBar::new(f).text(format!("{what}: {:.0}%", f * 100.0)),
-        None => egui::ProgressBar::new(0.0).text(format!("{what}: starting")).animate(true),
+        None => egui::ProgressBar::new(0.0)
+            .text(format!("{what}: starting"))
+            .animate(true),
     };
     ui.add(bar);
     if let Some(p) = j.progress {
-        ui.label(format!("{} of {}", format::bytes(p.done), format::bytes(p.total)));
+        ui.label(format!(
+            "{} of {}",
+            format::bytes(p.done),
+            format::bytes(p.total)
+        ));
     }
     if button(ui, true, "Cancel", "Cancel").clicked() {
         out.push(Command::CancelJob);
@@ -199,14 +234,22 @@ pub fn timeline(ui: &mut Ui, model: &Model, now_ms: u64) {
         }
         if let Some((a, b)) = t.freeze_window {
             let running = t.running && t.freeze_window.is_some_and(|(_, e)| e >= now_ms);
-            let word = if running { "freeze window so far" } else { "freeze window" };
+            let word = if running {
+                "freeze window so far"
+            } else {
+                "freeze window"
+            };
             ui.label(RichText::new(format!("{word}: {}", format::millis(b - a))).strong());
         }
     });
     draw_tracks(ui, &t);
     legend(ui);
     if let Some(f) = &t.failure {
-        ui.label(RichText::new(f.sentence(t.snapshot)).color(palette::UNREACHABLE).strong());
+        ui.label(
+            RichText::new(f.sentence(t.snapshot))
+                .color(palette::UNREACHABLE)
+                .strong(),
+        );
     }
 }
 
@@ -215,7 +258,10 @@ fn draw_tracks(ui: &mut Ui, t: &Timeline) {
     let name_w = ui.text_style_height(&egui::TextStyle::Body) * 9.0;
     let axis_h = ui.text_style_height(&egui::TextStyle::Small) * 1.6;
     let width = ui.available_width().max(200.0);
-    let (rect, _) = ui.allocate_exact_size(Vec2::new(width, row_h * t.tracks.len() as f32 + axis_h), Sense::hover());
+    let (rect, _) = ui.allocate_exact_size(
+        Vec2::new(width, row_h * t.tracks.len() as f32 + axis_h),
+        Sense::hover(),
+    );
     let painter = ui.painter_at(rect);
     let visuals = ui.visuals().clone();
     let span = (t.end_ms.saturating_sub(t.start_ms)).max(1) as f32;
@@ -228,7 +274,10 @@ fn draw_tracks(ui: &mut Ui, t: &Timeline) {
 
     // The freeze window behind every track.
     if let Some((a, b)) = t.freeze_window {
-        let shade = Rect::from_x_y_ranges(x_of(a)..=x_of(b).max(x_of(a) + 1.0), rect.top()..=rect.bottom() - axis_h);
+        let shade = Rect::from_x_y_ranges(
+            x_of(a)..=x_of(b).max(x_of(a) + 1.0),
+            rect.top()..=rect.bottom() - axis_h,
+        );
         painter.rect_filled(shade, 0.0, visuals.text_color().gamma_multiply(0.10));
         let edge = Stroke::new(2.0, visuals.text_color().gamma_multiply(0.8));
         painter.line_segment([shade.left_top(), shade.left_bottom()], edge);
@@ -239,12 +288,23 @@ fn draw_tracks(ui: &mut Ui, t: &Timeline) {
         let top = rect.top() + i as f32 * row_h;
         let current = track.current.map(|c| c.label()).unwrap_or("waiting");
         // The node's name and where it is now; also its accessible name ("n1: done").
-        let name_rect = Rect::from_min_size(egui::pos2(rect.left(), top), Vec2::new(name_w - 6.0, row_h));
+        let name_rect =
+            Rect::from_min_size(egui::pos2(rect.left(), top), Vec2::new(name_w - 6.0, row_h));
         let row_label = format!("{}: {current}", track.node);
-        let resp = ui.interact(name_rect, ui.scope_id().with(("track", &track.node)), Sense::hover());
+        let resp = ui.interact(
+            name_rect,
+            ui.scope_id().with(("track", &track.node)),
+            Sense::hover(),
+        );
         let l = row_label.clone();
         resp.widget_info(|| WidgetInfo::labeled(egui::Role::Label, true, l.clone()));
-        painter.text(name_rect.left_center(), Align2::LEFT_CENTER, &row_label, body.clone(), visuals.text_color());
+        painter.text(
+            name_rect.left_center(),
+            Align2::LEFT_CENTER,
+            &row_label,
+            body.clone(),
+            visuals.text_color(),
+        );
 
         for (j, bar) in track.bars.iter().enumerate() {
             let end = bar.end_ms.unwrap_or(t.end_ms);
@@ -259,19 +319,42 @@ fn draw_tracks(ui: &mut Ui, t: &Timeline) {
             painter.rect_filled(r, 2.0, bar.phase.color());
             if bar.end_ms.is_none() {
                 // Still running: a hatched right edge says "open".
-                painter.line_segment([r.right_top(), r.right_bottom()], Stroke::new(2.0, visuals.text_color()));
+                painter.line_segment(
+                    [r.right_top(), r.right_bottom()],
+                    Stroke::new(2.0, visuals.text_color()),
+                );
             }
             let letter_w = body.size * 0.9;
             if r.width() >= letter_w {
-                painter.text(r.center(), Align2::CENTER_CENTER, bar.phase.letter(), body.clone(), bar.phase.text_color());
+                painter.text(
+                    r.center(),
+                    Align2::CENTER_CENTER,
+                    bar.phase.letter(),
+                    body.clone(),
+                    bar.phase.text_color(),
+                );
             }
             let dur = end.saturating_sub(bar.start_ms);
             let label = if matches!(bar.phase, PhaseKind::Done | PhaseKind::Aborted) {
-                format!("{} {} at +{}", track.node, bar.phase.label(), format::millis(bar.start_ms - t.start_ms))
+                format!(
+                    "{} {} at +{}",
+                    track.node,
+                    bar.phase.label(),
+                    format::millis(bar.start_ms - t.start_ms)
+                )
             } else {
-                format!("{} {} {}", track.node, bar.phase.label(), format::millis(dur))
+                format!(
+                    "{} {} {}",
+                    track.node,
+                    bar.phase.label(),
+                    format::millis(dur)
+                )
             };
-            let resp = ui.interact(r, ui.scope_id().with(("bar", &track.node, j)), Sense::hover());
+            let resp = ui.interact(
+                r,
+                ui.scope_id().with(("bar", &track.node, j)),
+                Sense::hover(),
+            );
             let l = label.clone();
             resp.widget_info(|| WidgetInfo::labeled(egui::Role::Label, true, l.clone()));
             resp.on_hover_text(label);
@@ -280,13 +363,28 @@ fn draw_tracks(ui: &mut Ui, t: &Timeline) {
 
     // The time axis: ticks at round milliseconds.
     let axis_y = rect.bottom() - axis_h;
-    painter.line_segment([egui::pos2(plot_left, axis_y), egui::pos2(plot_left + plot_w, axis_y)], visuals.widgets.noninteractive.fg_stroke);
+    painter.line_segment(
+        [
+            egui::pos2(plot_left, axis_y),
+            egui::pos2(plot_left + plot_w, axis_y),
+        ],
+        visuals.widgets.noninteractive.fg_stroke,
+    );
     let step = nice_step(span as f64 / 8.0).max(1.0);
     let mut ms = 0.0;
     while ms <= span as f64 {
         let x = plot_left + ms as f32 / span * plot_w;
-        painter.line_segment([egui::pos2(x, axis_y), egui::pos2(x, axis_y + 4.0)], visuals.widgets.noninteractive.fg_stroke);
-        painter.text(egui::pos2(x, axis_y + 4.0), Align2::CENTER_TOP, format::millis(ms as u64), small.clone(), visuals.weak_text_color());
+        painter.line_segment(
+            [egui::pos2(x, axis_y), egui::pos2(x, axis_y + 4.0)],
+            visuals.widgets.noninteractive.fg_stroke,
+        );
+        painter.text(
+            egui::pos2(x, axis_y + 4.0),
+            Align2::CENTER_TOP,
+            format::millis(ms as u64),
+            small.clone(),
+            visuals.weak_text_color(),
+        );
         ms += step;
     }
 }
@@ -297,18 +395,30 @@ fn nice_step(raw: f64) -> f64 {
         return 1.0;
     }
     let p = 10f64.powf(raw.log10().floor());
-    [1.0, 2.0, 5.0, 10.0].iter().map(|m| m * p).find(|s| *s >= raw).unwrap_or(10.0 * p)
+    [1.0, 2.0, 5.0, 10.0]
+        .iter()
+        .map(|m| m * p)
+        .find(|s| *s >= raw)
+        .unwrap_or(10.0 * p)
 }
 
 /// Colour, letter and word of every phase.
 fn legend(ui: &mut Ui) {
     ui.horizontal_wrapped(|ui| {
         for k in PhaseKind::SNAPSHOT {
-            ui.label(RichText::new(format!(" {} ", k.letter())).color(k.text_color()).background_color(k.color()).strong());
+            ui.label(
+                RichText::new(format!(" {} ", k.letter()))
+                    .color(k.text_color())
+                    .background_color(k.color())
+                    .strong(),
+            );
             ui.label(k.label());
             ui.add_space(6.0);
         }
-        ui.label(RichText::new("shaded: freeze window (first writer frozen to last writer thawed)").weak());
+        ui.label(
+            RichText::new("shaded: freeze window (first writer frozen to last writer thawed)")
+                .weak(),
+        );
     });
 }
 
@@ -320,13 +430,21 @@ pub fn freeze_plot(ui: &mut Ui, model: &Model) {
         ui.label("No completed snapshot with writers yet.");
         return;
     }
-    let last = hist.last().map(|(id, ms)| format!("last: snapshot {id}, {}", format::millis(*ms))).unwrap_or_default();
+    let last = hist
+        .last()
+        .map(|(id, ms)| format!("last: snapshot {id}, {}", format::millis(*ms)))
+        .unwrap_or_default();
     ui.label(last);
     let bars: Vec<egui_plot::Bar> = hist
         .iter()
-        .map(|(id, ms)| egui_plot::Bar::new(*id as f64, *ms as f64).name(format!("snapshot {id}")).width(0.7))
+        .map(|(id, ms)| {
+            egui_plot::Bar::new(*id as f64, *ms as f64)
+                .name(format!("snapshot {id}"))
+                .width(0.7)
+        })
         .collect();
-    let chart = egui_plot::BarChart::new("freeze window (ms)", bars).color(PhaseKind::Frozen.color());
+    let chart =
+        egui_plot::BarChart::new("freeze window (ms)", bars).color(PhaseKind::Frozen.color());
     egui_plot::Plot::new("freeze-plot")
         .height(ui.text_style_height(&egui::TextStyle::Body) * 9.0)
         .allow_drag(false)
@@ -334,7 +452,13 @@ pub fn freeze_plot(ui: &mut Ui, model: &Model) {
         .allow_scroll(false)
         .x_axis_label("snapshot")
         // Snapshot ids are whole numbers; no ticks between them.
-        .x_axis_formatter(|mark, _| if mark.value.fract() == 0.0 { format!("{}", mark.value) } else { String::new() })
+        .x_axis_formatter(|mark, _| {
+            if mark.value.fract() == 0.0 {
+                format!("{}", mark.value)
+            } else {
+                String::new()
+            }
+        })
         .y_axis_label("ms")
         // Wide enough for "2000": a narrow axis drops its labels.
         .y_axis_min_width(ui.text_style_height(&egui::TextStyle::Body) * 2.5)
@@ -353,62 +477,103 @@ pub fn snapshots(ui: &mut Ui, model: &Model, repo: &str) -> Vec<Command> {
     }
     let connected = model.link == Link::Connected;
     let job_free = model.job.is_none();
-    egui::ScrollArea::horizontal().id_salt("snapshots-scroll").auto_shrink([false, true]).show(ui, |ui| {
-        egui::Grid::new("snapshots-grid").num_columns(8).striped(true).spacing([14.0, 6.0]).show(ui, |ui| {
-            for h in ["Id", "Time", "Initiator", "Status", "Diff area", "Changed blocks", "Actions", "Mounted at"] {
-                ui.label(RichText::new(h).strong());
-            }
-            ui.end_row();
-            for row in model.snapshots.iter().rev() {
-                let id = row.id;
-                ui.label(id.to_string());
-                ui.label(format::utc(row.created_ms));
-                ui.label(&row.initiator);
-                let status = match (&row.status[..], &row.reason) {
-                    ("invalid", Some(r)) => format!("invalid: {r}"),
-                    (s, _) if row.blake3.is_some() => format!("{s}, verified"),
-                    (s, _) => s.to_string(),
-                };
-                ui.label(status);
-                ui.label(format::bytes(row.diff_bytes));
-                ui.label(row.changed_blocks.map(|b| b.to_string()).unwrap_or_else(|| "–".into()));
-                ui.horizontal(|ui| {
-                    let usable = connected && row.status != "invalid";
-                    if button(ui, usable && job_free, "Verify", &format!("Verify snapshot {id}"))
-                        .on_hover_text("Hash the snapshot image and record the hash")
-                        .clicked()
-                    {
-                        out.push(Command::Verify(id));
+    egui::ScrollArea::horizontal()
+        .id_salt("snapshots-scroll")
+        .auto_shrink([false, true])
+        .show(ui, |ui| {
+            egui::Grid::new("snapshots-grid")
+                .num_columns(8)
+                .striped(true)
+                .spacing([14.0, 6.0])
+                .show(ui, |ui| {
+                    for h in [
+                        "Id",
+                        "Time",
+                        "Initiator",
+                        "Status",
+                        "Diff area",
+                        "Changed blocks",
+                        "Actions",
+                        "Mounted at",
+                    ] {
+                        ui.label(RichText::new(h).strong());
                     }
-                    let has_repo = !repo.trim().is_empty();
-                    let b = button(ui, usable && job_free && has_repo, "Back up", &format!("Back up snapshot {id}"));
-                    let b = if has_repo {
-                        b.on_hover_text(format!("Back up to {repo}"))
-                    } else {
-                        b.on_disabled_hover_text("Set a backup repository in Settings first")
-                    };
-                    if b.clicked() {
-                        out.push(Command::Backup(id));
-                    }
-                    if button(ui, row.path.is_some(), "Open", &format!("Open mount of snapshot {id}"))
-                        .on_hover_text("Open the mounted snapshot in the file manager")
-                        .clicked()
-                    {
-                        out.push(Command::OpenMount(id));
-                    }
-                    if button(ui, connected, "Delete…", &format!("Delete snapshot {id}")).clicked() {
-                        out.push(Command::AskDelete(id));
+                    ui.end_row();
+                    for row in model.snapshots.iter().rev() {
+                        let id = row.id;
+                        ui.label(id.to_string());
+                        ui.label(format::utc(row.created_ms));
+                        ui.label(&row.initiator);
+                        let status = match (&row.status[..], &row.reason) {
+                            ("invalid", Some(r)) => format!("invalid: {r}"),
+                            (s, _) if row.blake3.is_some() => format!("{s}, verified"),
+                            (s, _) => s.to_string(),
+                        };
+                        ui.label(status);
+                        ui.label(format::bytes(row.diff_bytes));
+                        ui.label(
+                            row.changed_blocks
+                                .map(|b| b.to_string())
+                                .unwrap_or_else(|| "–".into()),
+                        );
+                        ui.horizontal(|ui| {
+                            let usable = connected && row.status != "invalid";
+                            if button(
+                                ui,
+                                usable && job_free,
+                                "Verify",
+                                &format!("Verify snapshot {id}"),
+                            )
+                            .on_hover_text("Hash the snapshot image and record the hash")
+                            .clicked()
+                            {
+                                out.push(Command::Verify(id));
+                            }
+                            let has_repo = !repo.trim().is_empty();
+                            let b = button(
+                                ui,
+                                usable && job_free && has_repo,
+                                "Back up",
+                                &format!("Back up snapshot {id}"),
+                            );
+                            let b = if has_repo {
+                                b.on_hover_text(format!("Back up to {repo}"))
+                            } else {
+                                b.on_disabled_hover_text(
+                                    "Set a backup repository in Settings first",
+                                )
+                            };
+                            if b.clicked() {
+                                out.push(Command::Backup(id));
+                            }
+                            if button(
+                                ui,
+                                row.path.is_some(),
+                                "Open",
+                                &format!("Open mount of snapshot {id}"),
+                            )
+                            .on_hover_text("Open the mounted snapshot in the file manager")
+                            .clicked()
+                            {
+                                out.push(Command::OpenMount(id));
+                            }
+                            if button(ui, connected, "Delete…", &format!("Delete snapshot {id}"))
+                                .clicked()
+                            {
+                                out.push(Command::AskDelete(id));
+                            }
+                        });
+                        // Last: the longest and least often needed column.
+                        ui.label(row.path.as_deref().unwrap_or("not mounted"));
+                        ui.end_row();
                     }
                 });
-                // Last: the longest and least often needed column.
-                ui.label(row.path.as_deref().unwrap_or("not mounted"));
-                ui.end_row();
-            }
+            // Room for the floating horizontal scroll bar, which would otherwise lie
+            // over the last row's buttons.
+            ui.add_space(
+                ui.spacing().scroll.bar_width + ui.spacing().scroll.bar_outer_margin + 6.0,
+            );
         });
-        // Room for the floating horizontal scroll bar, which would otherwise lie
-        // over the last row's buttons.
-        ui.add_space(ui.spacing().scroll.bar_width + ui.spacing().scroll.bar_outer_margin + 6.0);
-    });
     out
 }
 

@@ -37,7 +37,9 @@ fn idle() -> String {
 
 /// `null` reads as the default: a node leaves a field `null` while it does
 /// not know it yet (the initiator of a snapshot still being written, say).
-fn null_as_default<'de, D: serde::Deserializer<'de>, T: Default + Deserialize<'de>>(d: D) -> Result<T, D::Error> {
+fn null_as_default<'de, D: serde::Deserializer<'de>, T: Default + Deserialize<'de>>(
+    d: D,
+) -> Result<T, D::Error> {
     Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
 }
 
@@ -100,7 +102,11 @@ pub struct Failure {
 impl std::fmt::Display for Failure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match &self.writer {
-            Some(w) => write!(f, "node {} writer {} in {}: {}", self.node, w, self.phase, self.reason),
+            Some(w) => write!(
+                f,
+                "node {} writer {} in {}: {}",
+                self.node, w, self.phase, self.reason
+            ),
             None => write!(f, "node {} in {}: {}", self.node, self.phase, self.reason),
         }
     }
@@ -182,12 +188,20 @@ struct ProgressLine {
 /// The progress in one stderr line, `None` for any other line (log output,
 /// warnings), which the console passes through to its own log.
 pub fn parse_progress(line: &str) -> Option<Progress> {
-    serde_json::from_str::<ProgressLine>(line.trim()).ok().map(|l| l.progress)
+    serde_json::from_str::<ProgressLine>(line.trim())
+        .ok()
+        .map(|l| l.progress)
 }
 
 /// Decodes one answer `what` (a request name, for the message) into `T`.
-pub fn decode<T: serde::de::DeserializeOwned>(what: &'static str, v: serde_json::Value) -> crate::Result<T> {
-    serde_json::from_value(v).map_err(|e| crate::Error::Malformed { what, detail: e.to_string() })
+pub fn decode<T: serde::de::DeserializeOwned>(
+    what: &'static str,
+    v: serde_json::Value,
+) -> crate::Result<T> {
+    serde_json::from_value(v).map_err(|e| crate::Error::Malformed {
+        what,
+        detail: e.to_string(),
+    })
 }
 
 #[cfg(test)]
@@ -200,14 +214,20 @@ mod tests {
             r#"{"snapshot":7,"node":"n2","phase":"frozen","edge":"enter","at_ms":1795313600123,"writer":"db"}"#,
         )
         .unwrap();
-        assert_eq!((ev.node.as_str(), ev.writer.as_deref(), ev.edge), ("n2", Some("db"), Edge::Enter));
+        assert_eq!(
+            (ev.node.as_str(), ev.writer.as_deref(), ev.edge),
+            ("n2", Some("db"), Edge::Enter)
+        );
         let row: SnapshotRow = serde_json::from_str(
             r#"{"id":7,"created_ms":1,"initiator":"n1","status":"complete","reason":null,
              "diff_bytes":1048576,"diff_blocks":16,"changed_blocks":16,"freeze_window_ms":12,
              "path":"/x/snapshots/7","blake3":null}"#,
         )
         .unwrap();
-        assert_eq!((row.diff_bytes, row.changed_blocks, row.freeze_window_ms), (1048576, Some(16), Some(12)));
+        assert_eq!(
+            (row.diff_bytes, row.changed_blocks, row.freeze_window_ms),
+            (1048576, Some(16), Some(12))
+        );
         let st: Status = serde_json::from_str(
             r#"{"node":"n1","cluster":"demo","phase":"idle","in_flight":null,"future_field":3,
              "nodes":[{"node":"n2","connected":false,"phase":"frozen","snapshot":7,"writers":[{"name":"db","state":"frozen"}]}]}"#,
@@ -222,7 +242,10 @@ mod tests {
             r#"{"id":5,"created_ms":1,"initiator":null,"status":"open","diff_bytes":null,"changed_blocks":null,"path":null}"#,
         )
         .unwrap();
-        assert_eq!((row.initiator.as_str(), row.diff_bytes, row.path), ("", 0, None));
+        assert_eq!(
+            (row.initiator.as_str(), row.diff_bytes, row.path),
+            ("", 0, None)
+        );
     }
 
     #[test]

@@ -47,7 +47,10 @@ fn take_snapshot_asks_the_node_and_every_node_reaches_done_on_the_timeline() {
     settle(&mut h);
     assert_eq!(fake.take_requests(), vec![Request::TakeSnapshot]);
     assert!(h.state().model.creating);
-    assert!(disabled(&h, "Take snapshot"), "one snapshot at a time from this console");
+    assert!(
+        disabled(&h, "Take snapshot"),
+        "one snapshot at a time from this console"
+    );
 
     for ev in demo::complete_events(6, T0, 1) {
         fake.push(Update::Event(ev));
@@ -81,9 +84,12 @@ fn wait_for_returns_once_updates_from_another_thread_arrive() {
         fake
     });
     let all_done = |m: &freezeframe_gui::model::Model| {
-        m.timeline(T0).is_some_and(|t| t.tracks.len() == 3 && !t.running)
+        m.timeline(T0)
+            .is_some_and(|t| t.tracks.len() == 3 && !t.running)
     };
-    assert!(h.state_mut().wait_for(std::time::Duration::from_secs(5), all_done));
+    assert!(h
+        .state_mut()
+        .wait_for(std::time::Duration::from_secs(5), all_done));
     let _fake = pusher.join().unwrap();
     settle(&mut h);
     h.get_by_label("n2: done");
@@ -102,7 +108,9 @@ fn a_killed_node_shows_as_the_failure_with_its_name() {
     fake.push(Update::Report(demo::n3_killed_report(4, T0)));
     settle(&mut h);
 
-    h.get_by_label_contains("Snapshot 4 failed on node n3, in phase freezing: peer n3 disconnected");
+    h.get_by_label_contains(
+        "Snapshot 4 failed on node n3, in phase freezing: peer n3 disconnected",
+    );
     h.get_by_label("n1: aborted");
     h.get_by_label("n2: aborted");
     h.get_by_label("n3: freezing");
@@ -113,7 +121,8 @@ fn a_killed_node_shows_as_the_failure_with_its_name() {
 fn an_unreachable_node_gets_a_plain_banner_and_snapshots_wait() {
     let (mut h, fake) = console(2, 1.0);
     fake.push(Update::Link(Link::Unreachable {
-        reason: "cannot connect to /run/ff/n1/control.sock: Connection refused (os error 111)".into(),
+        reason: "cannot connect to /run/ff/n1/control.sock: Connection refused (os error 111)"
+            .into(),
     }));
     settle(&mut h);
     h.get_by_label_contains(
@@ -122,7 +131,9 @@ fn an_unreachable_node_gets_a_plain_banner_and_snapshots_wait() {
     assert!(disabled(&h, "Take snapshot"));
     fake.push(Update::Link(Link::Connected));
     settle(&mut h);
-    assert!(h.query_by_label_contains("unreachable: cannot connect").is_none());
+    assert!(h
+        .query_by_label_contains("unreachable: cannot connect")
+        .is_none());
     assert!(!disabled(&h, "Take snapshot"));
 }
 
@@ -131,7 +142,11 @@ fn delete_asks_for_confirmation_first() {
     let (mut h, mut fake) = console(3, 1.0);
     h.get_by_label("Delete snapshot 2").click();
     settle(&mut h);
-    assert_eq!(fake.take_requests(), vec![], "nothing is deleted before confirming");
+    assert_eq!(
+        fake.take_requests(),
+        vec![],
+        "nothing is deleted before confirming"
+    );
     h.get_by_label("Delete snapshot 2?");
     h.get_by_label("Keep it").click();
     settle(&mut h);
@@ -160,17 +175,36 @@ fn back_up_waits_for_a_repository_then_runs_with_progress_and_cancel() {
     assert_eq!(h.state().settings.repository, "/backups/ff");
     h.get_by_label("Back up snapshot 3").click();
     settle(&mut h);
-    assert_eq!(fake.take_requests(), vec![Request::Backup { id: 3, repo: "/backups/ff".into() }]);
-    assert!(disabled(&h, "Verify snapshot 1"), "one long operation at a time");
+    assert_eq!(
+        fake.take_requests(),
+        vec![Request::Backup {
+            id: 3,
+            repo: "/backups/ff".into()
+        }]
+    );
+    assert!(
+        disabled(&h, "Verify snapshot 1"),
+        "one long operation at a time"
+    );
 
-    fake.push(Update::JobStarted { kind: JobKind::Backup, id: 3 });
-    fake.push(Update::JobProgress(Progress { done: 3 << 20, total: 4 << 20 }));
+    fake.push(Update::JobStarted {
+        kind: JobKind::Backup,
+        id: 3,
+    });
+    fake.push(Update::JobProgress(Progress {
+        done: 3 << 20,
+        total: 4 << 20,
+    }));
     settle(&mut h);
     h.get_by_label_contains("Backing up snapshot 3: 75%");
     h.get_by_label("Cancel").click();
     settle(&mut h);
     assert_eq!(fake.take_requests(), vec![Request::CancelJob]);
-    fake.push(Update::JobFinished { kind: JobKind::Backup, id: 3, outcome: Err("cancelled".into()) });
+    fake.push(Update::JobFinished {
+        kind: JobKind::Backup,
+        id: 3,
+        outcome: Err("cancelled".into()),
+    });
     settle(&mut h);
     h.get_by_label("Could not back up snapshot 3: cancelled");
     assert!(h.query_by_label("Cancel").is_none());
@@ -186,11 +220,19 @@ fn open_mount_falls_back_to_the_path_with_a_copy_button() {
     fake.push(Update::ShowPath(path.clone()));
     settle(&mut h);
     h.get_by_label("Mounted snapshot");
-    assert_eq!(h.query_all_by_label(&path).count(), 2, "the path is in the table and in the dialog");
+    assert_eq!(
+        h.query_all_by_label(&path).count(),
+        2,
+        "the path is in the table and in the dialog"
+    );
     h.get_by_label("Copy path").click();
     h.step(); // the frame that handles the click carries the clipboard command
     assert!(
-        h.output().platform_output.commands.iter().any(|c| matches!(c, egui::OutputCommand::CopyText(t) if *t == path)),
+        h.output()
+            .platform_output
+            .commands
+            .iter()
+            .any(|c| matches!(c, egui::OutputCommand::CopyText(t) if *t == path)),
         "the path went to the clipboard"
     );
     h.get_by_label("Close").click();
@@ -208,6 +250,9 @@ fn at_200_percent_the_main_actions_stay_inside_the_window() {
     let window = egui::Rect::from_min_size(egui::Pos2::ZERO, egui::vec2(1280.0, 800.0));
     for label in ["Take snapshot", "n1: done", "n3: done", "Backup repository"] {
         let r = h.get_by_label(label).rect();
-        assert!(window.contains_rect(r), "{label} at {r:?} is outside the window");
+        assert!(
+            window.contains_rect(r),
+            "{label} at {r:?} is outside the window"
+        );
     }
 }

@@ -29,10 +29,16 @@ pub enum ControlRequest {
         timeout_ms: Option<u64>,
     },
     SnapshotList,
-    SnapshotShow { id: u64 },
-    SnapshotDelete { id: u64 },
+    SnapshotShow {
+        id: u64,
+    },
+    SnapshotDelete {
+        id: u64,
+    },
     /// Compute the blake3 hash of the snapshot image and record it in its manifest.
-    SnapshotVerify { id: u64 },
+    SnapshotVerify {
+        id: u64,
+    },
     /// Follow the phase event stream.
     Events,
 }
@@ -49,10 +55,18 @@ pub struct ControlResponse {
 
 impl ControlResponse {
     pub fn ok(result: serde_json::Value) -> Self {
-        ControlResponse { ok: true, result: Some(result), error: None }
+        ControlResponse {
+            ok: true,
+            result: Some(result),
+            error: None,
+        }
     }
     pub fn err(msg: impl Into<String>) -> Self {
-        ControlResponse { ok: false, result: None, error: Some(msg.into()) }
+        ControlResponse {
+            ok: false,
+            result: None,
+            error: Some(msg.into()),
+        }
     }
 }
 
@@ -65,7 +79,10 @@ pub struct LineReader<R> {
 
 impl<R: AsyncRead + Unpin> LineReader<R> {
     pub fn new(r: R) -> Self {
-        LineReader { inner: BufReader::new(r), buf: Vec::new() }
+        LineReader {
+            inner: BufReader::new(r),
+            buf: Vec::new(),
+        }
     }
 
     /// The next line without its newline; `Ok(None)` at end of stream.
@@ -74,7 +91,11 @@ impl<R: AsyncRead + Unpin> LineReader<R> {
         self.buf.clear();
         let mut too_long = false;
         loop {
-            let avail = self.inner.fill_buf().await.map_err(Error::io("reading a line"))?;
+            let avail = self
+                .inner
+                .fill_buf()
+                .await
+                .map_err(Error::io("reading a line"))?;
             if avail.is_empty() {
                 if self.buf.is_empty() && !too_long {
                     return Ok(None);
@@ -112,7 +133,9 @@ impl<R: AsyncRead + Unpin> LineReader<R> {
 pub async fn write_line<W: AsyncWrite + Unpin, T: Serialize>(w: &mut W, value: &T) -> Result<()> {
     let mut line = serde_json::to_vec(value).map_err(|e| Error::Malformed(e.to_string()))?;
     line.push(b'\n');
-    w.write_all(&line).await.map_err(Error::io("writing a line"))?;
+    w.write_all(&line)
+        .await
+        .map_err(Error::io("writing a line"))?;
     w.flush().await.map_err(Error::io("writing a line"))?;
     Ok(())
 }
@@ -127,24 +150,36 @@ pub struct ControlClient {
 
 impl ControlClient {
     pub async fn connect(path: &std::path::Path) -> Result<ControlClient> {
-        let stream = tokio::net::UnixStream::connect(path).await.map_err(|e| Error::NodeUnreachable {
-            path: path.to_path_buf(),
-            source: e,
-        })?;
+        let stream =
+            tokio::net::UnixStream::connect(path)
+                .await
+                .map_err(|e| Error::NodeUnreachable {
+                    path: path.to_path_buf(),
+                    source: e,
+                })?;
         let (r, w) = stream.into_split();
-        Ok(ControlClient { reader: LineReader::new(r), writer: w, path: path.to_path_buf() })
+        Ok(ControlClient {
+            reader: LineReader::new(r),
+            writer: w,
+            path: path.to_path_buf(),
+        })
     }
 
     /// Sends a request and waits for its answer; a node-side failure becomes `Error::Remote`.
     pub async fn call(&mut self, req: &ControlRequest) -> Result<serde_json::Value> {
         write_line(&mut self.writer, req).await?;
-        let resp = self.next_response().await?.ok_or_else(|| Error::NodeClosed {
-            path: self.path.clone(),
-        })?;
+        let resp = self
+            .next_response()
+            .await?
+            .ok_or_else(|| Error::NodeClosed {
+                path: self.path.clone(),
+            })?;
         if resp.ok {
             Ok(resp.result.unwrap_or(serde_json::Value::Null))
         } else {
-            Err(Error::Remote(resp.error.unwrap_or_else(|| "unknown error".into())))
+            Err(Error::Remote(
+                resp.error.unwrap_or_else(|| "unknown error".into()),
+            ))
         }
     }
 

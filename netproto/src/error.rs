@@ -206,7 +206,10 @@ fn ctx(context: &Option<String>) -> String {
 impl Error {
     /// Wraps an I/O error of a local socket with what was being done.
     pub fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> Error {
-        move |source| Error::Io { context: Some(what.to_string()), source }
+        move |source| Error::Io {
+            context: Some(what.to_string()),
+            source,
+        }
     }
 
     /// Attaches "where it happened" (peer and address) to a frame or stream

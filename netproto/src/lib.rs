@@ -29,6 +29,6 @@ pub use endpoint::{EndpointOptions, PeerConnection, PeerEndpoint, Refusal};
 pub use error::{Error, Result};
 pub use frame::{Frame, FrameCodec, FrameKind, FramedRecv, FramedSend};
 pub use pki::{CaCertificate, ClusterCa, NodeIdentity};
-pub use tls::{MemberList, ALPN};
 /// The QUIC implementation, for the stream types in [`FramedSend`] / [`FramedRecv`].
 pub use quinn;
+pub use tls::{MemberList, ALPN};

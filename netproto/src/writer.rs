@@ -34,27 +34,51 @@ pub enum WriterRequest {
         #[serde(default)]
         freeze_timeout_ms: Option<u64>,
     },
-    Ack { event: EventKind, snapshot: u64 },
-    Veto { event: EventKind, snapshot: u64, reason: String },
+    Ack {
+        event: EventKind,
+        snapshot: u64,
+    },
+    Veto {
+        event: EventKind,
+        snapshot: u64,
+        reason: String,
+    },
 }
 
 /// A line from the node.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum WriterEvent {
-    Registered { writer: String },
-    Freeze { snapshot: u64 },
-    Thaw { snapshot: u64 },
-    PostSnapshot { snapshot: u64, path: String },
-    Abort { snapshot: u64, reason: String },
+    Registered {
+        writer: String,
+    },
+    Freeze {
+        snapshot: u64,
+    },
+    Thaw {
+        snapshot: u64,
+    },
+    PostSnapshot {
+        snapshot: u64,
+        path: String,
+    },
+    Abort {
+        snapshot: u64,
+        reason: String,
+    },
     /// The last line was not understood; the connection stays open.
-    Error { message: String },
+    Error {
+        message: String,
+    },
 }
 
 /// Parses one line from an application, with an error that says what is wrong.
 pub fn parse_writer_line(line: &str) -> std::result::Result<WriterRequest, String> {
     if line.len() > MAX_WRITER_LINE {
-        return Err(format!("line of {} bytes is longer than {MAX_WRITER_LINE}", line.len()));
+        return Err(format!(
+            "line of {} bytes is longer than {MAX_WRITER_LINE}",
+            line.len()
+        ));
     }
     serde_json::from_str(line).map_err(|e| format!("malformed writer message: {e}"))
 }
@@ -68,16 +92,25 @@ mod tests {
         let r = parse_writer_line(r#"{"op":"register","name":"db"}"#).unwrap();
         assert_eq!(
             r,
-            WriterRequest::Register { name: "db".into(), on_error: OnError::Fail, freeze_timeout_ms: None }
+            WriterRequest::Register {
+                name: "db".into(),
+                on_error: OnError::Fail,
+                freeze_timeout_ms: None
+            }
         );
     }
 
     #[test]
     fn veto_carries_reason() {
-        let r = parse_writer_line(r#"{"op":"veto","event":"freeze","snapshot":3,"reason":"busy"}"#).unwrap();
+        let r = parse_writer_line(r#"{"op":"veto","event":"freeze","snapshot":3,"reason":"busy"}"#)
+            .unwrap();
         assert_eq!(
             r,
-            WriterRequest::Veto { event: EventKind::Freeze, snapshot: 3, reason: "busy".into() }
+            WriterRequest::Veto {
+                event: EventKind::Freeze,
+                snapshot: 3,
+                reason: "busy".into()
+            }
         );
     }
 
@@ -90,7 +123,10 @@ mod tests {
 
     #[test]
     fn events_serialize_as_documented() {
-        let e = WriterEvent::PostSnapshot { snapshot: 7, path: "/m/snapshots/7/volume.img".into() };
+        let e = WriterEvent::PostSnapshot {
+            snapshot: 7,
+            path: "/m/snapshots/7/volume.img".into(),
+        };
         assert_eq!(
             serde_json::to_string(&e).unwrap(),
             r#"{"event":"post_snapshot","snapshot":7,"path":"/m/snapshots/7/volume.img"}"#

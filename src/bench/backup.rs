@@ -54,16 +54,18 @@ struct Step {
 pub fn run(args: BenchBackupArgs) -> Result<()> {
     let json_out = args.json;
     let size = freezeframe_core::units::parse_size(&args.size)?;
-    let bs = u32::try_from(freezeframe_core::units::parse_size(&args.block_size)?).context("--block-size")?;
-    let pct: f64 = args
-        .change
-        .trim_end_matches('%')
-        .parse()
-        .with_context(|| format!("--change {:?}: expected a percentage like 1%", args.change))?;
+    let bs = u32::try_from(freezeframe_core::units::parse_size(&args.block_size)?)
+        .context("--block-size")?;
+    let pct: f64 =
+        args.change.trim_end_matches('%').parse().with_context(|| {
+            format!("--change {:?}: expected a percentage like 1%", args.change)
+        })?;
     if !(0.0..=100.0).contains(&pct) {
         bail!("--change {pct}% is outside 0..100%");
     }
-    let work = args.dir.join(format!("freezeframe-bench-backup-{}", std::process::id()));
+    let work = args
+        .dir
+        .join(format!("freezeframe-bench-backup-{}", std::process::id()));
     std::fs::create_dir_all(&work).with_context(|| format!("cannot create {}", work.display()))?;
     let result = bench(&work, size, bs, pct, args.only_ours, json_out);
     if !args.keep {
@@ -78,7 +80,14 @@ pub fn run(args: BenchBackupArgs) -> Result<()> {
     Ok(())
 }
 
-fn bench(work: &Path, size: u64, bs: u32, pct: f64, only_ours: bool, json_out: bool) -> Result<Value> {
+fn bench(
+    work: &Path,
+    size: u64,
+    bs: u32,
+    pct: f64,
+    only_ours: bool,
+    json_out: bool,
+) -> Result<Value> {
     let say = |msg: &str| {
         if !json_out {
             eprintln!("{msg}");
@@ -86,7 +95,10 @@ fn bench(work: &Path, size: u64, bs: u32, pct: f64, only_ours: bool, json_out: b
     };
     let image = work.join("volume.img");
     let vol = Volume::create(&image, size, bs, None)?;
-    say(&format!("filling a {} volume with random data", crate::human_bytes(size)));
+    say(&format!(
+        "filling a {} volume with random data",
+        crate::human_bytes(size)
+    ));
     let mut rng = rand::rngs::StdRng::seed_from_u64(0x5eed);
     let mut buf = vec![0u8; 8 << 20];
     let mut off = 0;
@@ -107,7 +119,11 @@ fn bench(work: &Path, size: u64, bs: u32, pct: f64, only_ours: bool, json_out: b
         Ok(())
     })?;
 
-    let restic = if only_ours { None } else { Tool::find("restic") };
+    let restic = if only_ours {
+        None
+    } else {
+        Tool::find("restic")
+    };
     let borg = if only_ours { None } else { Tool::find("borg") };
     let mut restic_full = None;
     let mut borg_full = None;
@@ -141,7 +157,8 @@ fn bench(work: &Path, size: u64, bs: u32, pct: f64, only_ours: bool, json_out: b
     say("ours: express-full backup");
     let mut inc_manifest = None;
     let inc = timed(&ours_repo, || {
-        inc_manifest = Some(repo.backup(&VolumeSnapshotSource::new(&vol, Some(snap2))?, &NoProgress)?);
+        inc_manifest =
+            Some(repo.backup(&VolumeSnapshotSource::new(&vol, Some(snap2))?, &NoProgress)?);
         Ok(())
     })?;
     let inc_manifest = inc_manifest.context("incremental backup produced no manifest")?;
@@ -168,12 +185,18 @@ fn bench(work: &Path, size: u64, bs: u32, pct: f64, only_ours: bool, json_out: b
         bail!("the restored image differs from snapshot {snap2}: the benchmark's backup is wrong");
     }
 
-    let step = |s: &Option<Step>| s.as_ref().map(|s| json!({ "secs": s.secs, "repo_growth_bytes": s.growth }));
+    let step = |s: &Option<Step>| {
+        s.as_ref()
+            .map(|s| json!({ "secs": s.secs, "repo_growth_bytes": s.growth }))
+    };
     let missing = |t: &Option<Tool>, name: &str| {
         if only_ours {
             json!("skipped (--only-ours)")
         } else if t.is_none() {
-            json!(format!("{name} is not installed (apt-get install {})", if name == "borg" { "borgbackup" } else { name }))
+            json!(format!(
+                "{name} is not installed (apt-get install {})",
+                if name == "borg" { "borgbackup" } else { name }
+            ))
         } else {
             Value::Null
         }
@@ -224,11 +247,16 @@ fn timed(repo: &Path, f: impl FnOnce() -> Result<()>) -> Result<Step> {
     let before = dir_bytes(repo);
     let t = Instant::now();
     f()?;
-    Ok(Step { secs: t.elapsed().as_secs_f64(), growth: dir_bytes(repo).saturating_sub(before) })
+    Ok(Step {
+        secs: t.elapsed().as_secs_f64(),
+        growth: dir_bytes(repo).saturating_sub(before),
+    })
 }
 
 fn dir_bytes(dir: &Path) -> u64 {
-    let Ok(rd) = std::fs::read_dir(dir) else { return 0 };
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return 0;
+    };
     rd.flatten()
         .map(|e| match e.metadata() {
             Ok(m) if m.is_dir() => dir_bytes(&e.path()),
@@ -274,11 +302,23 @@ struct Tool {
 impl Tool {
     fn find(name: &'static str) -> Option<Tool> {
         // restic reports its version with a subcommand, borg with a flag.
-        let out = Command::new(name).arg(if name == "restic" { "version" } else { "--version" }).output().ok()?;
+        let out = Command::new(name)
+            .arg(if name == "restic" {
+                "version"
+            } else {
+                "--version"
+            })
+            .output()
+            .ok()?;
         if !out.status.success() {
             return None;
         }
-        let version = String::from_utf8_lossy(&out.stdout).lines().next().unwrap_or("").trim().to_string();
+        let version = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_string();
         Some(Tool { name, version })
     }
 
@@ -298,9 +338,16 @@ impl Tool {
     }
 
     fn exec(&self, mut c: Command) -> Result<()> {
-        let out = c.output().with_context(|| format!("cannot run {}", self.name))?;
+        let out = c
+            .output()
+            .with_context(|| format!("cannot run {}", self.name))?;
         if !out.status.success() {
-            bail!("{} failed ({}): {}", self.name, out.status, String::from_utf8_lossy(&out.stderr).trim());
+            bail!(
+                "{} failed ({}): {}",
+                self.name,
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
         }
         Ok(())
     }
@@ -325,15 +372,26 @@ impl Tool {
         let mut c = self.command(work);
         match self.name {
             "restic" => c.args(["backup", "-q", "--repo"]).arg(&repo).arg(image),
-            _ => c.arg("create").arg(format!("{}::{label}", repo.display())).arg(image),
+            _ => c
+                .arg("create")
+                .arg(format!("{}::{label}", repo.display()))
+                .arg(image),
         };
         timed(&repo, || self.exec(c))
     }
 }
 
 fn print_human(r: &Value) {
-    let f = |v: &Value| v.as_f64().map(|x| format!("{x:.2}")).unwrap_or_else(|| "-".into());
-    let b = |v: &Value| v.as_u64().map(crate::human_bytes).unwrap_or_else(|| "-".into());
+    let f = |v: &Value| {
+        v.as_f64()
+            .map(|x| format!("{x:.2}"))
+            .unwrap_or_else(|| "-".into())
+    };
+    let b = |v: &Value| {
+        v.as_u64()
+            .map(crate::human_bytes)
+            .unwrap_or_else(|| "-".into())
+    };
     println!(
         "volume {} in {}-byte blocks, {} blocks ({}) changed",
         b(&r["volume"]["size"]),
@@ -341,7 +399,10 @@ fn print_human(r: &Value) {
         r["volume"]["changed_blocks"],
         b(&r["volume"]["changed_bytes"])
     );
-    println!("{:<8} {:>10} {:>12} {:>10} {:>14}", "tool", "full s", "repo", "incr s", "incr growth");
+    println!(
+        "{:<8} {:>10} {:>12} {:>10} {:>14}",
+        "tool", "full s", "repo", "incr s", "incr growth"
+    );
     println!(
         "{:<8} {:>10} {:>12} {:>10} {:>14}",
         "ours",

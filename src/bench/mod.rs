@@ -3,10 +3,10 @@
 
 use clap::Subcommand;
 
-pub mod mount;
-pub mod snapshot;
 pub mod backup;
+pub mod mount;
 pub mod replica;
+pub mod snapshot;
 pub mod volume;
 
 /// The benchmarks.

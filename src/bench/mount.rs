@@ -70,7 +70,9 @@ fn seq_read(path: &Path) -> Result<(u64, f64)> {
     let t = Instant::now();
     let mut total = 0u64;
     loop {
-        let n = f.read(&mut buf).with_context(|| format!("read {} at {total}", path.display()))?;
+        let n = f
+            .read(&mut buf)
+            .with_context(|| format!("read {} at {total}", path.display()))?;
         if n == 0 {
             break;
         }
@@ -84,7 +86,8 @@ fn random_reads(path: &Path, offsets: &[u64]) -> Result<f64> {
     let mut buf = vec![0u8; 4096];
     let t = Instant::now();
     for &off in offsets {
-        f.read_exact_at(&mut buf, off).with_context(|| format!("read {} at {off}", path.display()))?;
+        f.read_exact_at(&mut buf, off)
+            .with_context(|| format!("read {} at {off}", path.display()))?;
     }
     Ok(t.elapsed().as_secs_f64())
 }
@@ -92,7 +95,10 @@ fn random_reads(path: &Path, offsets: &[u64]) -> Result<f64> {
 /// Writes `len` bytes of random data from `start` through `path` in 1 MiB writes, then
 /// fsyncs; returns seconds. Each 4 KiB page is distinct (its offset is stamped in it).
 fn write_random(path: &Path, start: u64, len: u64, rng: &mut impl RngCore) -> Result<f64> {
-    let f = OpenOptions::new().write(true).open(path).with_context(|| format!("open {} for write", path.display()))?;
+    let f = OpenOptions::new()
+        .write(true)
+        .open(path)
+        .with_context(|| format!("open {} for write", path.display()))?;
     let mut pool = vec![0u8; 64 * MIB as usize];
     rng.fill_bytes(&mut pool);
     let t = Instant::now();
@@ -104,10 +110,12 @@ fn write_random(path: &Path, start: u64, len: u64, rng: &mut impl RngCore) -> Re
         for (i, page) in chunk.chunks_mut(4096).enumerate() {
             page[..8].copy_from_slice(&(off + i as u64 * 4096).to_le_bytes());
         }
-        f.write_all_at(chunk, off).with_context(|| format!("write {} at {off}", path.display()))?;
+        f.write_all_at(chunk, off)
+            .with_context(|| format!("write {} at {off}", path.display()))?;
         off += n as u64;
     }
-    f.sync_all().with_context(|| format!("fsync {}", path.display()))?;
+    f.sync_all()
+        .with_context(|| format!("fsync {}", path.display()))?;
     Ok(t.elapsed().as_secs_f64())
 }
 
@@ -117,9 +125,19 @@ struct Bindfs(PathBuf);
 impl Bindfs {
     fn mount(src: &Path, at: &Path) -> Result<Bindfs> {
         std::fs::create_dir_all(at)?;
-        let out = Command::new("bindfs").arg("-r").arg(src).arg(at).output().context("run bindfs (Debian package bindfs)")?;
+        let out = Command::new("bindfs")
+            .arg("-r")
+            .arg(src)
+            .arg(at)
+            .output()
+            .context("run bindfs (Debian package bindfs)")?;
         if !out.status.success() {
-            bail!("bindfs {} {}: {}", src.display(), at.display(), String::from_utf8_lossy(&out.stderr).trim());
+            bail!(
+                "bindfs {} {}: {}",
+                src.display(),
+                at.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
         }
         Ok(Bindfs(at.to_path_buf()))
     }
@@ -138,7 +156,11 @@ fn fadvise_dontneed(path: &Path) -> Result<()> {
     // SAFETY: a valid open fd; offset 0 and length 0 mean the whole file.
     let rc = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
     if rc != 0 {
-        bail!("posix_fadvise DONTNEED on {}: {}", path.display(), std::io::Error::from_raw_os_error(rc));
+        bail!(
+            "posix_fadvise DONTNEED on {}: {}",
+            path.display(),
+            std::io::Error::from_raw_os_error(rc)
+        );
     }
     Ok(())
 }
@@ -167,7 +189,11 @@ impl Pair<'_> {
             prepare()?;
             let (bytes, secs) = seq_read(p)?;
             if bytes != self.size {
-                bail!("short sequential read of {}: {bytes} of {} bytes", p.display(), self.size);
+                bail!(
+                    "short sequential read of {}: {bytes} of {} bytes",
+                    p.display(),
+                    self.size
+                );
             }
             Ok(gbps(bytes, secs))
         };
@@ -177,7 +203,13 @@ impl Pair<'_> {
         let iops_ff = reads as f64 / random_reads(self.ff, self.offsets)?;
         prepare()?;
         let iops_bf = reads as f64 / random_reads(self.bf, self.offsets)?;
-        Ok(Figures { seq_ff, seq_bf, iops_ff, iops_bf, reads })
+        Ok(Figures {
+            seq_ff,
+            seq_bf,
+            iops_ff,
+            iops_bf,
+            reads,
+        })
     }
 }
 
@@ -198,16 +230,36 @@ fn gbps(bytes: u64, secs: f64) -> f64 {
 
 pub fn run(args: &Args) -> Result<()> {
     if args.size < 64 * MIB || args.size % MIB != 0 {
-        bail!("--size must be a whole number of MiB, at least 64MiB (got {})", args.size);
+        bail!(
+            "--size must be a whole number of MiB, at least 64MiB (got {})",
+            args.size
+        );
     }
-    let work = tempfile::Builder::new().prefix("freezeframe-bench-mount.").tempdir_in(&args.dir).with_context(|| format!("temp dir in {}", args.dir.display()))?;
+    let work = tempfile::Builder::new()
+        .prefix("freezeframe-bench-mount.")
+        .tempdir_in(&args.dir)
+        .with_context(|| format!("temp dir in {}", args.dir.display()))?;
     let vol_path = work.path().join("volume.img");
-    let volume = Volume::create(&vol_path, args.size, 64 * 1024, Some(&work.path().join("state"))).context("create the volume")?;
-    let mnt = freezeframe_fusefs::mount(Arc::new(Vfs::for_volume(volume.clone())), &work.path().join("mnt"), freezeframe_fusefs::MountConfig::default())?;
+    let volume = Volume::create(
+        &vol_path,
+        args.size,
+        64 * 1024,
+        Some(&work.path().join("state")),
+    )
+    .context("create the volume")?;
+    let mnt = freezeframe_fusefs::mount(
+        Arc::new(Vfs::for_volume(volume.clone())),
+        &work.path().join("mnt"),
+        freezeframe_fusefs::MountConfig::default(),
+    )?;
     let live = mnt.mountpoint().join("live/volume.img");
     let mut rng = rand::rngs::StdRng::seed_from_u64(args.seed);
 
-    eprintln!("filling {} MiB through {} ...", args.size / MIB, live.display());
+    eprintln!(
+        "filling {} MiB through {} ...",
+        args.size / MIB,
+        live.display()
+    );
     let fill_secs = write_random(&live, 0, args.size, &mut rng)?;
 
     let plain_dir = work.path().join("plain");
@@ -222,8 +274,15 @@ pub fn run(args: &Args) -> Result<()> {
     let snap_img = mnt.mountpoint().join(format!("snapshots/{id}/volume.img"));
 
     let pages = args.size / 4096;
-    let offsets: Vec<u64> = (0..args.random_reads).map(|_| rng.gen_range(0..pages) * 4096).collect();
-    let pair = Pair { ff: &snap_img, bf: &bind_img, offsets: &offsets, size: args.size };
+    let offsets: Vec<u64> = (0..args.random_reads)
+        .map(|_| rng.gen_range(0..pages) * 4096)
+        .collect();
+    let pair = Pair {
+        ff: &snap_img,
+        bf: &bind_img,
+        offsets: &offsets,
+        size: args.size,
+    };
     let mut cold = true;
     let cold_storage = pair.measure(&mut || {
         cold &= drop_caches();

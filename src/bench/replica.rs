@@ -58,7 +58,10 @@ impl Drop for Secondary {
 }
 
 fn parse_percent(s: &str) -> Result<f64> {
-    let v: f64 = s.trim_end_matches('%').parse().with_context(|| format!("--change {s:?}: expected a percentage like 1%"))?;
+    let v: f64 = s
+        .trim_end_matches('%')
+        .parse()
+        .with_context(|| format!("--change {s:?}: expected a percentage like 1%"))?;
     if !(0.0..=100.0).contains(&v) {
         bail!("--change {s:?}: must be between 0% and 100%");
     }
@@ -92,7 +95,13 @@ fn export_image(v: &Volume, id: u64, path: &Path) -> Result<()> {
 
 fn rsync(src: &Path, dst_dir: &Path) -> Result<f64> {
     let start = Instant::now();
-    let out = Command::new("rsync").arg("--inplace").arg("--no-whole-file").arg(src).arg(dst_dir).output().context("running rsync (is the rsync package installed?)")?;
+    let out = Command::new("rsync")
+        .arg("--inplace")
+        .arg("--no-whole-file")
+        .arg(src)
+        .arg(dst_dir)
+        .output()
+        .context("running rsync (is the rsync package installed?)")?;
     if !out.status.success() {
         bail!("rsync failed: {}", String::from_utf8_lossy(&out.stderr));
     }
@@ -134,7 +143,9 @@ fn tcp_copy(src: &Path, dst: &Path) -> Result<f64> {
         sock.write_all(&buf[..n])?;
     }
     drop(sock);
-    let got = receiver.join().map_err(|_| anyhow::anyhow!("TCP receiver thread panicked"))??;
+    let got = receiver
+        .join()
+        .map_err(|_| anyhow::anyhow!("TCP receiver thread panicked"))??;
     let secs = start.elapsed().as_secs_f64();
     if got != std::fs::metadata(src)?.len() {
         bail!("TCP copy moved {got} bytes, not the whole image");
@@ -147,9 +158,20 @@ pub fn run(args: BenchReplicaArgs) -> Result<()> {
     let size = parse_size(&args.size)?;
     let bs = parse_block_size(&args.block_size)?;
     let change = parse_percent(&args.change)?;
-    let tmp = tempfile::Builder::new().prefix("freezeframe-bench-replica-").tempdir_in(&args.dir).with_context(|| format!("temp dir in {}", args.dir.display()))?;
+    let tmp = tempfile::Builder::new()
+        .prefix("freezeframe-bench-replica-")
+        .tempdir_in(&args.dir)
+        .with_context(|| format!("temp dir in {}", args.dir.display()))?;
     let root = tmp.path();
-    let configs = crate::cluster::init(&root.join("c"), &crate::cluster::InitOptions { nodes: 1, size, block_size: bs, lease: "10s".into() })?;
+    let configs = crate::cluster::init(
+        &root.join("c"),
+        &crate::cluster::InitOptions {
+            nodes: 1,
+            size,
+            block_size: bs,
+            lease: "10s".into(),
+        },
+    )?;
     let cfg = crate::config::NodeConfig::load(&configs[0])?;
     let v = Volume::open(&cfg.raw.volume.path)?;
 
@@ -166,7 +188,13 @@ pub fn run(args: BenchReplicaArgs) -> Result<()> {
     let s1 = snapshot(&v)?;
 
     let listen = free_udp()?;
-    let rcfg = crate::replica::init_identity(&root.join("c"), "replica", &root.join("r"), listen, vec!["n1".into()])?;
+    let rcfg = crate::replica::init_identity(
+        &root.join("c"),
+        "replica",
+        &root.join("r"),
+        listen,
+        vec!["n1".into()],
+    )?;
     let exe = std::env::current_exe()?;
     let log = std::fs::File::create(root.join("r/serve.log"))?;
     let _secondary = Secondary(
@@ -182,8 +210,17 @@ pub fn run(args: BenchReplicaArgs) -> Result<()> {
             .context("starting the secondary")?,
     );
     std::thread::sleep(Duration::from_millis(300));
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    let full = rt.block_on(crate::replica::push(&cfg, listen, "replica", Some(s1), false))?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let full = rt.block_on(crate::replica::push(
+        &cfg,
+        listen,
+        "replica",
+        Some(s1),
+        false,
+    ))?;
 
     // The same random changes go to the volume and, later, to rsync's source image.
     let nblocks = size / bs as u64;
@@ -201,7 +238,13 @@ pub fn run(args: BenchReplicaArgs) -> Result<()> {
     }
     v.flush()?;
     let s2 = snapshot(&v)?;
-    let inc = rt.block_on(crate::replica::push(&cfg, listen, "replica", Some(s2), false))?;
+    let inc = rt.block_on(crate::replica::push(
+        &cfg,
+        listen,
+        "replica",
+        Some(s2),
+        false,
+    ))?;
 
     let src_dir = root.join("rsync-src");
     let dst_dir = root.join("rsync-dst");

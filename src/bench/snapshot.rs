@@ -64,12 +64,18 @@ impl Drop for Nodes {
 fn noop_writer(cfg: &NodeConfig) -> Result<()> {
     let mut s = std::os::unix::net::UnixStream::connect(cfg.writer_socket())
         .with_context(|| format!("connecting to {}", cfg.writer_socket().display()))?;
-    writeln!(s, "{}", json!({"op":"register","name":format!("noop-{}", cfg.name())}))?;
+    writeln!(
+        s,
+        "{}",
+        json!({"op":"register","name":format!("noop-{}", cfg.name())})
+    )?;
     let mut out = s.try_clone()?;
     std::thread::spawn(move || {
         for line in BufReader::new(s).lines() {
             let Ok(line) = line else { return };
-            let Ok(ev) = serde_json::from_str::<Value>(&line) else { return };
+            let Ok(ev) = serde_json::from_str::<Value>(&line) else {
+                return;
+            };
             if let (Some(kind), Some(snap)) = (ev["event"].as_str(), ev["snapshot"].as_u64()) {
                 let _ = writeln!(out, "{}", json!({"op":"ack","event":kind,"snapshot":snap}));
             }
@@ -92,13 +98,23 @@ pub fn run(args: BenchSnapshotArgs) -> Result<()> {
         bail!("--nodes and --rounds must be at least 1");
     }
     crate::demo::ensure_fuse()?;
-    let tmp = tempfile::Builder::new().prefix("ff-bench-snapshot-").tempdir_in(&args.dir)?;
+    let tmp = tempfile::Builder::new()
+        .prefix("ff-bench-snapshot-")
+        .tempdir_in(&args.dir)?;
     let dir = tmp.path().join("c");
     let paths = cluster::init(
         &dir,
-        &cluster::InitOptions { nodes: args.nodes, size: 64 << 20, block_size: 64 << 10, lease: "10s".into() },
+        &cluster::InitOptions {
+            nodes: args.nodes,
+            size: 64 << 20,
+            block_size: 64 << 10,
+            lease: "10s".into(),
+        },
     )?;
-    let configs: Vec<NodeConfig> = paths.iter().map(|p| NodeConfig::load(p)).collect::<Result<_>>()?;
+    let configs: Vec<NodeConfig> = paths
+        .iter()
+        .map(|p| NodeConfig::load(p))
+        .collect::<Result<_>>()?;
     let exe = std::env::current_exe()?;
     let mut nodes = Nodes(Vec::new());
     for c in &configs {
@@ -119,7 +135,10 @@ pub fn run(args: BenchSnapshotArgs) -> Result<()> {
     for r in 0..args.rounds {
         let cfg = &configs[r % configs.len()];
         let t = Instant::now();
-        let report = crate::client::call_blocking(cfg, &ControlRequest::SnapshotCreate { timeout_ms: None })?;
+        let report = crate::client::call_blocking(
+            cfg,
+            &ControlRequest::SnapshotCreate { timeout_ms: None },
+        )?;
         let ms = t.elapsed().as_secs_f64() * 1e3;
         if report["status"] != "complete" {
             failed += 1;
@@ -130,10 +149,17 @@ pub fn run(args: BenchSnapshotArgs) -> Result<()> {
         window.extend(report["freeze_window_ms"].as_f64());
         hold.extend(report["io_hold_ms"].as_f64());
         for n in report["nodes"].as_array().into_iter().flatten() {
-            let role = if n["node"] == report["initiator"] { "initiator" } else { "other" };
+            let role = if n["node"] == report["initiator"] {
+                "initiator"
+            } else {
+                "other"
+            };
             for p in n["phases"].as_array().into_iter().flatten() {
                 let d = p["end_ms"].as_f64().unwrap_or(0.0) - p["start_ms"].as_f64().unwrap_or(0.0);
-                phases.entry(format!("{role}.{}", p["name"].as_str().unwrap_or("?"))).or_default().push(d);
+                phases
+                    .entry(format!("{role}.{}", p["name"].as_str().unwrap_or("?")))
+                    .or_default()
+                    .push(d);
             }
         }
         if let Some(id) = report["id"].as_u64() {
@@ -145,7 +171,11 @@ pub fn run(args: BenchSnapshotArgs) -> Result<()> {
     let (w_target, h_target) = (if args.nodes <= 3 { 20.0 } else { 50.0 }, 5.0);
     let w = percentiles(window);
     let h = percentiles(hold);
-    let ratio = |v: &Value, target: f64| v["p99"].as_f64().map(|p| if p > 0.0 { target / p } else { f64::INFINITY });
+    let ratio = |v: &Value, target: f64| {
+        v["p99"]
+            .as_f64()
+            .map(|p| if p > 0.0 { target / p } else { f64::INFINITY })
+    };
     let doc = json!({
         "bench": "snapshot",
         "nodes": args.nodes,

@@ -51,7 +51,13 @@ fn pass(v: &Volume, fill: u8) -> anyhow::Result<f64> {
     Ok(v.size() as f64 / (1 << 20) as f64 / start.elapsed().as_secs_f64())
 }
 
-fn median_create_ms(dir: &std::path::Path, name: &str, size: u64, bs: u32, n: usize) -> anyhow::Result<f64> {
+fn median_create_ms(
+    dir: &std::path::Path,
+    name: &str,
+    size: u64,
+    bs: u32,
+    n: usize,
+) -> anyhow::Result<f64> {
     let v = Volume::create(&dir.join(name), size, bs, None)?;
     let mut times = Vec::with_capacity(n);
     for _ in 0..n.max(1) {
@@ -68,7 +74,10 @@ fn median_create_ms(dir: &std::path::Path, name: &str, size: u64, bs: u32, n: us
 pub fn run(args: BenchVolumeArgs) -> anyhow::Result<()> {
     let size = parse_size(&args.size)?;
     let bs = parse_block_size(&args.block_size)?;
-    let tmp = tempfile::Builder::new().prefix("freezeframe-bench-").tempdir_in(&args.dir).with_context(|| format!("temp dir in {}", args.dir.display()))?;
+    let tmp = tempfile::Builder::new()
+        .prefix("freezeframe-bench-")
+        .tempdir_in(&args.dir)
+        .with_context(|| format!("temp dir in {}", args.dir.display()))?;
     let v = Volume::create(&tmp.path().join("bench.img"), size, bs, None)?;
     pass(&v, 1)?;
     let baseline = pass(&v, 2)?;

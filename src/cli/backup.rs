@@ -8,7 +8,9 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
-use freezeframe_core::backup::{BackupKind, ManifestHeader, Progress, Repository, VolumeSnapshotSource};
+use freezeframe_core::backup::{
+    BackupKind, ManifestHeader, Progress, Repository, VolumeSnapshotSource,
+};
 use freezeframe_core::volume::Volume;
 
 /// `freezeframe backup`.
@@ -97,24 +99,45 @@ pub enum BackupCommand {
 /// Runs one backup command. `config` is the node config selected with `--config`.
 pub fn run(args: BackupArgs, config: Option<&Path>) -> Result<ExitCode> {
     match args.command {
-        BackupCommand::Init { repo, pack_size, json } => {
-            let pack_size = freezeframe_core::units::parse_size(&pack_size).context("--pack-size")?;
+        BackupCommand::Init {
+            repo,
+            pack_size,
+            json,
+        } => {
+            let pack_size =
+                freezeframe_core::units::parse_size(&pack_size).context("--pack-size")?;
             let r = Repository::init(&repo, pack_size)?;
             if json {
-                println!("{}", serde_json::json!({ "repo": repo, "config": r.config() }));
+                println!(
+                    "{}",
+                    serde_json::json!({ "repo": repo, "config": r.config() })
+                );
             } else {
-                println!("backup repository {} created in {}", r.config().repo_id, repo.display());
+                println!(
+                    "backup repository {} created in {}",
+                    r.config().repo_id,
+                    repo.display()
+                );
             }
         }
-        BackupCommand::Run { repo, volume, snapshot, json } => {
+        BackupCommand::Run {
+            repo,
+            volume,
+            snapshot,
+            json,
+        } => {
             let volume_path = match (volume, config) {
                 (Some(v), _) => v,
                 (None, Some(cfg)) => crate::config::NodeConfig::load(cfg)?.raw.volume.path,
-                (None, None) => bail!("no volume selected: pass --volume PATH or --config node.toml"),
+                (None, None) => {
+                    bail!("no volume selected: pass --volume PATH or --config node.toml")
+                }
             };
             let id = match snapshot.as_str() {
                 "latest" => None,
-                s => Some(s.parse::<u64>().with_context(|| format!("--snapshot {s:?}: expected a snapshot id or `latest`"))?),
+                s => Some(s.parse::<u64>().with_context(|| {
+                    format!("--snapshot {s:?}: expected a snapshot id or `latest`")
+                })?),
             };
             let repo = Repository::open(&repo)?;
             let vol = Volume::open(&volume_path)?;
@@ -131,11 +154,20 @@ pub fn run(args: BackupArgs, config: Option<&Path>) -> Result<ExitCode> {
         BackupCommand::List { repo, json } => {
             let listing = Repository::open(&repo)?.list()?;
             if json {
-                let unreadable: Vec<_> =
-                    listing.unreadable.iter().map(|(p, e)| serde_json::json!({ "path": p, "error": e })).collect();
-                println!("{}", serde_json::json!({ "backups": listing.backups, "unreadable": unreadable }));
+                let unreadable: Vec<_> = listing
+                    .unreadable
+                    .iter()
+                    .map(|(p, e)| serde_json::json!({ "path": p, "error": e }))
+                    .collect();
+                println!(
+                    "{}",
+                    serde_json::json!({ "backups": listing.backups, "unreadable": unreadable })
+                );
             } else {
-                println!("{:<16}  {:<20}  {:>8}  {:<11}  {:>10}  {:>10}  volume", "id", "created (UTC)", "snapshot", "kind", "size", "stored");
+                println!(
+                    "{:<16}  {:<20}  {:>8}  {:<11}  {:>10}  {:>10}  volume",
+                    "id", "created (UTC)", "snapshot", "kind", "size", "stored"
+                );
                 for h in &listing.backups {
                     println!(
                         "{:<16}  {:<20}  {:>8}  {:<11}  {:>10}  {:>10}  {}",
@@ -156,7 +188,12 @@ pub fn run(args: BackupArgs, config: Option<&Path>) -> Result<ExitCode> {
                 }
             }
         }
-        BackupCommand::Restore { repo, backup_id, to, json } => {
+        BackupCommand::Restore {
+            repo,
+            backup_id,
+            to,
+            json,
+        } => {
             let repo = Repository::open(&repo)?;
             let bar = Bar::new(json);
             let r = repo.restore(&backup_id, &to, &bar)?;
@@ -174,7 +211,11 @@ pub fn run(args: BackupArgs, config: Option<&Path>) -> Result<ExitCode> {
                 );
             }
         }
-        BackupCommand::Verify { repo, read_data, json } => {
+        BackupCommand::Verify {
+            repo,
+            read_data,
+            json,
+        } => {
             let repo = Repository::open(&repo)?;
             let bar = Bar::new(json);
             let r = repo.verify(read_data, &bar)?;
@@ -192,15 +233,27 @@ pub fn run(args: BackupArgs, config: Option<&Path>) -> Result<ExitCode> {
                     "{} backups, {} packs{}: {}",
                     r.backups,
                     r.packs,
-                    if read_data { format!(", {} blocks read and hashed", r.blobs_checked) } else { String::new() },
-                    if r.is_clean() { "no problems".to_string() } else { format!("{} problem(s)", r.problems.len()) }
+                    if read_data {
+                        format!(", {} blocks read and hashed", r.blobs_checked)
+                    } else {
+                        String::new()
+                    },
+                    if r.is_clean() {
+                        "no problems".to_string()
+                    } else {
+                        format!("{} problem(s)", r.problems.len())
+                    }
                 );
             }
             if !r.is_clean() {
                 return Ok(ExitCode::FAILURE);
             }
         }
-        BackupCommand::Forget { repo, backup_id, json } => {
+        BackupCommand::Forget {
+            repo,
+            backup_id,
+            json,
+        } => {
             let r = Repository::open(&repo)?.forget(&backup_id)?;
             if json {
                 println!("{}", serde_json::to_string(&r)?);
@@ -236,12 +289,18 @@ fn print_run(h: &ManifestHeader) {
     let how = match &h.kind {
         BackupKind::Full { reason: None } => "full".to_string(),
         BackupKind::Full { reason: Some(r) } => format!("full ({r})"),
-        BackupKind::Incremental { parent, parent_snapshot } => {
+        BackupKind::Incremental {
+            parent,
+            parent_snapshot,
+        } => {
             format!("express-full on backup {parent} (snapshot {parent_snapshot})")
         }
     };
     let s = &h.stats;
-    println!("backup {} of {} snapshot {}: {how}", h.id, h.source.name, h.snapshot.id);
+    println!(
+        "backup {} of {} snapshot {}: {how}",
+        h.id, h.source.name, h.snapshot.id
+    );
     println!(
         "  read {} blocks ({}) of {}, stored {} new ({}), {} zero blocks, {} pack(s), {:.2} s",
         s.blocks_read,
@@ -269,7 +328,12 @@ fn utc(ms: u64) -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}", rem / 3600, rem % 3600 / 60, rem % 60)
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 /// A progress bar on stderr, only on a terminal and never with --json.
@@ -291,9 +355,11 @@ impl Progress for Bar {
             b.set_length(total);
             b.set_position(0);
             b.set_style(
-                indicatif::ProgressStyle::with_template("{msg:>8} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
-                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-                    .progress_chars("=> "),
+                indicatif::ProgressStyle::with_template(
+                    "{msg:>8} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                .progress_chars("=> "),
             );
             b.set_message(phase.to_string());
         }

@@ -83,11 +83,22 @@ enum VolumeCommand {
 /// Runs one `volume` subcommand.
 pub fn run(args: VolumeArgs) -> anyhow::Result<()> {
     match args.command {
-        VolumeCommand::Create { path, size, block_size, state } => {
+        VolumeCommand::Create {
+            path,
+            size,
+            block_size,
+            state,
+        } => {
             let size = parse_size(&size)?;
             let bs = parse_block_size(&block_size)?;
             let v = Volume::create(&path, size, bs, state.as_deref())?;
-            println!("created {} ({}, blocks of {}), state in {}", path.display(), format_size(size), format_size(bs as u64), v.state_dir().display());
+            println!(
+                "created {} ({}, blocks of {}), state in {}",
+                path.display(),
+                format_size(size),
+                format_size(bs as u64),
+                v.state_dir().display()
+            );
         }
         VolumeCommand::Write { path, offset } => {
             let v = Volume::open(&path)?;
@@ -121,16 +132,35 @@ pub fn run(args: VolumeArgs) -> anyhow::Result<()> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&list)?);
             } else {
-                println!("{:>6}  {:<14}  {:>10}  {:>10}  {:>10}  STATE", "ID", "CREATED (ms)", "DIFF", "BLOCKS", "LIMIT");
+                println!(
+                    "{:>6}  {:<14}  {:>10}  {:>10}  {:>10}  STATE",
+                    "ID", "CREATED (ms)", "DIFF", "BLOCKS", "LIMIT"
+                );
                 for s in list {
                     let limit = s.diff_limit.map(format_size).unwrap_or_else(|| "-".into());
-                    println!("{:>6}  {:<14}  {:>10}  {:>10}  {:>10}  {}", s.id, s.created_ms, format_size(s.diff_bytes), s.diff_blocks, limit, s.state);
+                    println!(
+                        "{:>6}  {:<14}  {:>10}  {:>10}  {:>10}  {}",
+                        s.id,
+                        s.created_ms,
+                        format_size(s.diff_bytes),
+                        s.diff_blocks,
+                        limit,
+                        s.state
+                    );
                 }
             }
         }
-        VolumeCommand::Read { path, snapshot, live } => {
+        VolumeCommand::Read {
+            path,
+            snapshot,
+            live,
+        } => {
             let v = Volume::open(&path)?;
-            let snap = if live { None } else { snapshot.map(|id| v.snapshot(id)).transpose()? };
+            let snap = if live {
+                None
+            } else {
+                snapshot.map(|id| v.snapshot(id)).transpose()?
+            };
             let mut out = std::io::stdout().lock();
             let mut buf = vec![0u8; 1 << 20];
             let mut at = 0u64;
@@ -150,11 +180,19 @@ pub fn run(args: VolumeArgs) -> anyhow::Result<()> {
         VolumeCommand::Delete { path, snapshot } => {
             Volume::open(&path)?.delete_snapshot(snapshot)?;
         }
-        VolumeCommand::Changed { path, from, to, json } => {
+        VolumeCommand::Changed {
+            path,
+            from,
+            to,
+            json,
+        } => {
             let v = Volume::open(&path)?;
             let to_id = match to.as_str() {
                 "live" => None,
-                s => Some(s.parse::<u64>().with_context(|| format!("--to {s:?}: expected a snapshot id or `live`"))?),
+                s => Some(
+                    s.parse::<u64>()
+                        .with_context(|| format!("--to {s:?}: expected a snapshot id or `live`"))?,
+                ),
             };
             let blocks = v.changed_blocks(from, to_id)?;
             if json {

@@ -8,7 +8,9 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use freezeframe_netproto::control::{write_line, ControlRequest, ControlResponse, LineReader, MAX_LINE};
+use freezeframe_netproto::control::{
+    write_line, ControlRequest, ControlResponse, LineReader, MAX_LINE,
+};
 use serde_json::{json, Value};
 use tokio::net::UnixListener;
 use tokio::sync::oneshot;
@@ -43,7 +45,10 @@ async fn connection(stream: tokio::net::UnixStream, driver: DriverTx, shared: Ar
             Ok(Some(l)) => l,
             Ok(None) => return,
             Err(e) => {
-                if write_line(&mut w, &ControlResponse::err(e.to_string())).await.is_err() {
+                if write_line(&mut w, &ControlResponse::err(e.to_string()))
+                    .await
+                    .is_err()
+                {
                     return;
                 }
                 continue;
@@ -85,17 +90,26 @@ async fn connection(stream: tokio::net::UnixStream, driver: DriverTx, shared: Ar
     }
 }
 
-async fn answer(req: ControlRequest, driver: &DriverTx, shared: &Arc<Shared>) -> anyhow::Result<Value> {
+async fn answer(
+    req: ControlRequest,
+    driver: &DriverTx,
+    shared: &Arc<Shared>,
+) -> anyhow::Result<Value> {
     match req {
         ControlRequest::Status => {
             let (tx, rx) = oneshot::channel();
-            driver.send(DriverEvent::Status { reply: tx }).map_err(|_| anyhow::anyhow!("node is shutting down"))?;
+            driver
+                .send(DriverEvent::Status { reply: tx })
+                .map_err(|_| anyhow::anyhow!("node is shutting down"))?;
             Ok(rx.await?)
         }
         ControlRequest::SnapshotCreate { timeout_ms } => {
             let (tx, rx) = oneshot::channel();
             driver
-                .send(DriverEvent::Create { timeout_ms, reply: tx })
+                .send(DriverEvent::Create {
+                    timeout_ms,
+                    reply: tx,
+                })
                 .map_err(|_| anyhow::anyhow!("node is shutting down"))?;
             Ok(rx.await?)
         }

@@ -13,8 +13,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result};
 use freezeframe_core::manifest::{self, ManifestStatus, SnapshotManifest};
 use freezeframe_core::protocol::{
-    self, EventKind, Failure, Input, NodeMachine, Output, Phase, Report, ReportStatus, WriterEvent as MEvent,
-    WriterReply,
+    self, EventKind, Failure, Input, NodeMachine, Output, Phase, Report, ReportStatus,
+    WriterEvent as MEvent, WriterReply,
 };
 use freezeframe_core::volume::{HoldGuard, InFlightGuard, SnapshotOptions, Volume};
 use freezeframe_netproto::writer::{WriterEvent, WriterRequest};
@@ -36,8 +36,14 @@ pub struct Clock {
 
 impl Clock {
     pub fn new() -> Clock {
-        let epoch_ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
-        Clock { epoch_ms, start: Instant::now() }
+        let epoch_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        Clock {
+            epoch_ms,
+            start: Instant::now(),
+        }
     }
     pub fn now_ms(&self) -> u64 {
         self.epoch_ms + self.start.elapsed().as_millis() as u64
@@ -56,10 +62,22 @@ impl Default for Clock {
 /// Results of engine work done off the driver task.
 #[derive(Debug)]
 pub enum EngineDone {
-    Held { snapshot: u64, guard: HoldGuard },
-    Flushed { snapshot: u64, result: Result<(), String> },
-    Created { snapshot: u64, result: Result<(), String> },
-    Sealed { snapshot: u64, result: Result<(), String> },
+    Held {
+        snapshot: u64,
+        guard: HoldGuard,
+    },
+    Flushed {
+        snapshot: u64,
+        result: Result<(), String>,
+    },
+    Created {
+        snapshot: u64,
+        result: Result<(), String>,
+    },
+    Sealed {
+        snapshot: u64,
+        result: Result<(), String>,
+    },
 }
 
 /// The writer id the `hooks.d` folder registers under.
@@ -101,12 +119,25 @@ pub async fn run_node(cfg: NodeConfig) -> Result<()> {
     let mount = freezeframe_fusefs::mount(
         view,
         &cfg.raw.node.mount,
-        freezeframe_fusefs::MountConfig { allow_other: cfg.raw.node.allow_other, ..Default::default() },
+        freezeframe_fusefs::MountConfig {
+            allow_other: cfg.raw.node.allow_other,
+            ..Default::default()
+        },
     )
-    .with_context(|| format!("node {}: mounting {}", cfg.name(), cfg.raw.node.mount.display()))?;
+    .with_context(|| {
+        format!(
+            "node {}: mounting {}",
+            cfg.name(),
+            cfg.raw.node.mount.display()
+        )
+    })?;
 
     let (events, _) = broadcast::channel(4096);
-    let shared = Arc::new(Shared { cfg: cfg.clone(), volume, events });
+    let shared = Arc::new(Shared {
+        cfg: cfg.clone(),
+        volume,
+        events,
+    });
     let (tx, mut rx) = mpsc::unbounded_channel();
     control::serve(&cfg.control_socket(), tx.clone(), shared.clone()).await?;
     writers::serve(&cfg.writer_socket(), tx.clone()).await?;
@@ -114,13 +145,14 @@ pub async fn run_node(cfg: NodeConfig) -> Result<()> {
     {
         let tx = tx.clone();
         tokio::spawn(async move {
-            let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::error!("cannot watch SIGTERM: {e}");
-                    return;
-                }
-            };
+            let mut term =
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::error!("cannot watch SIGTERM: {e}");
+                        return;
+                    }
+                };
             tokio::select! {
                 _ = term.recv() => {}
                 _ = tokio::signal::ctrl_c() => {}
@@ -131,7 +163,13 @@ pub async fn run_node(cfg: NodeConfig) -> Result<()> {
 
     let pcfg = protocol::Config {
         node: cfg.name().to_string(),
-        members: cfg.raw.cluster.members.iter().map(|m| m.name.clone()).collect(),
+        members: cfg
+            .raw
+            .cluster
+            .members
+            .iter()
+            .map(|m| m.name.clone())
+            .collect(),
         lease_ms: cfg.lease_ms,
         writer_timeout_ms: cfg.writer_timeout_ms,
         commit_margin_ms: protocol::DEFAULT_COMMIT_MARGIN_MS.min(cfg.lease_ms / 4),
@@ -151,7 +189,13 @@ pub async fn run_node(cfg: NodeConfig) -> Result<()> {
         mounted: true,
     };
     if cfg.raw.node.hooks_dir.is_some() {
-        d.writers.insert(HOOKS_WRITER, Writer { name: "hooks.d".into(), tx: None });
+        d.writers.insert(
+            HOOKS_WRITER,
+            Writer {
+                name: "hooks.d".into(),
+                tx: None,
+            },
+        );
         let input = Input::WriterRegistered {
             writer: HOOKS_WRITER,
             name: "hooks.d".into(),
@@ -214,20 +258,48 @@ impl Driver {
             }
             DriverEvent::Create { timeout_ms, reply } => self.create(timeout_ms, reply),
             DriverEvent::Delete { id, reply } => self.delete(id, reply),
-            DriverEvent::WriterRegistered { id, name, on_error, freeze_timeout_ms, tx } => {
-                let _ = tx.send(WriterEvent::Registered { writer: name.clone() });
-                self.writers.insert(id, Writer { name: name.clone(), tx: Some(tx) });
+            DriverEvent::WriterRegistered {
+                id,
+                name,
+                on_error,
+                freeze_timeout_ms,
+                tx,
+            } => {
+                let _ = tx.send(WriterEvent::Registered {
+                    writer: name.clone(),
+                });
+                self.writers.insert(
+                    id,
+                    Writer {
+                        name: name.clone(),
+                        tx: Some(tx),
+                    },
+                );
                 tracing::info!(writer = %name, "writer registered");
-                self.feed(Input::WriterRegistered { writer: id, name, on_error, freeze_timeout_ms });
+                self.feed(Input::WriterRegistered {
+                    writer: id,
+                    name,
+                    on_error,
+                    freeze_timeout_ms,
+                });
                 self.gossip_status();
             }
             DriverEvent::WriterReply { id, req } => {
                 let (event, snapshot, reply) = match req {
                     WriterRequest::Ack { event, snapshot } => (event, snapshot, WriterReply::Ack),
-                    WriterRequest::Veto { event, snapshot, reason } => (event, snapshot, WriterReply::Veto { reason }),
+                    WriterRequest::Veto {
+                        event,
+                        snapshot,
+                        reason,
+                    } => (event, snapshot, WriterReply::Veto { reason }),
                     WriterRequest::Register { .. } => return,
                 };
-                self.feed(Input::WriterReply { writer: id, snapshot, event, reply });
+                self.feed(Input::WriterReply {
+                    writer: id,
+                    snapshot,
+                    event,
+                    reply,
+                });
             }
             DriverEvent::WriterGone { id } => {
                 if let Some(w) = self.writers.remove(&id) {
@@ -273,7 +345,12 @@ impl Driver {
             serde_json::to_value(Report {
                 id: 0,
                 status: ReportStatus::Failed,
-                error: Some(Failure { node: String::new(), writer: None, phase: Phase::Idle, reason }),
+                error: Some(Failure {
+                    node: String::new(),
+                    writer: None,
+                    phase: Phase::Idle,
+                    reason,
+                }),
                 initiator: String::new(),
                 requested_ms: now,
                 finished_ms: now,
@@ -308,14 +385,18 @@ impl Driver {
                 return;
             }
             Err(e) => {
-                let _ = reply.send(fail(busy(format!("cannot lock the volume's state directory: {e}"))));
+                let _ = reply.send(fail(busy(format!(
+                    "cannot lock the volume's state directory: {e}"
+                ))));
                 return;
             }
         };
         let id = match tokio::task::block_in_place(|| volume.reserve_snapshot_id()) {
             Ok(id) => id,
             Err(e) => {
-                let _ = reply.send(fail(busy(format!("cannot reserve a snapshot id in the catalog: {e}"))));
+                let _ = reply.send(fail(busy(format!(
+                    "cannot reserve a snapshot id in the catalog: {e}"
+                ))));
                 return;
             }
         };
@@ -326,13 +407,19 @@ impl Driver {
         let req = self.next_req;
         self.next_req += 1;
         self.waiting.insert(req, reply);
-        self.feed(Input::Request { req, snapshot: id, timeout_ms });
+        self.feed(Input::Request {
+            req,
+            snapshot: id,
+            timeout_ms,
+        });
     }
 
     fn delete(&mut self, id: u64, reply: oneshot::Sender<Result<()>>) {
         let st = self.machine.status();
         if st.in_flight && st.snapshot == Some(id) {
-            let _ = reply.send(Err(anyhow::anyhow!("snapshot {id} is being taken right now; delete it when it is done")));
+            let _ = reply.send(Err(anyhow::anyhow!(
+                "snapshot {id} is being taken right now; delete it when it is done"
+            )));
             return;
         }
         let shared = self.shared.clone();
@@ -341,7 +428,9 @@ impl Driver {
                 .volume
                 .delete_snapshot(id)
                 .map_err(anyhow::Error::from)
-                .and_then(|_| manifest::remove(shared.volume.state_dir(), id).map_err(anyhow::Error::from));
+                .and_then(|_| {
+                    manifest::remove(shared.volume.state_dir(), id).map_err(anyhow::Error::from)
+                });
             let _ = reply.send(r);
         });
     }
@@ -360,7 +449,11 @@ impl Driver {
                     tracing::debug!(peer = %to, "message to a disconnected peer dropped");
                 }
             }
-            Output::WriterEvent { writer, snapshot, event } => self.to_writer(writer, snapshot, event),
+            Output::WriterEvent {
+                writer,
+                snapshot,
+                event,
+            } => self.to_writer(writer, snapshot, event),
             Output::HoldIo { snapshot } => {
                 let (volume, tx) = (self.shared.volume.clone(), self.tx.clone());
                 tokio::task::spawn_blocking(move || {
@@ -371,19 +464,26 @@ impl Driver {
             Output::ReleaseIo { .. } => {
                 self.hold = None;
             }
-            Output::FlushVolume { snapshot } => self.blocking(move |v| {
-                EngineDone::Flushed { snapshot, result: v.flush().map_err(|e| e.to_string()) }
+            Output::FlushVolume { snapshot } => self.blocking(move |v| EngineDone::Flushed {
+                snapshot,
+                result: v.flush().map_err(|e| e.to_string()),
             }),
             Output::CreateSnapshot { snapshot } => {
-                let opts = SnapshotOptions { diff_limit: self.shared.cfg.diff_limit };
+                let opts = SnapshotOptions {
+                    diff_limit: self.shared.cfg.diff_limit,
+                };
                 self.blocking(move |v| EngineDone::Created {
                     snapshot,
-                    result: v.create_snapshot(snapshot, &opts).map(|_| ()).map_err(|e| e.to_string()),
+                    result: v
+                        .create_snapshot(snapshot, &opts)
+                        .map(|_| ())
+                        .map_err(|e| e.to_string()),
                 })
             }
-            Output::SealSnapshot { snapshot } => {
-                self.blocking(move |v| EngineDone::Sealed { snapshot, result: v.seal_snapshot(snapshot).map_err(|e| e.to_string()) })
-            }
+            Output::SealSnapshot { snapshot } => self.blocking(move |v| EngineDone::Sealed {
+                snapshot,
+                result: v.seal_snapshot(snapshot).map_err(|e| e.to_string()),
+            }),
             Output::DeleteSnapshot { snapshot } => {
                 let v = self.shared.volume.clone();
                 tokio::task::spawn_blocking(move || {
@@ -428,13 +528,20 @@ impl Driver {
     fn to_writer(&mut self, writer: u64, snapshot: u64, event: MEvent) {
         let kind = event.kind();
         if writer == HOOKS_WRITER {
-            let Some(dir) = self.shared.cfg.raw.node.hooks_dir.clone() else { return };
+            let Some(dir) = self.shared.cfg.raw.node.hooks_dir.clone() else {
+                return;
+            };
             let run = HookRun {
                 node: self.name().to_string(),
                 snapshot,
                 timeout: Duration::from_millis(self.shared.cfg.hook_timeout_ms),
-                image_path: (kind == EventKind::PostSnapshot)
-                    .then(|| self.shared.cfg.snapshot_image_path(snapshot).display().to_string()),
+                image_path: (kind == EventKind::PostSnapshot).then(|| {
+                    self.shared
+                        .cfg
+                        .snapshot_image_path(snapshot)
+                        .display()
+                        .to_string()
+                }),
             };
             let tx = self.tx.clone();
             tokio::spawn(async move {
@@ -443,20 +550,37 @@ impl Driver {
                     return;
                 }
                 let req = match result {
-                    Ok(()) => WriterRequest::Ack { event: kind, snapshot },
-                    Err(reason) => WriterRequest::Veto { event: kind, snapshot, reason },
+                    Ok(()) => WriterRequest::Ack {
+                        event: kind,
+                        snapshot,
+                    },
+                    Err(reason) => WriterRequest::Veto {
+                        event: kind,
+                        snapshot,
+                        reason,
+                    },
                 };
-                let _ = tx.send(DriverEvent::WriterReply { id: HOOKS_WRITER, req });
+                let _ = tx.send(DriverEvent::WriterReply {
+                    id: HOOKS_WRITER,
+                    req,
+                });
             });
             return;
         }
-        let Some(w) = self.writers.get(&writer) else { return };
+        let Some(w) = self.writers.get(&writer) else {
+            return;
+        };
         let line = match event {
             MEvent::Freeze => WriterEvent::Freeze { snapshot },
             MEvent::Thaw => WriterEvent::Thaw { snapshot },
             MEvent::PostSnapshot => WriterEvent::PostSnapshot {
                 snapshot,
-                path: self.shared.cfg.snapshot_image_path(snapshot).display().to_string(),
+                path: self
+                    .shared
+                    .cfg
+                    .snapshot_image_path(snapshot)
+                    .display()
+                    .to_string(),
             },
             MEvent::Abort { reason } => WriterEvent::Abort { snapshot, reason },
         };
@@ -480,7 +604,13 @@ impl Driver {
                 io_hold_ms: report.io_hold_ms,
                 blake3: None,
             };
-            if let Some(created) = self.shared.volume.snapshots().ok().and_then(|all| all.into_iter().find(|s| s.id == report.id)) {
+            if let Some(created) = self
+                .shared
+                .volume
+                .snapshots()
+                .ok()
+                .and_then(|all| all.into_iter().find(|s| s.id == report.id))
+            {
                 let mut m = m;
                 m.created_ms = created.created_ms;
                 if let Err(e) = manifest::store(self.shared.volume.state_dir(), &m) {
@@ -527,7 +657,12 @@ impl Driver {
         for m in cfg.peers() {
             let connected = self.peers.senders.contains_key(&m.name);
             peers.push(json!({"node": m.name, "addr": m.addr.to_string(), "connected": connected}));
-            let mut s = self.peers.status.get(&m.name).cloned().unwrap_or_else(|| json!({"node": m.name, "phase": "idle", "writers": []}));
+            let mut s = self
+                .peers
+                .status
+                .get(&m.name)
+                .cloned()
+                .unwrap_or_else(|| json!({"node": m.name, "phase": "idle", "writers": []}));
             s["connected"] = json!(connected);
             if !connected {
                 s["phase"] = json!("unreachable");
@@ -556,7 +691,12 @@ impl Driver {
         for node in peers {
             self.feed(Input::PeerDown { node });
         }
-        let ids: Vec<u64> = self.writers.keys().copied().filter(|&w| w != HOOKS_WRITER).collect();
+        let ids: Vec<u64> = self
+            .writers
+            .keys()
+            .copied()
+            .filter(|&w| w != HOOKS_WRITER)
+            .collect();
         for id in ids {
             self.feed(Input::WriterGone { writer: id });
         }
@@ -570,12 +710,24 @@ impl Driver {
 }
 
 /// Hashes a snapshot's image and records the hash in its manifest.
-pub fn verify_snapshot(volume: &Volume, id: u64, progress: &mut dyn FnMut(u64, u64)) -> Result<Value> {
+pub fn verify_snapshot(
+    volume: &Volume,
+    id: u64,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<Value> {
     let snap = volume.snapshot(id)?;
     let hash = manifest::verify_and_record(
         volume.state_dir(),
         &snap,
-        || SnapshotManifest::bare(id, 0, ManifestStatus::Sealed, volume.block_size(), volume.size()),
+        || {
+            SnapshotManifest::bare(
+                id,
+                0,
+                ManifestStatus::Sealed,
+                volume.block_size(),
+                volume.size(),
+            )
+        },
         progress,
     )?;
     Ok(json!({"id": id, "blake3": hash, "bytes": volume.size()}))
@@ -584,10 +736,19 @@ pub fn verify_snapshot(volume: &Volume, id: u64, progress: &mut dyn FnMut(u64, u
 /// Deletes Open snapshots; call only while holding the in-flight lock.
 fn delete_orphans(volume: &Volume) {
     let Ok(all) = volume.snapshots() else { return };
-    for s in all.into_iter().filter(|s| s.state == freezeframe_core::volume::SnapshotState::Open) {
-        tracing::warn!(snapshot = s.id, "deleting snapshot left open by an initiator that died after commit");
+    for s in all
+        .into_iter()
+        .filter(|s| s.state == freezeframe_core::volume::SnapshotState::Open)
+    {
+        tracing::warn!(
+            snapshot = s.id,
+            "deleting snapshot left open by an initiator that died after commit"
+        );
         if let Err(e) = volume.delete_snapshot(s.id) {
-            tracing::error!(snapshot = s.id, "could not delete the orphaned snapshot: {e}");
+            tracing::error!(
+                snapshot = s.id,
+                "could not delete the orphaned snapshot: {e}"
+            );
         }
         let _ = manifest::remove(volume.state_dir(), s.id);
     }
@@ -605,10 +766,16 @@ impl Shared {
             let (status, reason) = match &s.state {
                 freezeframe_core::volume::SnapshotState::Sealed => ("complete", None),
                 freezeframe_core::volume::SnapshotState::Open => ("open", None),
-                freezeframe_core::volume::SnapshotState::Invalid { reason } => ("invalid", Some(reason.clone())),
+                freezeframe_core::volume::SnapshotState::Invalid { reason } => {
+                    ("invalid", Some(reason.clone()))
+                }
             };
             let changed = match prev {
-                Some(p) => self.volume.changed_blocks(p, Some(s.id)).ok().map(|v| v.len()),
+                Some(p) => self
+                    .volume
+                    .changed_blocks(p, Some(s.id))
+                    .ok()
+                    .map(|v| v.len()),
                 None => None,
             };
             rows.push(json!({
@@ -635,7 +802,12 @@ impl Shared {
             .snapshots()?
             .into_iter()
             .find(|s| s.id == id)
-            .with_context(|| format!("no snapshot {id} in the catalog of {}", self.volume.path().display()))?;
+            .with_context(|| {
+                format!(
+                    "no snapshot {id} in the catalog of {}",
+                    self.volume.path().display()
+                )
+            })?;
         let m = manifest::load(self.volume.state_dir(), id)?;
         let mut v = match m {
             Some(m) => serde_json::to_value(m)?,
@@ -644,7 +816,15 @@ impl Shared {
         v["diff_bytes"] = json!(info.diff_bytes);
         v["diff_blocks"] = json!(info.diff_blocks);
         v["state"] = serde_json::to_value(&info.state)?;
-        v["path"] = json!(self.cfg.raw.node.mount.join("snapshots").join(id.to_string()).display().to_string());
+        v["path"] = json!(self
+            .cfg
+            .raw
+            .node
+            .mount
+            .join("snapshots")
+            .join(id.to_string())
+            .display()
+            .to_string());
         Ok(v)
     }
 

@@ -78,7 +78,11 @@ pub async fn run_event(dir: &Path, event: EventName, run: &HookRun) -> Result<()
         }
         EventName::Thaw | EventName::Abort => {
             // Thaw every script even if one fails, so no application stays frozen.
-            let arg = if event == EventName::Thaw { "thaw" } else { "abort" };
+            let arg = if event == EventName::Thaw {
+                "thaw"
+            } else {
+                "abort"
+            };
             let mut first_err = None;
             for s in all.iter().rev() {
                 if let Err(e) = run_one(s, arg, run).await {
@@ -105,18 +109,34 @@ async fn run_one(script: &Path, arg: &str, run: &HookRun) -> Result<(), String> 
         cmd.arg(p);
     }
     let name = script.display();
-    let child = cmd.spawn().map_err(|e| format!("hook {name} could not start: {e}"))?;
+    let child = cmd
+        .spawn()
+        .map_err(|e| format!("hook {name} could not start: {e}"))?;
     match tokio::time::timeout(run.timeout, child.wait_with_output()).await {
-        Err(_) => Err(format!("hook {name} {arg} did not finish within {} ms", run.timeout.as_millis())),
+        Err(_) => Err(format!(
+            "hook {name} {arg} did not finish within {} ms",
+            run.timeout.as_millis()
+        )),
         Ok(Err(e)) => Err(format!("hook {name} {arg}: {e}")),
         Ok(Ok(out)) if out.status.success() => Ok(()),
         Ok(Ok(out)) => {
             let stderr = String::from_utf8_lossy(&out.stderr);
-            let tail: String = stderr.trim().lines().last().unwrap_or("").chars().take(200).collect();
+            let tail: String = stderr
+                .trim()
+                .lines()
+                .last()
+                .unwrap_or("")
+                .chars()
+                .take(200)
+                .collect();
             Err(format!(
                 "hook {name} {arg} exited with {}{}",
                 out.status,
-                if tail.is_empty() { String::new() } else { format!(": {tail}") }
+                if tail.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {tail}")
+                }
             ))
         }
     }
@@ -135,7 +155,12 @@ mod tests {
     }
 
     fn run() -> HookRun {
-        HookRun { node: "n1".into(), snapshot: 4, timeout: Duration::from_secs(5), image_path: None }
+        HookRun {
+            node: "n1".into(),
+            snapshot: 4,
+            timeout: Duration::from_secs(5),
+            image_path: None,
+        }
     }
 
     #[tokio::test]
@@ -145,7 +170,11 @@ mod tests {
         let hooks = d.path().join("hooks.d");
         std::fs::create_dir(&hooks).unwrap();
         for n in ["20-b", "10-a", "30-c"] {
-            script(&hooks, n, &format!("echo {n} $1 $FREEZEFRAME_SNAPSHOT >> {}", log.display()));
+            script(
+                &hooks,
+                n,
+                &format!("echo {n} $1 $FREEZEFRAME_SNAPSHOT >> {}", log.display()),
+            );
         }
         std::fs::write(hooks.join("README"), "not executable").unwrap();
         run_event(&hooks, EventName::Freeze, &run()).await.unwrap();
@@ -165,10 +194,22 @@ mod tests {
         std::fs::create_dir(&hooks).unwrap();
         script(&hooks, "10-db", &format!("echo db $1 >> {}", log.display()));
         script(&hooks, "20-bad", "echo cannot flush >&2; exit 1");
-        script(&hooks, "30-never", &format!("echo never $1 >> {}", log.display()));
-        let err = run_event(&hooks, EventName::Freeze, &run()).await.unwrap_err();
-        assert!(err.contains("20-bad") && err.contains("cannot flush"), "{err}");
-        assert_eq!(std::fs::read_to_string(&log).unwrap(), "db freeze\ndb thaw\n");
+        script(
+            &hooks,
+            "30-never",
+            &format!("echo never $1 >> {}", log.display()),
+        );
+        let err = run_event(&hooks, EventName::Freeze, &run())
+            .await
+            .unwrap_err();
+        assert!(
+            err.contains("20-bad") && err.contains("cannot flush"),
+            "{err}"
+        );
+        assert_eq!(
+            std::fs::read_to_string(&log).unwrap(),
+            "db freeze\ndb thaw\n"
+        );
     }
 
     #[tokio::test]
@@ -177,7 +218,9 @@ mod tests {
         script(d.path(), "10-hang", "sleep 30");
         let mut r = run();
         r.timeout = Duration::from_millis(200);
-        let err = run_event(d.path(), EventName::Freeze, &r).await.unwrap_err();
+        let err = run_event(d.path(), EventName::Freeze, &r)
+            .await
+            .unwrap_err();
         assert!(err.contains("did not finish within 200 ms"), "{err}");
     }
 }

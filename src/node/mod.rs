@@ -34,13 +34,20 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 
 use crate::config::NodeConfig;
 
-
 /// Everything the driver hears, from every task.
 #[derive(Debug)]
 pub enum DriverEvent {
-    Status { reply: oneshot::Sender<Value> },
-    Create { timeout_ms: Option<u64>, reply: oneshot::Sender<Value> },
-    Delete { id: u64, reply: oneshot::Sender<Result<()>> },
+    Status {
+        reply: oneshot::Sender<Value>,
+    },
+    Create {
+        timeout_ms: Option<u64>,
+        reply: oneshot::Sender<Value>,
+    },
+    Delete {
+        id: u64,
+        reply: oneshot::Sender<Result<()>>,
+    },
     WriterRegistered {
         id: u64,
         name: String,
@@ -48,17 +55,38 @@ pub enum DriverEvent {
         freeze_timeout_ms: Option<u64>,
         tx: mpsc::UnboundedSender<WriterEvent>,
     },
-    WriterReply { id: u64, req: WriterRequest },
-    WriterGone { id: u64 },
+    WriterReply {
+        id: u64,
+        req: WriterRequest,
+    },
+    WriterGone {
+        id: u64,
+    },
     /// A peer connection `conn` is up; `tx` sends to it.
-    PeerUp { node: String, conn: usize, tx: mpsc::UnboundedSender<peers::PeerWire> },
-    PeerMsg { node: String, msg: freezeframe_core::protocol::PeerMessage },
+    PeerUp {
+        node: String,
+        conn: usize,
+        tx: mpsc::UnboundedSender<peers::PeerWire>,
+    },
+    PeerMsg {
+        node: String,
+        msg: freezeframe_core::protocol::PeerMessage,
+    },
     /// A peer forwarded one of its own phase events.
-    PeerEvent { node: String, event: freezeframe_core::protocol::PhaseEvent },
+    PeerEvent {
+        node: String,
+        event: freezeframe_core::protocol::PhaseEvent,
+    },
     /// A peer's status summary changed.
-    PeerStatus { node: String, status: Value },
+    PeerStatus {
+        node: String,
+        status: Value,
+    },
     /// Connection `conn` to the peer closed (ignored if a newer one is up).
-    PeerDown { node: String, conn: usize },
+    PeerDown {
+        node: String,
+        conn: usize,
+    },
     /// The result of an engine action the driver ran off the async threads.
     Engine(driver::EngineDone),
     Shutdown,
@@ -79,11 +107,16 @@ pub fn bind_private_socket(path: &Path) -> Result<tokio::net::UnixListener> {
     use std::os::unix::fs::PermissionsExt;
     if path.exists() {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            anyhow::bail!("{} is in use: another daemon runs for this node", path.display());
+            anyhow::bail!(
+                "{} is in use: another daemon runs for this node",
+                path.display()
+            );
         }
-        std::fs::remove_file(path).with_context(|| format!("removing stale socket {}", path.display()))?;
+        std::fs::remove_file(path)
+            .with_context(|| format!("removing stale socket {}", path.display()))?;
     }
-    let l = tokio::net::UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    let l = tokio::net::UnixListener::bind(path)
+        .with_context(|| format!("binding {}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     Ok(l)
 }

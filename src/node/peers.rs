@@ -41,19 +41,32 @@ pub fn start(cfg: &NodeConfig, driver: DriverTx) -> Result<Mesh> {
     let id = NodeIdentity::load(&cfg.raw.tls.cert, &cfg.raw.tls.key)?;
     let members = MemberList::new(cfg.raw.cluster.members.iter().map(|m| m.name.clone()));
     let endpoint = Arc::new(
-        PeerEndpoint::bind(cfg.raw.node.listen, &id, &ca, members)
-            .with_context(|| format!("binding the QUIC peer endpoint on {}", cfg.raw.node.listen))?,
+        PeerEndpoint::bind(cfg.raw.node.listen, &id, &ca, members).with_context(|| {
+            format!("binding the QUIC peer endpoint on {}", cfg.raw.node.listen)
+        })?,
     );
     for m in cfg.peers() {
         if endpoint.dials(&m.name) {
-            tokio::spawn(dial_loop(endpoint.clone(), m.name.clone(), m.addr, driver.clone()));
+            tokio::spawn(dial_loop(
+                endpoint.clone(),
+                m.name.clone(),
+                m.addr,
+                driver.clone(),
+            ));
         }
     }
     tokio::spawn(accept_loop(endpoint.clone(), driver));
-    Ok(Mesh { _endpoint: endpoint })
+    Ok(Mesh {
+        _endpoint: endpoint,
+    })
 }
 
-async fn dial_loop(ep: Arc<PeerEndpoint>, name: String, addr: std::net::SocketAddr, driver: DriverTx) {
+async fn dial_loop(
+    ep: Arc<PeerEndpoint>,
+    name: String,
+    addr: std::net::SocketAddr,
+    driver: DriverTx,
+) {
     let mut logged = false;
     loop {
         match ep.connect(addr, &name).await {
@@ -88,7 +101,9 @@ async fn accept_loop(ep: Arc<PeerEndpoint>, driver: DriverTx) {
                 tokio::spawn(async move {
                     match conn.accept_bi().await {
                         Ok((send, recv)) => serve(conn, send, recv, driver).await,
-                        Err(e) => tracing::warn!(peer = %conn.peer_name(), "peer opened no stream: {e}"),
+                        Err(e) => {
+                            tracing::warn!(peer = %conn.peer_name(), "peer opened no stream: {e}")
+                        }
                     }
                 });
             }
@@ -109,10 +124,20 @@ async fn serve(conn: PeerConnection, mut send: Send, mut recv: Recv, driver: Dri
     let conn_id = conn.stable_id();
     let (tx, mut rx) = mpsc::unbounded_channel::<PeerWire>();
     // The dialer's stream only exists for the acceptor once something is sent on it.
-    if send.send(&PeerWire::Status { status: Value::Null }).await.is_err() {
+    if send
+        .send(&PeerWire::Status {
+            status: Value::Null,
+        })
+        .await
+        .is_err()
+    {
         return;
     }
-    let _ = driver.send(DriverEvent::PeerUp { node: node.clone(), conn: conn_id, tx });
+    let _ = driver.send(DriverEvent::PeerUp {
+        node: node.clone(),
+        conn: conn_id,
+        tx,
+    });
     tracing::info!(peer = %node, addr = %conn.remote_address(), "peer connected");
     let writer = tokio::spawn(async move {
         while let Some(m) = rx.recv().await {
@@ -125,14 +150,23 @@ async fn serve(conn: PeerConnection, mut send: Send, mut recv: Recv, driver: Dri
     loop {
         match recv.recv_opt::<PeerWire>().await {
             Ok(Some(PeerWire::Protocol { msg })) => {
-                let _ = driver.send(DriverEvent::PeerMsg { node: node.clone(), msg });
+                let _ = driver.send(DriverEvent::PeerMsg {
+                    node: node.clone(),
+                    msg,
+                });
             }
             Ok(Some(PeerWire::Event { event })) => {
-                let _ = driver.send(DriverEvent::PeerEvent { node: node.clone(), event });
+                let _ = driver.send(DriverEvent::PeerEvent {
+                    node: node.clone(),
+                    event,
+                });
             }
             Ok(Some(PeerWire::Status { status })) => {
                 if !status.is_null() {
-                    let _ = driver.send(DriverEvent::PeerStatus { node: node.clone(), status });
+                    let _ = driver.send(DriverEvent::PeerStatus {
+                        node: node.clone(),
+                        status,
+                    });
                 }
             }
             Ok(None) => break,
@@ -145,7 +179,10 @@ async fn serve(conn: PeerConnection, mut send: Send, mut recv: Recv, driver: Dri
     }
     writer.abort();
     conn.close("stream ended");
-    let _ = driver.send(DriverEvent::PeerDown { node: node.clone(), conn: conn_id });
+    let _ = driver.send(DriverEvent::PeerDown {
+        node: node.clone(),
+        conn: conn_id,
+    });
     tracing::info!(peer = %node, "peer disconnected");
 }
 

@@ -8,7 +8,9 @@
 use std::path::Path;
 
 use freezeframe_netproto::control::{write_line, LineReader};
-use freezeframe_netproto::writer::{parse_writer_line, WriterEvent, WriterRequest, MAX_WRITER_LINE};
+use freezeframe_netproto::writer::{
+    parse_writer_line, WriterEvent, WriterRequest, MAX_WRITER_LINE,
+};
 use tokio::net::UnixListener;
 use tokio::sync::mpsc;
 
@@ -55,7 +57,9 @@ async fn connection(id: u64, stream: tokio::net::UnixStream, driver: DriverTx) {
             Ok(Some(l)) => l,
             Ok(None) => break,
             Err(e) => {
-                let _ = tx.send(WriterEvent::Error { message: e.to_string() });
+                let _ = tx.send(WriterEvent::Error {
+                    message: e.to_string(),
+                });
                 continue;
             }
         };
@@ -66,20 +70,36 @@ async fn connection(id: u64, stream: tokio::net::UnixStream, driver: DriverTx) {
             Err(message) => {
                 let _ = tx.send(WriterEvent::Error { message });
             }
-            Ok(WriterRequest::Register { name, on_error, freeze_timeout_ms }) => {
+            Ok(WriterRequest::Register {
+                name,
+                on_error,
+                freeze_timeout_ms,
+            }) => {
                 if registered {
-                    let _ = tx.send(WriterEvent::Error { message: "already registered on this connection".into() });
+                    let _ = tx.send(WriterEvent::Error {
+                        message: "already registered on this connection".into(),
+                    });
                     continue;
                 }
                 if name.is_empty() || name.len() > 128 {
-                    let _ = tx.send(WriterEvent::Error { message: "writer name must be 1 to 128 bytes".into() });
+                    let _ = tx.send(WriterEvent::Error {
+                        message: "writer name must be 1 to 128 bytes".into(),
+                    });
                     continue;
                 }
                 registered = true;
-                let _ = driver.send(DriverEvent::WriterRegistered { id, name, on_error, freeze_timeout_ms, tx: tx.clone() });
+                let _ = driver.send(DriverEvent::WriterRegistered {
+                    id,
+                    name,
+                    on_error,
+                    freeze_timeout_ms,
+                    tx: tx.clone(),
+                });
             }
             Ok(req) if !registered => {
-                let _ = tx.send(WriterEvent::Error { message: format!("register first (got {req:?})") });
+                let _ = tx.send(WriterEvent::Error {
+                    message: format!("register first (got {req:?})"),
+                });
             }
             Ok(req) => {
                 let _ = driver.send(DriverEvent::WriterReply { id, req });

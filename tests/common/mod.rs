@@ -16,7 +16,11 @@ pub fn exe() -> PathBuf {
 
 /// Runs the binary and returns its output (never panics on a non-zero exit).
 pub fn ff(args: &[&str]) -> Output {
-    Command::new(exe()).args(args).env("RUST_LOG", "warn").output().expect("run freezeframe")
+    Command::new(exe())
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run freezeframe")
 }
 
 /// Runs the binary, asserts success, returns stdout parsed as JSON.
@@ -29,7 +33,10 @@ pub fn ff_json(args: &[&str]) -> Value {
         String::from_utf8_lossy(&out.stdout)
     );
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!("freezeframe {args:?} printed no JSON ({e}): {}", String::from_utf8_lossy(&out.stdout))
+        panic!(
+            "freezeframe {args:?} printed no JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
     })
 }
 
@@ -85,26 +92,53 @@ pub struct ClusterOptions {
 
 impl Default for ClusterOptions {
     fn default() -> Self {
-        ClusterOptions { nodes: 3, size: "128MiB", lease: "4s" }
+        ClusterOptions {
+            nodes: 3,
+            size: "128MiB",
+            lease: "4s",
+        }
     }
 }
 
 impl Cluster {
     /// Creates and starts a cluster, waiting until every node sees every peer.
     pub fn start(opts: ClusterOptions) -> Cluster {
-        let dir = tempfile::Builder::new().prefix("ff-e2e-").tempdir_in("/var/tmp").expect("tempdir");
+        let dir = tempfile::Builder::new()
+            .prefix("ff-e2e-")
+            .tempdir_in("/var/tmp")
+            .expect("tempdir");
         let cdir = dir.path().join("c");
         let n = opts.nodes.to_string();
         let init = ff(&[
-            "cluster", "init", cdir.to_str().expect("utf-8"), "--nodes", &n, "--size", opts.size, "--lease", opts.lease,
+            "cluster",
+            "init",
+            cdir.to_str().expect("utf-8"),
+            "--nodes",
+            &n,
+            "--size",
+            opts.size,
+            "--lease",
+            opts.lease,
             "--json",
         ]);
-        assert!(init.status.success(), "cluster init failed: {}", String::from_utf8_lossy(&init.stderr));
-        let mut c = Cluster { dir, nodes: Vec::new(), writers: Vec::new() };
+        assert!(
+            init.status.success(),
+            "cluster init failed: {}",
+            String::from_utf8_lossy(&init.stderr)
+        );
+        let mut c = Cluster {
+            dir,
+            nodes: Vec::new(),
+            writers: Vec::new(),
+        };
         for i in 1..=opts.nodes {
             let name = format!("n{i}");
             let config = cdir.join("nodes").join(&name).join("node.toml");
-            c.nodes.push(Node { name, config, child: None });
+            c.nodes.push(Node {
+                name,
+                config,
+                child: None,
+            });
         }
         for i in 0..c.nodes.len() {
             c.start_node(i);
@@ -142,7 +176,12 @@ impl Cluster {
     /// Waits until every running node reports all of its running peers connected and is mounted.
     pub fn wait_connected(&self, wait: Duration) {
         let deadline = Instant::now() + wait;
-        let running: Vec<&str> = self.nodes.iter().filter(|n| n.child.is_some()).map(|n| n.name.as_str()).collect();
+        let running: Vec<&str> = self
+            .nodes
+            .iter()
+            .filter(|n| n.child.is_some())
+            .map(|n| n.name.as_str())
+            .collect();
         for node in self.nodes.iter().filter(|n| n.child.is_some()) {
             loop {
                 let out = ff(&["status", "--json", "--config", node.cfg()]);
@@ -158,7 +197,12 @@ impl Cluster {
                         break;
                     }
                 }
-                assert!(Instant::now() < deadline, "node {} did not come up; log:\n{}", node.name, node.log());
+                assert!(
+                    Instant::now() < deadline,
+                    "node {} did not come up; log:\n{}",
+                    node.name,
+                    node.log()
+                );
                 std::thread::sleep(Duration::from_millis(100));
             }
         }
@@ -194,7 +238,15 @@ impl Cluster {
         let node = &self.nodes[i];
         let log = node.run_dir().join(format!("{name}.freeze.log"));
         let child = Command::new(exe())
-            .args(["demo-writer", "--name", name, "--offset", &offset.to_string(), "--len", &REGION.to_string()])
+            .args([
+                "demo-writer",
+                "--name",
+                name,
+                "--offset",
+                &offset.to_string(),
+                "--len",
+                &REGION.to_string(),
+            ])
             .arg("--socket")
             .arg(node.run_dir().join("writer.sock"))
             .arg("--volume")
@@ -209,13 +261,21 @@ impl Cluster {
         self.writers.push(child);
         wait_for(Duration::from_secs(10), || {
             let v = ff_json(&["status", "--json", "--config", node.cfg()]);
-            v["writers"].as_array().is_some_and(|ws| ws.iter().any(|w| w["name"] == name))
+            v["writers"]
+                .as_array()
+                .is_some_and(|ws| ws.iter().any(|w| w["name"] == name))
         });
         log
     }
 
     pub fn create(&self, i: usize, extra: &[&str]) -> (bool, Value) {
-        let mut args = vec!["snapshot", "create", "--json", "--config", self.nodes[i].cfg()];
+        let mut args = vec![
+            "snapshot",
+            "create",
+            "--json",
+            "--config",
+            self.nodes[i].cfg(),
+        ];
         args.extend_from_slice(extra);
         let out = ff(&args);
         let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| {
@@ -229,7 +289,16 @@ impl Cluster {
     }
 
     pub fn list(&self, i: usize) -> Vec<Value> {
-        ff_json(&["snapshot", "list", "--json", "--config", self.nodes[i].cfg()]).as_array().cloned().unwrap_or_default()
+        ff_json(&[
+            "snapshot",
+            "list",
+            "--json",
+            "--config",
+            self.nodes[i].cfg(),
+        ])
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
     }
 }
 
@@ -247,7 +316,11 @@ impl Drop for Cluster {
         for n in &self.nodes {
             let mnt = n.mount();
             // A node killed by a test leaves its mount behind: clear it.
-            let _ = Command::new("fusermount3").arg("-uz").arg(&mnt).stderr(Stdio::null()).status();
+            let _ = Command::new("fusermount3")
+                .arg("-uz")
+                .arg(&mnt)
+                .stderr(Stdio::null())
+                .status();
         }
     }
 }
@@ -255,7 +328,10 @@ impl Drop for Cluster {
 pub fn wait_for(wait: Duration, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + wait;
     while !f() {
-        assert!(Instant::now() < deadline, "condition not met within {wait:?}");
+        assert!(
+            Instant::now() < deadline,
+            "condition not met within {wait:?}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }

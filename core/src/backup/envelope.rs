@@ -33,10 +33,21 @@ pub(crate) fn seal(magic: &[u8; 8], version: u32, payload: &[u8]) -> Vec<u8> {
 }
 
 /// Checks an envelope read from `path` and returns its payload.
-pub(crate) fn open<'a>(path: &Path, magic: &[u8; 8], version: u32, bytes: &'a [u8]) -> Result<&'a [u8]> {
-    let corrupt = |detail: String| Error::RepoCorrupt { path: path.to_path_buf(), detail };
+pub(crate) fn open<'a>(
+    path: &Path,
+    magic: &[u8; 8],
+    version: u32,
+    bytes: &'a [u8],
+) -> Result<&'a [u8]> {
+    let corrupt = |detail: String| Error::RepoCorrupt {
+        path: path.to_path_buf(),
+        detail,
+    };
     if bytes.len() < HEADER + TRAILER {
-        return Err(corrupt(format!("only {} bytes, shorter than an empty envelope", bytes.len())));
+        return Err(corrupt(format!(
+            "only {} bytes, shorter than an empty envelope",
+            bytes.len()
+        )));
     }
     if &bytes[..8] != magic {
         return Err(corrupt(format!(
@@ -58,10 +69,14 @@ pub(crate) fn open<'a>(path: &Path, magic: &[u8; 8], version: u32, bytes: &'a [u
     let body_end = bytes.len() - TRAILER;
     let sum = blake3::hash(&bytes[..body_end]);
     if sum.as_bytes() != &bytes[body_end..] {
-        return Err(corrupt("checksum mismatch (the file was damaged after it was written)".into()));
+        return Err(corrupt(
+            "checksum mismatch (the file was damaged after it was written)".into(),
+        ));
     }
     if got_version != version {
-        return Err(corrupt(format!("format version {got_version}, this freezeframe reads version {version}")));
+        return Err(corrupt(format!(
+            "format version {got_version}, this freezeframe reads version {version}"
+        )));
     }
     Ok(&bytes[HEADER..body_end])
 }
@@ -143,11 +158,17 @@ mod tests {
     fn a_flipped_bit_anywhere_is_refused() {
         let sealed = seal(b"FFBKTEST", 1, b"hello payload");
         let p = Path::new("x");
-        assert_eq!(open(p, b"FFBKTEST", 1, &sealed).expect("intact envelope opens"), b"hello payload");
+        assert_eq!(
+            open(p, b"FFBKTEST", 1, &sealed).expect("intact envelope opens"),
+            b"hello payload"
+        );
         for i in 0..sealed.len() {
             let mut bad = sealed.clone();
             bad[i] ^= 0x10;
-            assert!(open(p, b"FFBKTEST", 1, &bad).is_err(), "flip at byte {i} went unnoticed");
+            assert!(
+                open(p, b"FFBKTEST", 1, &bad).is_err(),
+                "flip at byte {i} went unnoticed"
+            );
         }
         assert!(open(p, b"FFBKTEST", 1, &sealed[..sealed.len() - 1]).is_err());
     }

@@ -16,7 +16,11 @@ pub(crate) const TEMP_PREFIX: &str = ".tmp-";
 /// Wraps an `io::Error` with what we were doing and to which file.
 pub(crate) fn io_err(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Error {
     let path = path.to_path_buf();
-    move |source| Error::RepoIo { action, path, source }
+    move |source| Error::RepoIo {
+        action,
+        path,
+        source,
+    }
 }
 
 /// fsync a directory so renames and unlinks in it are durable.
@@ -36,7 +40,11 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let tmp = temp_path(dir, "write");
     let result = (|| {
-        let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp).map_err(io_err("create", &tmp))?;
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .map_err(io_err("create", &tmp))?;
         f.write_all(bytes).map_err(io_err("write", &tmp))?;
         f.sync_all().map_err(io_err("fsync", &tmp))?;
         fs::rename(&tmp, path).map_err(io_err("rename into place", path))?;
@@ -55,7 +63,11 @@ pub(crate) fn read_limited(path: &Path, limit: u64) -> Result<Vec<u8>> {
     if meta.len() > limit {
         return Err(Error::RepoCorrupt {
             path: path.to_path_buf(),
-            detail: format!("file is {} bytes, more than the {} allowed for this kind of file", meta.len(), limit),
+            detail: format!(
+                "file is {} bytes, more than the {} allowed for this kind of file",
+                meta.len(),
+                limit
+            ),
         });
     }
     fs::read(path).map_err(io_err("read", path))

@@ -53,7 +53,10 @@ impl Repository {
     }
 
     fn gc_locked(&self, lock: &WriterLock) -> Result<GcReport> {
-        let mut report = GcReport { temps_removed: self.remove_temps(lock)?, ..Default::default() };
+        let mut report = GcReport {
+            temps_removed: self.remove_temps(lock)?,
+            ..Default::default()
+        };
         let (manifests, unreadable) = self.manifests()?;
         if let Some((path, why)) = unreadable.first() {
             return Err(Error::RepoCorrupt {
@@ -76,7 +79,11 @@ impl Repository {
         let broken: HashSet<String> = index
             .problems
             .iter()
-            .filter_map(|p| p.path.file_name().map(|n| n.to_string_lossy().trim_end_matches(".idx").to_string()))
+            .filter_map(|p| {
+                p.path
+                    .file_name()
+                    .map(|n| n.to_string_lossy().trim_end_matches(".idx").to_string())
+            })
             .collect();
         for name in list_files(&packs_dir, ".pack")? {
             let id = name.trim_end_matches(".pack");
@@ -95,7 +102,12 @@ impl Repository {
             let keep: Vec<_> = pack
                 .entries
                 .iter()
-                .filter(|e| live.contains(&e.hash) && index.get(&e.hash).is_some_and(|l| l.pack as usize == pi && l.offset == e.offset))
+                .filter(|e| {
+                    live.contains(&e.hash)
+                        && index
+                            .get(&e.hash)
+                            .is_some_and(|l| l.pack as usize == pi && l.offset == e.offset)
+                })
                 .copied()
                 .collect();
             if keep.len() == pack.entries.len() {
@@ -105,7 +117,8 @@ impl Repository {
                 let file = File::open(&pack.path).map_err(io_err("open", &pack.path))?;
                 for e in &keep {
                     let mut data = vec![0u8; e.len as usize];
-                    file.read_exact_at(&mut data, e.offset).map_err(io_err("read", &pack.path))?;
+                    file.read_exact_at(&mut data, e.offset)
+                        .map_err(io_err("read", &pack.path))?;
                     if BlockHash::of(&data) != e.hash {
                         return Err(Error::RepoCorrupt {
                             path: pack.path.clone(),

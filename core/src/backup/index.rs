@@ -82,7 +82,10 @@ impl MasterIndex {
             let (size, entries) = match read_index_file(&index_path) {
                 Ok(v) => v,
                 Err(e) => {
-                    mi.problems.push(IndexProblem { path: index_path, message: e.to_string() });
+                    mi.problems.push(IndexProblem {
+                        path: index_path,
+                        message: e.to_string(),
+                    });
                     continue;
                 }
             };
@@ -91,19 +94,32 @@ impl MasterIndex {
                 Ok(m) => {
                     mi.problems.push(IndexProblem {
                         path: index_path,
-                        message: format!("pack {} is {} bytes but its index says {size}", path.display(), m.len()),
+                        message: format!(
+                            "pack {} is {} bytes but its index says {size}",
+                            path.display(),
+                            m.len()
+                        ),
                     });
                     continue;
                 }
                 Err(e) => {
                     mi.problems.push(IndexProblem {
                         path: index_path,
-                        message: format!("pack {} named by this index is unreadable: {e}", path.display()),
+                        message: format!(
+                            "pack {} named by this index is unreadable: {e}",
+                            path.display()
+                        ),
                     });
                     continue;
                 }
             }
-            mi.add_pack(PackRef { id, path, index_path, size, entries });
+            mi.add_pack(PackRef {
+                id,
+                path,
+                index_path,
+                size,
+                entries,
+            });
         }
         Ok(mi)
     }
@@ -112,7 +128,11 @@ impl MasterIndex {
     pub(crate) fn add_pack(&mut self, pack: PackRef) {
         let n = self.packs.len() as u32;
         for e in &pack.entries {
-            self.map.entry(e.hash).or_insert(Location { pack: n, offset: e.offset, len: e.len });
+            self.map.entry(e.hash).or_insert(Location {
+                pack: n,
+                offset: e.offset,
+                len: e.len,
+            });
         }
         self.packs.push(pack);
     }
@@ -123,7 +143,12 @@ impl MasterIndex {
 }
 
 /// Writes `index/<id>.idx` atomically and durably.
-pub(crate) fn write_index_file(index_dir: &Path, id: &str, pack_size: u64, entries: &[IndexEntry]) -> Result<()> {
+pub(crate) fn write_index_file(
+    index_dir: &Path,
+    id: &str,
+    pack_size: u64,
+    entries: &[IndexEntry],
+) -> Result<()> {
     let mut payload = Vec::with_capacity(12 + entries.len() * 44);
     payload.extend_from_slice(&pack_size.to_le_bytes());
     payload.extend_from_slice(&(entries.len() as u32).to_le_bytes());
@@ -132,30 +157,48 @@ pub(crate) fn write_index_file(index_dir: &Path, id: &str, pack_size: u64, entri
         payload.extend_from_slice(&e.offset.to_le_bytes());
         payload.extend_from_slice(&e.len.to_le_bytes());
     }
-    write_atomic(&index_dir.join(format!("{id}.idx")), &envelope::seal(MAGIC, VERSION, &payload))
+    write_atomic(
+        &index_dir.join(format!("{id}.idx")),
+        &envelope::seal(MAGIC, VERSION, &payload),
+    )
 }
 
 /// Reads and checks one index file: (pack size, entries).
 pub(crate) fn read_index_file(path: &Path) -> Result<(u64, Vec<IndexEntry>)> {
     let bytes = read_limited(path, MAX_INDEX_FILE)?;
     let payload = envelope::open(path, MAGIC, VERSION, &bytes)?;
-    let corrupt = |detail: String| Error::RepoCorrupt { path: path.to_path_buf(), detail };
+    let corrupt = |detail: String| Error::RepoCorrupt {
+        path: path.to_path_buf(),
+        detail,
+    };
     let mut r = Reader::new(payload);
     let (Some(pack_size), Some(n)) = (r.u64(), r.u32()) else {
         return Err(corrupt("index header is cut short".into()));
     };
     if r.remaining() != n as usize * 44 {
-        return Err(corrupt(format!("index claims {n} entries but holds {} bytes of them", r.remaining())));
+        return Err(corrupt(format!(
+            "index claims {n} entries but holds {} bytes of them",
+            r.remaining()
+        )));
     }
     let mut entries = Vec::with_capacity(n as usize);
     for i in 0..n {
         let (Some(hash), Some(offset), Some(len)) = (r.hash(), r.u64(), r.u32()) else {
             return Err(corrupt(format!("index entry {i} is cut short")));
         };
-        if offset < PACK_HEADER || offset.saturating_add(u64::from(len)) > pack_size || len > MAX_BLOB {
-            return Err(corrupt(format!("index entry {i} points outside its pack ({offset}+{len} of {pack_size})")));
+        if offset < PACK_HEADER
+            || offset.saturating_add(u64::from(len)) > pack_size
+            || len > MAX_BLOB
+        {
+            return Err(corrupt(format!(
+                "index entry {i} points outside its pack ({offset}+{len} of {pack_size})"
+            )));
         }
-        entries.push(IndexEntry { hash: BlockHash(hash), offset, len });
+        entries.push(IndexEntry {
+            hash: BlockHash(hash),
+            offset,
+            len,
+        });
     }
     Ok((pack_size, entries))
 }

@@ -65,7 +65,10 @@ pub enum BackupKind {
         reason: Option<String>,
     },
     /// Only the changed blocks were read; the rest came from `parent`.
-    Incremental { parent: String, parent_snapshot: u64 },
+    Incremental {
+        parent: String,
+        parent_snapshot: u64,
+    },
 }
 
 /// Figures of one backup run.
@@ -151,48 +154,78 @@ impl Manifest {
 
     pub(crate) fn decode(path: &Path, bytes: &[u8]) -> Result<Manifest> {
         let payload = envelope::open(path, MAGIC, VERSION, bytes)?;
-        let corrupt = |detail: String| Error::RepoCorrupt { path: path.to_path_buf(), detail };
+        let corrupt = |detail: String| Error::RepoCorrupt {
+            path: path.to_path_buf(),
+            detail,
+        };
         let mut r = Reader::new(payload);
-        let json_len = r.u32().ok_or_else(|| corrupt("manifest header is cut short".into()))?;
+        let json_len = r
+            .u32()
+            .ok_or_else(|| corrupt("manifest header is cut short".into()))?;
         if json_len > MAX_HEADER_JSON {
             return Err(corrupt(format!("manifest header claims {json_len} bytes")));
         }
-        let json = r.take(json_len as usize).ok_or_else(|| corrupt("manifest header is cut short".into()))?;
-        let header: ManifestHeader =
-            serde_json::from_slice(json).map_err(|e| corrupt(format!("manifest header is not valid: {e}")))?;
+        let json = r
+            .take(json_len as usize)
+            .ok_or_else(|| corrupt("manifest header is cut short".into()))?;
+        let header: ManifestHeader = serde_json::from_slice(json)
+            .map_err(|e| corrupt(format!("manifest header is not valid: {e}")))?;
         if header.block_size == 0 || header.block_size > super::pack::MAX_BLOB {
-            return Err(corrupt(format!("block size {} is out of range", header.block_size)));
+            return Err(corrupt(format!(
+                "block size {} is out of range",
+                header.block_size
+            )));
         }
         let n_blocks = block_count(header.image_size, header.block_size);
-        let n_unique = r.u32().ok_or_else(|| corrupt("hash table is cut short".into()))? as usize;
+        let n_unique =
+            r.u32()
+                .ok_or_else(|| corrupt("hash table is cut short".into()))? as usize;
         if (n_unique as u64) > n_blocks || n_unique.saturating_mul(32) > r.remaining() {
-            return Err(corrupt(format!("hash table claims {n_unique} hashes for {n_blocks} blocks")));
+            return Err(corrupt(format!(
+                "hash table claims {n_unique} hashes for {n_blocks} blocks"
+            )));
         }
         let mut table = Vec::with_capacity(n_unique);
         for _ in 0..n_unique {
-            table.push(BlockHash(r.hash().ok_or_else(|| corrupt("hash table is cut short".into()))?));
+            table.push(BlockHash(
+                r.hash()
+                    .ok_or_else(|| corrupt("hash table is cut short".into()))?,
+            ));
         }
         let mut blocks: Vec<Option<BlockHash>> = Vec::with_capacity(n_blocks.min(1 << 28) as usize);
         while r.remaining() > 0 {
-            let op = r.varint().ok_or_else(|| corrupt(format!("block list is damaged at block {}", blocks.len())))?;
+            let op = r.varint().ok_or_else(|| {
+                corrupt(format!("block list is damaged at block {}", blocks.len()))
+            })?;
             let count = op >> 1;
             if count == 0 || count > n_blocks - blocks.len() as u64 {
-                return Err(corrupt(format!("block list run of {count} at block {} overruns {n_blocks} blocks", blocks.len())));
+                return Err(corrupt(format!(
+                    "block list run of {count} at block {} overruns {n_blocks} blocks",
+                    blocks.len()
+                )));
             }
             if op & 1 == 1 {
                 blocks.resize(blocks.len() + count as usize, None);
             } else {
                 for _ in 0..count {
-                    let k = r.varint().ok_or_else(|| corrupt(format!("block list is cut short at block {}", blocks.len())))?;
+                    let k = r.varint().ok_or_else(|| {
+                        corrupt(format!("block list is cut short at block {}", blocks.len()))
+                    })?;
                     let h = table.get(k as usize).ok_or_else(|| {
-                        corrupt(format!("block {} refers to hash #{k} but the table has {n_unique}", blocks.len()))
+                        corrupt(format!(
+                            "block {} refers to hash #{k} but the table has {n_unique}",
+                            blocks.len()
+                        ))
                     })?;
                     blocks.push(Some(*h));
                 }
             }
         }
         if blocks.len() as u64 != n_blocks {
-            return Err(corrupt(format!("block list has {} blocks, the image needs {n_blocks}", blocks.len())));
+            return Err(corrupt(format!(
+                "block list has {} blocks, the image needs {n_blocks}",
+                blocks.len()
+            )));
         }
         Ok(Manifest { header, blocks })
     }
@@ -213,11 +246,20 @@ mod tests {
             header: ManifestHeader {
                 id: "abc".into(),
                 created_ms: 1,
-                source: SourceIdentity { volume_id: "/v".into(), name: "v".into() },
-                snapshot: SnapshotRef { id: 3, created_ms: 2 },
+                source: SourceIdentity {
+                    volume_id: "/v".into(),
+                    name: "v".into(),
+                },
+                snapshot: SnapshotRef {
+                    id: 3,
+                    created_ms: 2,
+                },
                 block_size: 4096,
                 image_size,
-                kind: BackupKind::Incremental { parent: "p".into(), parent_snapshot: 2 },
+                kind: BackupKind::Incremental {
+                    parent: "p".into(),
+                    parent_snapshot: 2,
+                },
                 stats: BackupStats::default(),
             },
             blocks,
@@ -230,14 +272,18 @@ mod tests {
         let b = Some(BlockHash::of(b"b"));
         let m = sample(vec![None, None, a, b, a, None, a], 4096 * 6 + 100);
         let bytes = m.encode();
-        assert_eq!(Manifest::decode(Path::new("m"), &bytes).expect("decodes"), m);
+        assert_eq!(
+            Manifest::decode(Path::new("m"), &bytes).expect("decodes"),
+            m
+        );
         assert_eq!(m.block_len(6), 100);
     }
 
     #[test]
     fn a_block_list_not_matching_the_image_size_is_refused() {
         let m = sample(vec![None; 3], 4096 * 4);
-        let err = Manifest::decode(Path::new("m"), &m.encode()).expect_err("3 blocks for a 4-block image");
+        let err = Manifest::decode(Path::new("m"), &m.encode())
+            .expect_err("3 blocks for a 4-block image");
         assert!(err.to_string().contains("needs 4"), "{err}");
     }
 }

@@ -40,16 +40,18 @@ pub mod hash;
 mod index;
 pub mod manifest;
 mod pack;
-pub mod volume_source;
 pub mod repo;
 pub mod restore;
 pub mod run;
 pub mod source;
 pub mod verify;
+pub mod volume_source;
 
 pub use gc::GcReport;
 pub use hash::BlockHash;
-pub use manifest::{BackupKind, BackupStats, Manifest, ManifestHeader, SnapshotRef, SourceIdentity};
+pub use manifest::{
+    BackupKind, BackupStats, Manifest, ManifestHeader, SnapshotRef, SourceIdentity,
+};
 pub use repo::{Listing, RepoConfig, Repository, DEFAULT_PACK_SIZE};
 pub use restore::RestoreReport;
 pub use source::{BlockSource, ChangedSince, ImageFileSource};

@@ -64,7 +64,13 @@ struct OpenPack {
 
 impl PackWriter {
     pub(crate) fn new(repo: &Path, target: u64) -> PackWriter {
-        PackWriter { packs_dir: repo.join("packs"), index_dir: repo.join("index"), target, open: None, sealed: Vec::new() }
+        PackWriter {
+            packs_dir: repo.join("packs"),
+            index_dir: repo.join("index"),
+            target,
+            open: None,
+            sealed: Vec::new(),
+        }
     }
 
     /// Appends the blobs `items` (hash, start, len) found in `buf`.
@@ -78,13 +84,22 @@ impl PackWriter {
             let run_start = items[i].1;
             let mut run_end = run_start;
             let mut j = i;
-            while j < items.len() && items[j].1 == run_end && (pack.pos + (run_end - run_start) as u64) < target {
+            while j < items.len()
+                && items[j].1 == run_end
+                && (pack.pos + (run_end - run_start) as u64) < target
+            {
                 let (hash, start, len) = items[j];
-                pack.entries.push(IndexEntry { hash, offset: pack.pos + (start - run_start) as u64, len: len as u32 });
+                pack.entries.push(IndexEntry {
+                    hash,
+                    offset: pack.pos + (start - run_start) as u64,
+                    len: len as u32,
+                });
                 run_end = start + len;
                 j += 1;
             }
-            pack.file.write_all(&buf[run_start..run_end]).map_err(io_err("write", &pack.tmp))?;
+            pack.file
+                .write_all(&buf[run_start..run_end])
+                .map_err(io_err("write", &pack.tmp))?;
             pack.pos += (run_end - run_start) as u64;
             start_writeback(pack);
             i = j;
@@ -104,12 +119,22 @@ impl PackWriter {
     fn open_pack(&mut self) -> Result<&mut OpenPack> {
         if self.open.is_none() {
             let tmp = temp_path(&self.packs_dir, "pack");
-            let mut file = OpenOptions::new().write(true).create_new(true).open(&tmp).map_err(io_err("create", &tmp))?;
+            let mut file = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&tmp)
+                .map_err(io_err("create", &tmp))?;
             let mut header = [0u8; PACK_HEADER as usize];
             header[..8].copy_from_slice(PACK_MAGIC);
             header[8..12].copy_from_slice(&PACK_VERSION.to_le_bytes());
             file.write_all(&header).map_err(io_err("write", &tmp))?;
-            self.open = Some(OpenPack { file, tmp, pos: PACK_HEADER, flushed: 0, entries: Vec::new() });
+            self.open = Some(OpenPack {
+                file,
+                tmp,
+                pos: PACK_HEADER,
+                flushed: 0,
+                entries: Vec::new(),
+            });
         }
         match self.open.as_mut() {
             Some(p) => Ok(p),
@@ -118,10 +143,14 @@ impl PackWriter {
     }
 
     fn seal_open(&mut self) -> Result<()> {
-        let Some(mut pack) = self.open.take() else { return Ok(()) };
+        let Some(mut pack) = self.open.take() else {
+            return Ok(());
+        };
         let result = (|| {
             let trailer = encode_trailer(&pack.entries);
-            pack.file.write_all(&trailer).map_err(io_err("write", &pack.tmp))?;
+            pack.file
+                .write_all(&trailer)
+                .map_err(io_err("write", &pack.tmp))?;
             pack.pos += trailer.len() as u64;
             pack.file.sync_all().map_err(io_err("fsync", &pack.tmp))?;
             let sum_at = trailer.len() - TAIL + 4;
@@ -189,37 +218,53 @@ fn encode_trailer(entries: &[IndexEntry]) -> Vec<u8> {
 
 /// Reads and checks a pack's header and trailer; returns its entries.
 pub(crate) fn read_trailer(path: &Path) -> Result<Vec<IndexEntry>> {
-    let corrupt = |detail: String| Error::RepoCorrupt { path: path.to_path_buf(), detail };
+    let corrupt = |detail: String| Error::RepoCorrupt {
+        path: path.to_path_buf(),
+        detail,
+    };
     let file = File::open(path).map_err(io_err("open", path))?;
     let size = file.metadata().map_err(io_err("stat", path))?.len();
     if size < PACK_HEADER + TAIL as u64 {
-        return Err(corrupt(format!("pack is only {size} bytes, too short for header and trailer")));
+        return Err(corrupt(format!(
+            "pack is only {size} bytes, too short for header and trailer"
+        )));
     }
     let mut header = [0u8; PACK_HEADER as usize];
-    file.read_exact_at(&mut header, 0).map_err(io_err("read", path))?;
+    file.read_exact_at(&mut header, 0)
+        .map_err(io_err("read", path))?;
     if &header[..8] != PACK_MAGIC {
         return Err(corrupt("pack header magic is wrong".into()));
     }
     let version = u32::from_le_bytes([header[8], header[9], header[10], header[11]]);
     if version != PACK_VERSION {
-        return Err(corrupt(format!("pack format version {version}, this freezeframe reads {PACK_VERSION}")));
+        return Err(corrupt(format!(
+            "pack format version {version}, this freezeframe reads {PACK_VERSION}"
+        )));
     }
     let mut tail = [0u8; TAIL];
-    file.read_exact_at(&mut tail, size - TAIL as u64).map_err(io_err("read", path))?;
+    file.read_exact_at(&mut tail, size - TAIL as u64)
+        .map_err(io_err("read", path))?;
     if &tail[36..44] != TAIL_MAGIC {
-        return Err(corrupt("pack trailer magic is wrong (pack truncated or damaged)".into()));
+        return Err(corrupt(
+            "pack trailer magic is wrong (pack truncated or damaged)".into(),
+        ));
     }
     let n = u32::from_le_bytes([tail[0], tail[1], tail[2], tail[3]]);
     if n > MAX_ENTRIES {
-        return Err(corrupt(format!("pack trailer claims {n} blobs, more than the {MAX_ENTRIES} allowed")));
+        return Err(corrupt(format!(
+            "pack trailer claims {n} blobs, more than the {MAX_ENTRIES} allowed"
+        )));
     }
     let table_len = n as u64 * ENTRY as u64;
     if table_len + TAIL as u64 + PACK_HEADER > size {
-        return Err(corrupt(format!("pack trailer claims {n} blobs, more than fit in {size} bytes")));
+        return Err(corrupt(format!(
+            "pack trailer claims {n} blobs, more than fit in {size} bytes"
+        )));
     }
     let table_at = size - TAIL as u64 - table_len;
     let mut table = vec![0u8; table_len as usize];
-    file.read_exact_at(&mut table, table_at).map_err(io_err("read", path))?;
+    file.read_exact_at(&mut table, table_at)
+        .map_err(io_err("read", path))?;
     if blake3::hash(&table).as_bytes() != &tail[4..36] {
         return Err(corrupt("pack trailer checksum mismatch".into()));
     }
@@ -229,10 +274,19 @@ pub(crate) fn read_trailer(path: &Path) -> Result<Vec<IndexEntry>> {
         let (Some(hash), Some(offset), Some(len)) = (r.hash(), r.u64(), r.u32()) else {
             return Err(corrupt(format!("pack trailer entry {i} is cut short")));
         };
-        if offset < PACK_HEADER || offset.saturating_add(u64::from(len)) > table_at || len > MAX_BLOB {
-            return Err(corrupt(format!("pack trailer entry {i} points outside the data area ({offset}+{len})")));
+        if offset < PACK_HEADER
+            || offset.saturating_add(u64::from(len)) > table_at
+            || len > MAX_BLOB
+        {
+            return Err(corrupt(format!(
+                "pack trailer entry {i} points outside the data area ({offset}+{len})"
+            )));
         }
-        entries.push(IndexEntry { hash: BlockHash(hash), offset, len });
+        entries.push(IndexEntry {
+            hash: BlockHash(hash),
+            offset,
+            len,
+        });
     }
     Ok(entries)
 }

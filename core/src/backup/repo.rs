@@ -87,23 +87,37 @@ impl Repository {
             fs::create_dir(&d).map_err(io_err("create directory", &d))?;
         }
         File::create(path.join("lock")).map_err(io_err("create", &path.join("lock")))?;
-        let config = RepoConfig { repo_id: unique_hex(), created_ms: now_ms(), pack_size };
+        let config = RepoConfig {
+            repo_id: unique_hex(),
+            created_ms: now_ms(),
+            pack_size,
+        };
         let json = serde_json::to_vec_pretty(&config).unwrap_or_default();
-        write_atomic(&path.join("config"), &envelope::seal(CONFIG_MAGIC, CONFIG_VERSION, &json))?;
+        write_atomic(
+            &path.join("config"),
+            &envelope::seal(CONFIG_MAGIC, CONFIG_VERSION, &json),
+        )?;
         sync_dir(path)?;
-        Ok(Repository { root: path.to_path_buf(), config })
+        Ok(Repository {
+            root: path.to_path_buf(),
+            config,
+        })
     }
 
     /// Opens the repository in `path`.
     pub fn open(path: &Path) -> Result<Repository> {
         let cfg_path = path.join("config");
         if !cfg_path.exists() {
-            return Err(Error::RepoNotFound { path: path.to_path_buf() });
+            return Err(Error::RepoNotFound {
+                path: path.to_path_buf(),
+            });
         }
         let bytes = read_limited(&cfg_path, 1 << 20)?;
         let json = envelope::open(&cfg_path, CONFIG_MAGIC, CONFIG_VERSION, &bytes)?;
-        let config: RepoConfig = serde_json::from_slice(json)
-            .map_err(|e| Error::RepoCorrupt { path: cfg_path.clone(), detail: format!("config is not valid: {e}") })?;
+        let config: RepoConfig = serde_json::from_slice(json).map_err(|e| Error::RepoCorrupt {
+            path: cfg_path.clone(),
+            detail: format!("config is not valid: {e}"),
+        })?;
         for sub in ["packs", "index", "backups"] {
             if !path.join(sub).is_dir() {
                 return Err(Error::RepoCorrupt {
@@ -112,7 +126,10 @@ impl Repository {
                 });
             }
         }
-        Ok(Repository { root: path.to_path_buf(), config })
+        Ok(Repository {
+            root: path.to_path_buf(),
+            config,
+        })
     }
 
     pub fn root(&self) -> &Path {
@@ -126,16 +143,27 @@ impl Repository {
     /// Takes the writer lock without waiting.
     pub(crate) fn lock_writer(&self) -> Result<WriterLock> {
         let path = self.root.join("lock");
-        let file = OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(io_err("open", &path))?;
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(io_err("open", &path))?;
         use std::os::fd::AsRawFd;
         // SAFETY: flock on an fd we own; no memory is involved.
         let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
         if rc != 0 {
             let err = std::io::Error::last_os_error();
             if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
-                return Err(Error::RepoLocked { path: self.root.clone() });
+                return Err(Error::RepoLocked {
+                    path: self.root.clone(),
+                });
             }
-            return Err(Error::RepoIo { action: "lock", path, source: err });
+            return Err(Error::RepoIo {
+                action: "lock",
+                path,
+                source: err,
+            });
         }
         Ok(WriterLock { _file: file })
     }
@@ -154,7 +182,9 @@ impl Repository {
     }
 
     pub(crate) fn manifest_path(&self, id: &str) -> PathBuf {
-        self.root.join("backups").join(format!("{id}{MANIFEST_SUFFIX}"))
+        self.root
+            .join("backups")
+            .join(format!("{id}{MANIFEST_SUFFIX}"))
     }
 
     /// Ids of every backup (from file names).
@@ -172,7 +202,10 @@ impl Repository {
         if m.header.id != id {
             return Err(Error::RepoCorrupt {
                 path,
-                detail: format!("manifest says it is backup {} but is stored as {id}", m.header.id),
+                detail: format!(
+                    "manifest says it is backup {} but is stored as {id}",
+                    m.header.id
+                ),
             });
         }
         Ok(m)
@@ -183,7 +216,11 @@ impl Repository {
     pub(crate) fn peek_header(&self, id: &str) -> Option<ManifestHeader> {
         use std::io::Read;
         let mut head = Vec::new();
-        File::open(self.manifest_path(id)).ok()?.take(24 + (1 << 20)).read_to_end(&mut head).ok()?;
+        File::open(self.manifest_path(id))
+            .ok()?
+            .take(24 + (1 << 20))
+            .read_to_end(&mut head)
+            .ok()?;
         let json_len = u32::from_le_bytes(head.get(20..24)?.try_into().ok()?) as usize;
         serde_json::from_slice(head.get(24..24usize.checked_add(json_len)?)?).ok()
     }
@@ -207,7 +244,10 @@ impl Repository {
     /// The backups in the repository, oldest first.
     pub fn list(&self) -> Result<Listing> {
         let (ms, unreadable) = self.manifests()?;
-        Ok(Listing { backups: ms.into_iter().map(|m| m.header).collect(), unreadable })
+        Ok(Listing {
+            backups: ms.into_iter().map(|m| m.header).collect(),
+            unreadable,
+        })
     }
 
     /// Resolves a backup id or unique id prefix.
@@ -216,7 +256,11 @@ impl Repository {
         if ids.iter().any(|i| i == id) {
             return Ok(id.to_string());
         }
-        let matches: Vec<&String> = if id.is_empty() { Vec::new() } else { ids.iter().filter(|i| i.starts_with(id)).collect() };
+        let matches: Vec<&String> = if id.is_empty() {
+            Vec::new()
+        } else {
+            ids.iter().filter(|i| i.starts_with(id)).collect()
+        };
         match matches.as_slice() {
             [one] => Ok((*one).clone()),
             [] => Err(Error::BackupNotFound {
@@ -230,7 +274,10 @@ impl Repository {
                 hint: format!(
                     ": the prefix matches {} backups ({}); give more characters",
                     many.len(),
-                    many.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+                    many.iter()
+                        .map(|s| s.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 ),
             }),
         }

@@ -61,7 +61,10 @@ impl Repository {
         plan.sort_unstable();
         progress.start("restore", m.header.image_size);
 
-        let write_err = |source: std::io::Error| Error::RestoreTarget { path: to.to_path_buf(), reason: format!("write failed: {source}") };
+        let write_err = |source: std::io::Error| Error::RestoreTarget {
+            path: to.to_path_buf(),
+            reason: format!("write failed: {source}"),
+        };
         let mut bytes_read = 0u64;
         let mut buf: Vec<u8> = Vec::new();
         let mut open_pack: Option<(u32, File)> = None;
@@ -71,7 +74,11 @@ impl Repository {
             let (pack, start, _, _) = plan[i];
             let mut end = start;
             let mut j = i;
-            while j < plan.len() && plan[j].0 == pack && plan[j].1 <= end && end - start < READ_BYTES {
+            while j < plan.len()
+                && plan[j].0 == pack
+                && plan[j].1 <= end
+                && end - start < READ_BYTES
+            {
                 end = end.max(plan[j].1 + u64::from(plan[j].2));
                 j += 1;
             }
@@ -86,15 +93,18 @@ impl Repository {
                 })?;
                 open_pack = Some((pack, f));
             }
-            let Some((_, file)) = open_pack.as_ref() else { unreachable!("pack opened above") };
+            let Some((_, file)) = open_pack.as_ref() else {
+                unreachable!("pack opened above")
+            };
             buf.resize((end - start) as usize, 0);
-            file.read_exact_at(&mut buf, start).map_err(|e| Error::BlockCorrupt {
-                backup: backup.clone(),
-                block: plan[i].3,
-                hash: hash_of(m, plan[i].3).to_hex(),
-                pack: pack_path.clone(),
-                detail: format!("cannot read {} bytes at offset {start}: {e}", end - start),
-            })?;
+            file.read_exact_at(&mut buf, start)
+                .map_err(|e| Error::BlockCorrupt {
+                    backup: backup.clone(),
+                    block: plan[i].3,
+                    hash: hash_of(m, plan[i].3).to_hex(),
+                    pack: pack_path.clone(),
+                    detail: format!("cannot read {} bytes at offset {start}: {e}", end - start),
+                })?;
             bytes_read += end - start;
             let mut last_checked: Option<(u64, u32)> = None;
             for &(_, off, len, block) in &plan[i..j] {
@@ -119,7 +129,10 @@ impl Repository {
                         block,
                         hash: hash_of(m, block).to_hex(),
                         pack: pack_path,
-                        detail: format!("stored blob is {len} bytes, the block is {}", m.block_len(block)),
+                        detail: format!(
+                            "stored blob is {len} bytes, the block is {}",
+                            m.block_len(block)
+                        ),
                     });
                 }
                 target.write_all_at(data, block * bs).map_err(write_err)?;
@@ -153,7 +166,10 @@ impl Repository {
             }
             progress.advance(bytes);
         }
-        target.sync_all().map_err(|e| Error::RestoreTarget { path: to.to_path_buf(), reason: format!("fsync failed: {e}") })?;
+        target.sync_all().map_err(|e| Error::RestoreTarget {
+            path: to.to_path_buf(),
+            reason: format!("fsync failed: {e}"),
+        })?;
         progress.finish();
         Ok(RestoreReport {
             backup_id: m.header.id.clone(),
@@ -173,30 +189,51 @@ fn hash_of(m: &Manifest, block: u64) -> BlockHash {
 /// Opens the restore target: (file, fresh). A fresh file reads as zeros
 /// everywhere, so zero blocks need not be written.
 fn open_target(to: &Path, image_size: u64) -> Result<(File, bool)> {
-    let target_err = |reason: String| Error::RestoreTarget { path: to.to_path_buf(), reason };
+    let target_err = |reason: String| Error::RestoreTarget {
+        path: to.to_path_buf(),
+        reason,
+    };
     match std::fs::metadata(to) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let f = OpenOptions::new().write(true).create_new(true).open(to).map_err(|e| target_err(format!("cannot create it: {e}")))?;
-            f.set_len(image_size).map_err(|e| target_err(format!("cannot size it to {image_size} bytes: {e}")))?;
+            let f = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(to)
+                .map_err(|e| target_err(format!("cannot create it: {e}")))?;
+            f.set_len(image_size)
+                .map_err(|e| target_err(format!("cannot size it to {image_size} bytes: {e}")))?;
             Ok((f, true))
         }
         Err(e) => Err(target_err(e.to_string())),
         Ok(meta) if meta.file_type().is_block_device() => {
-            let f = OpenOptions::new().write(true).open(to).map_err(|e| target_err(format!("cannot open the device: {e}")))?;
-            let dev_size = device_size(&f).map_err(|e| target_err(format!("cannot read the device size: {e}")))?;
+            let f = OpenOptions::new()
+                .write(true)
+                .open(to)
+                .map_err(|e| target_err(format!("cannot open the device: {e}")))?;
+            let dev_size = device_size(&f)
+                .map_err(|e| target_err(format!("cannot read the device size: {e}")))?;
             if dev_size < image_size {
-                return Err(target_err(format!("the device holds {dev_size} bytes, the image needs {image_size}")));
+                return Err(target_err(format!(
+                    "the device holds {dev_size} bytes, the image needs {image_size}"
+                )));
             }
             Ok((f, false))
         }
         Ok(meta) if meta.is_file() => {
-            let f = OpenOptions::new().write(true).open(to).map_err(|e| target_err(format!("cannot open it: {e}")))?;
+            let f = OpenOptions::new()
+                .write(true)
+                .open(to)
+                .map_err(|e| target_err(format!("cannot open it: {e}")))?;
             // Truncating first makes the file fresh: all holes, so zero blocks are skipped.
-            f.set_len(0).map_err(|e| target_err(format!("cannot truncate it: {e}")))?;
-            f.set_len(image_size).map_err(|e| target_err(format!("cannot size it to {image_size} bytes: {e}")))?;
+            f.set_len(0)
+                .map_err(|e| target_err(format!("cannot truncate it: {e}")))?;
+            f.set_len(image_size)
+                .map_err(|e| target_err(format!("cannot size it to {image_size} bytes: {e}")))?;
             Ok((f, true))
         }
-        Ok(_) => Err(target_err("it is neither a regular file nor a block device".into())),
+        Ok(_) => Err(target_err(
+            "it is neither a regular file nor a block device".into(),
+        )),
     }
 }
 

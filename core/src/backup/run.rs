@@ -79,27 +79,59 @@ impl Repository {
             .map(|h| (h.id.clone(), self.read_manifest_file(&h.id)));
 
         let (mut blocks, to_read, kind) = match previous {
-            None => (vec![None; n_blocks as usize], vec![(0, n_blocks)], BackupKind::Full { reason: None }),
+            None => (
+                vec![None; n_blocks as usize],
+                vec![(0, n_blocks)],
+                BackupKind::Full { reason: None },
+            ),
             Some((id, Err(e))) => {
                 let reason = format!("the last backup {id} of this volume is unreadable ({e})");
                 tracing::warn!(volume = %identity.name, "full backup: {reason}");
-                (vec![None; n_blocks as usize], vec![(0, n_blocks)], BackupKind::Full { reason: Some(reason) })
+                (
+                    vec![None; n_blocks as usize],
+                    vec![(0, n_blocks)],
+                    BackupKind::Full {
+                        reason: Some(reason),
+                    },
+                )
             }
             Some((_, Ok(prev))) => match express_plan(source, prev, &index, n_blocks)? {
                 Ok(plan) => plan,
                 Err(reason) => {
                     tracing::info!(volume = %identity.name, "full backup: {reason}");
-                    (vec![None; n_blocks as usize], vec![(0, n_blocks)], BackupKind::Full { reason: Some(reason) })
+                    (
+                        vec![None; n_blocks as usize],
+                        vec![(0, n_blocks)],
+                        BackupKind::Full {
+                            reason: Some(reason),
+                        },
+                    )
                 }
             },
         };
 
         let read_blocks: u64 = to_read.iter().map(|r| r.1).sum();
-        let read_bytes: u64 =
-            to_read.iter().map(|&(s, n)| (size.min((s + n) * u64::from(block_size))) - s * u64::from(block_size)).sum();
+        let read_bytes: u64 = to_read
+            .iter()
+            .map(|&(s, n)| (size.min((s + n) * u64::from(block_size))) - s * u64::from(block_size))
+            .sum();
         progress.start("backup", read_bytes);
-        let mut stats = BackupStats { blocks_total: n_blocks, blocks_read: read_blocks, bytes_read: read_bytes, ..Default::default() };
-        let sealed = pipeline(source, &self.root, self.config.pack_size, &index, &to_read, &mut blocks, &mut stats, progress)?;
+        let mut stats = BackupStats {
+            blocks_total: n_blocks,
+            blocks_read: read_blocks,
+            bytes_read: read_bytes,
+            ..Default::default()
+        };
+        let sealed = pipeline(
+            source,
+            &self.root,
+            self.config.pack_size,
+            &index,
+            &to_read,
+            &mut blocks,
+            &mut stats,
+            progress,
+        )?;
         progress.finish();
         // The snapshot may have been invalidated while we read it (diff area
         // full); then what we read cannot be trusted and no manifest is written.
@@ -165,7 +197,9 @@ fn express_plan(
             snapshot: snapshot.id,
             block: *bad,
             source_name: source.identity().name,
-            detail: format!("the changed-block list names block {bad} of an image of {n_blocks} blocks"),
+            detail: format!(
+                "the changed-block list names block {bad} of an image of {n_blocks} blocks"
+            ),
         });
     }
     // A block whose data the index no longer has (damaged or lost pack) is
@@ -179,7 +213,10 @@ fn express_plan(
     }
     want.sort_unstable();
     want.dedup();
-    let kind = BackupKind::Incremental { parent: h.id.clone(), parent_snapshot: h.snapshot.id };
+    let kind = BackupKind::Incremental {
+        parent: h.id.clone(),
+        parent_snapshot: h.snapshot.id,
+    };
     Ok(Ok((prev.blocks, runs(&want), kind)))
 }
 
@@ -212,7 +249,10 @@ fn pipeline(
     let zero_full = BlockHash::of(&vec![0u8; bs]);
     let tail_len = (size % bs as u64) as usize;
     let zero_tail = BlockHash::of(&vec![0u8; tail_len]);
-    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).clamp(1, 8);
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .clamp(1, 8);
 
     let (pool_tx, pool_rx) = mpsc::sync_channel::<Vec<u8>>(BUFFERS);
     for _ in 0..BUFFERS {
@@ -262,7 +302,13 @@ fn pipeline(
             progress.advance(lens.iter().sum::<usize>() as u64);
             if items.is_empty() {
                 let _ = pool_tx.send(chunk.buf);
-            } else if blob_tx.send(Blobs { buf: chunk.buf, items }).is_err() {
+            } else if blob_tx
+                .send(Blobs {
+                    buf: chunk.buf,
+                    items,
+                })
+                .is_err()
+            {
                 // The writer failed; its error is collected below.
                 break;
             }
@@ -270,8 +316,12 @@ fn pipeline(
         drop(chunk_rx);
         drop(blob_tx);
         drop(pool_tx);
-        let read_result = reader.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
-        let write_result = writer.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
+        let read_result = reader
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p));
+        let write_result = writer
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p));
         // Report the first real cause: a read error ends the stream early.
         hash_result?;
         let sealed = write_result?;
@@ -293,11 +343,17 @@ fn read_stage(
         let mut b = first;
         while b < first + count {
             let n = ((first + count - b) as usize).min(per_chunk);
-            let Ok(mut buf) = pool.recv() else { return Ok(()) };
+            let Ok(mut buf) = pool.recv() else {
+                return Ok(());
+            };
             let start = b * bs;
             let end = size.min((b + n as u64) * bs);
             buf.resize((end - start) as usize, 0);
-            let result = source.read_at(&mut buf, start).map(|()| Chunk { first: b, count: n, buf });
+            let result = source.read_at(&mut buf, start).map(|()| Chunk {
+                first: b,
+                count: n,
+                buf,
+            });
             let failed = result.is_err();
             if out.send(result).is_err() || failed {
                 return Ok(());
@@ -308,7 +364,12 @@ fn read_stage(
     Ok(())
 }
 
-fn write_stage(root: &std::path::Path, pack_size: u64, input: Receiver<Blobs>, pool: SyncSender<Vec<u8>>) -> Result<usize> {
+fn write_stage(
+    root: &std::path::Path,
+    pack_size: u64,
+    input: Receiver<Blobs>,
+    pool: SyncSender<Vec<u8>>,
+) -> Result<usize> {
     let mut writer = PackWriter::new(root, pack_size);
     for blobs in input.iter() {
         writer.add(&blobs.buf, &blobs.items)?;

@@ -58,18 +58,31 @@ impl ImageFileSource {
     pub fn open(path: &Path, block_size: u32, snapshot: SnapshotRef) -> Result<ImageFileSource> {
         let io = |action: &'static str| {
             let path = path.to_path_buf();
-            move |source| Error::RepoIo { action, path, source }
+            move |source| Error::RepoIo {
+                action,
+                path,
+                source,
+            }
         };
         let file = File::open(path).map_err(io("open image"))?;
         let size = file.metadata().map_err(io("stat image"))?.len();
         let path = path.canonicalize().map_err(io("resolve image path"))?;
-        Ok(ImageFileSource { path, file, size, block_size, snapshot })
+        Ok(ImageFileSource {
+            path,
+            file,
+            size,
+            block_size,
+            snapshot,
+        })
     }
 }
 
 impl BlockSource for ImageFileSource {
     fn identity(&self) -> SourceIdentity {
-        SourceIdentity { volume_id: self.path.display().to_string(), name: self.path.display().to_string() }
+        SourceIdentity {
+            volume_id: self.path.display().to_string(),
+            name: self.path.display().to_string(),
+        }
     }
     fn snapshot(&self) -> SnapshotRef {
         self.snapshot
@@ -84,14 +97,18 @@ impl BlockSource for ImageFileSource {
         Ok(())
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        self.file.read_exact_at(buf, offset).map_err(|e| Error::SourceRead {
-            snapshot: self.snapshot.id,
-            block: offset / u64::from(self.block_size.max(1)),
-            source_name: self.path.display().to_string(),
-            detail: e.to_string(),
-        })
+        self.file
+            .read_exact_at(buf, offset)
+            .map_err(|e| Error::SourceRead {
+                snapshot: self.snapshot.id,
+                block: offset / u64::from(self.block_size.max(1)),
+                source_name: self.path.display().to_string(),
+                detail: e.to_string(),
+            })
     }
     fn changed_since(&self, _earlier: &SnapshotRef) -> Result<ChangedSince> {
-        Ok(ChangedSince::Unknown { reason: "a plain image file keeps no changed-block list".into() })
+        Ok(ChangedSince::Unknown {
+            reason: "a plain image file keeps no changed-block list".into(),
+        })
     }
 }

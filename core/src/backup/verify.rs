@@ -59,15 +59,28 @@ impl Repository {
     /// Checks the repository. Problems are returned in the report, not as `Err`;
     /// `Err` means verify itself could not run.
     pub fn verify(&self, read_data: bool, progress: &dyn Progress) -> Result<VerifyReport> {
-        let mut report = VerifyReport { read_data, ..Default::default() };
+        let mut report = VerifyReport {
+            read_data,
+            ..Default::default()
+        };
         let index = MasterIndex::load(&self.root)?;
         for p in &index.problems {
-            report.problems.push(VerifyProblem { path: p.path.clone(), backups: vec![], blocks: vec![], message: p.message.clone() });
+            report.problems.push(VerifyProblem {
+                path: p.path.clone(),
+                backups: vec![],
+                blocks: vec![],
+                message: p.message.clone(),
+            });
         }
         let (manifests, unreadable) = self.manifests()?;
         report.backups = manifests.len() as u64;
         for (path, message) in unreadable {
-            report.problems.push(VerifyProblem { path, backups: vec![], blocks: vec![], message });
+            report.problems.push(VerifyProblem {
+                path,
+                backups: vec![],
+                blocks: vec![],
+                message,
+            });
         }
 
         // Which backups use which hash, for naming the victims of damaged data.
@@ -99,16 +112,25 @@ impl Repository {
         }
 
         // Packs: trailer against index, and with read_data every blob.
-        let indexed: std::collections::HashSet<String> = index.packs.iter().map(|p| p.id.clone()).collect();
+        let indexed: std::collections::HashSet<String> =
+            index.packs.iter().map(|p| p.id.clone()).collect();
         for name in list_files(&self.root.join("packs"), ".pack")? {
             let id = name.trim_end_matches(".pack");
-            if !indexed.contains(id) && !index.problems.iter().any(|p| p.path.ends_with(format!("{id}.idx"))) {
+            if !indexed.contains(id)
+                && !index
+                    .problems
+                    .iter()
+                    .any(|p| p.path.ends_with(format!("{id}.idx")))
+            {
                 report.notes.push(format!("pack packs/{name} is in no index (left by an interrupted backup; gc removes it)"));
             }
         }
         for sub in ["packs", "index", "backups"] {
             for t in list_temps(&self.root.join(sub))? {
-                report.notes.push(format!("leftover temporary {} (gc removes it)", t.display()));
+                report.notes.push(format!(
+                    "leftover temporary {} (gc removes it)",
+                    t.display()
+                ));
             }
         }
         if read_data {
@@ -126,7 +148,10 @@ impl Repository {
                             path: pack.path.clone(),
                             backups: vec![],
                             blocks: vec![],
-                            message: format!("pack trailer and index {} disagree on its contents", pack.index_path.display()),
+                            message: format!(
+                                "pack trailer and index {} disagree on its contents",
+                                pack.index_path.display()
+                            ),
                         });
                     }
                 }
@@ -145,7 +170,12 @@ impl Repository {
             let file = match File::open(&pack.path) {
                 Ok(f) => f,
                 Err(e) => {
-                    report.problems.push(VerifyProblem { path: pack.path.clone(), backups: vec![], blocks: vec![], message: format!("cannot open: {e}") });
+                    report.problems.push(VerifyProblem {
+                        path: pack.path.clone(),
+                        backups: vec![],
+                        blocks: vec![],
+                        message: format!("cannot open: {e}"),
+                    });
                     continue;
                 }
             };
@@ -168,7 +198,8 @@ impl Repository {
                     let detail = match &read {
                         Err(err) => format!("cannot read: {err}"),
                         Ok(()) => {
-                            let data = &buf[(e.offset - start) as usize..(e.offset - start) as usize + e.len as usize];
+                            let data = &buf[(e.offset - start) as usize
+                                ..(e.offset - start) as usize + e.len as usize];
                             let got = BlockHash::of(data);
                             if got == e.hash {
                                 continue;
@@ -176,7 +207,9 @@ impl Repository {
                             format!("hashes to {got}")
                         }
                     };
-                    report.problems.push(damaged(&manifests, &users, &pack.path, e.hash, e.offset, e.len, detail));
+                    report.problems.push(damaged(
+                        &manifests, &users, &pack.path, e.hash, e.offset, e.len, detail,
+                    ));
                 }
                 i = j;
             }
@@ -213,7 +246,14 @@ fn damaged(
             .iter()
             .map(|(b, blocks)| {
                 let shown: Vec<u64> = blocks.iter().take(BLOCKS_SHOWN).copied().collect();
-                format!("backup {b} block(s) {shown:?}{}", if blocks.len() > BLOCKS_SHOWN { " …" } else { "" })
+                format!(
+                    "backup {b} block(s) {shown:?}{}",
+                    if blocks.len() > BLOCKS_SHOWN {
+                        " …"
+                    } else {
+                        ""
+                    }
+                )
             })
             .collect::<Vec<_>>()
             .join("; ")

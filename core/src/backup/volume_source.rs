@@ -18,7 +18,10 @@ pub struct VolumeSnapshotSource {
 
 impl std::fmt::Debug for VolumeSnapshotSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("VolumeSnapshotSource").field("volume", &self.identity.name).field("snapshot", &self.info.id).finish()
+        f.debug_struct("VolumeSnapshotSource")
+            .field("volume", &self.identity.name)
+            .field("snapshot", &self.info.id)
+            .finish()
     }
 }
 
@@ -45,8 +48,18 @@ impl VolumeSnapshotSource {
         };
         let snapshot = volume.snapshot(info.id)?;
         // The canonical path names the volume the same way for every run on this node.
-        let volume_id = volume.path().canonicalize().unwrap_or_else(|_| volume.path().to_path_buf()).display().to_string();
-        Ok(VolumeSnapshotSource { volume: volume.clone(), snapshot, info, identity: SourceIdentity { volume_id, name } })
+        let volume_id = volume
+            .path()
+            .canonicalize()
+            .unwrap_or_else(|_| volume.path().to_path_buf())
+            .display()
+            .to_string();
+        Ok(VolumeSnapshotSource {
+            volume: volume.clone(),
+            snapshot,
+            info,
+            identity: SourceIdentity { volume_id, name },
+        })
     }
 
     /// The catalog entry of the snapshot being backed up.
@@ -60,7 +73,10 @@ impl BlockSource for VolumeSnapshotSource {
         self.identity.clone()
     }
     fn snapshot(&self) -> SnapshotRef {
-        SnapshotRef { id: self.info.id, created_ms: self.info.created_ms }
+        SnapshotRef {
+            id: self.info.id,
+            created_ms: self.info.created_ms,
+        }
     }
     fn block_size(&self) -> u32 {
         self.snapshot.block_size()
@@ -74,17 +90,24 @@ impl BlockSource for VolumeSnapshotSource {
             SnapshotState::Open => "it is still open (the snapshot protocol or post-snapshot processing has not finished)".to_string(),
             SnapshotState::Invalid { reason } => format!("it is invalid: {reason}"),
         };
-        Err(Error::SnapshotNotBackupable { snapshot: self.info.id, source_name: self.identity.name.clone(), reason })
+        Err(Error::SnapshotNotBackupable {
+            snapshot: self.info.id,
+            source_name: self.identity.name.clone(),
+            reason,
+        })
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         let mut done = 0;
         while done < buf.len() {
-            let n = self.snapshot.read_at(&mut buf[done..], offset + done as u64).map_err(|e| Error::SourceRead {
-                snapshot: self.info.id,
-                block: (offset + done as u64) / u64::from(self.block_size().max(1)),
-                source_name: self.identity.name.clone(),
-                detail: e.to_string(),
-            })?;
+            let n = self
+                .snapshot
+                .read_at(&mut buf[done..], offset + done as u64)
+                .map_err(|e| Error::SourceRead {
+                    snapshot: self.info.id,
+                    block: (offset + done as u64) / u64::from(self.block_size().max(1)),
+                    source_name: self.identity.name.clone(),
+                    detail: e.to_string(),
+                })?;
             if n == 0 {
                 return Err(Error::SourceRead {
                     snapshot: self.info.id,
@@ -118,6 +141,8 @@ impl BlockSource for VolumeSnapshotSource {
         if earlier.id == self.info.id {
             return Ok(ChangedSince::Blocks(Vec::new()));
         }
-        Ok(ChangedSince::Blocks(self.volume.changed_blocks(earlier.id, Some(self.info.id))?))
+        Ok(ChangedSince::Blocks(
+            self.volume.changed_blocks(earlier.id, Some(self.info.id))?,
+        ))
     }
 }

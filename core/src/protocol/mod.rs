@@ -54,5 +54,8 @@ pub mod types;
 
 pub use coordinator::WriterState;
 pub use message::PeerMessage;
-pub use node::{Config, Input, NodeMachine, NodeStatus, Output, PeerStatus, WriterStatus, DEFAULT_COMMIT_MARGIN_MS, DEFAULT_LEASE_MS, DEFAULT_WRITER_TIMEOUT_MS};
+pub use node::{
+    Config, Input, NodeMachine, NodeStatus, Output, PeerStatus, WriterStatus,
+    DEFAULT_COMMIT_MARGIN_MS, DEFAULT_LEASE_MS, DEFAULT_WRITER_TIMEOUT_MS,
+};
 pub use types::*;

@@ -120,14 +120,23 @@ pub struct Loaded {
 /// (it was being written when the process died); damage anywhere else, or in a
 /// complete snapshot's journal, is an error naming the file and the record.
 pub fn load(path: &Path, in_progress: bool) -> Result<Loaded> {
-    let corrupt = |why: String| Error::ReplicaCorrupt { file: path.to_path_buf(), why };
+    let corrupt = |why: String| Error::ReplicaCorrupt {
+        file: path.to_path_buf(),
+        why,
+    };
     let meta = std::fs::metadata(path).map_err(|e| Error::io("stat", path, e))?;
     if meta.len() > MAX_JOURNAL_BYTES {
-        return Err(corrupt(format!("{} bytes is more than a journal can hold ({MAX_JOURNAL_BYTES})", meta.len())));
+        return Err(corrupt(format!(
+            "{} bytes is more than a journal can hold ({MAX_JOURNAL_BYTES})",
+            meta.len()
+        )));
     }
     let bytes = std::fs::read(path).map_err(|e| Error::io("read", path, e))?;
     if bytes.len() < RECORD_LEN {
-        return Err(corrupt(format!("{} bytes, shorter than the {RECORD_LEN}-byte header", bytes.len())));
+        return Err(corrupt(format!(
+            "{} bytes, shorter than the {RECORD_LEN}-byte header",
+            bytes.len()
+        )));
     }
     let head = &bytes[..RECORD_LEN];
     if &head[..8] != MAGIC {
@@ -153,15 +162,31 @@ pub fn load(path: &Path, in_progress: bool) -> Result<Loaded> {
                 dropped_tail = true;
                 break;
             }
-            return Err(corrupt(format!("record {i} (byte {}) fails its checksum", RECORD_LEN * (i + 1))));
+            return Err(corrupt(format!(
+                "record {i} (byte {}) fails its checksum",
+                RECORD_LEN * (i + 1)
+            )));
         }
-        entries.push(Entry { block: u64_at(r, 0), offset: u64_at(r, 8), zero: u32_at(r, 16) & FLAG_ZERO != 0, cv: r[24..56].try_into().unwrap_or([0; 32]) });
+        entries.push(Entry {
+            block: u64_at(r, 0),
+            offset: u64_at(r, 8),
+            zero: u32_at(r, 16) & FLAG_ZERO != 0,
+            cv: r[24..56].try_into().unwrap_or([0; 32]),
+        });
     }
     if dropped_tail && !in_progress {
-        return Err(corrupt(format!("{} bytes is not a whole number of records (truncated or torn)", bytes.len())));
+        return Err(corrupt(format!(
+            "{} bytes is not a whole number of records (truncated or torn)",
+            bytes.len()
+        )));
     }
     let valid_len = (RECORD_LEN * (entries.len() + 1)) as u64;
-    Ok(Loaded { header, entries, valid_len, dropped_tail })
+    Ok(Loaded {
+        header,
+        entries,
+        valid_len,
+        dropped_tail,
+    })
 }
 
 #[cfg(test)]
@@ -172,9 +197,24 @@ mod tests {
     fn a_torn_last_record_is_dropped_in_progress_and_refused_when_complete() {
         let dir = tempfile::tempdir().expect("tempdir");
         let p = dir.path().join("5.journal");
-        let h = JournalHeader { snapshot: 5, block_size: 4096, base: Some(3), blocks: 2 };
-        let e1 = Entry { block: 7, offset: 0, zero: false, cv: [9; 32] };
-        let e2 = Entry { block: 8, offset: 0, zero: true, cv: [1; 32] };
+        let h = JournalHeader {
+            snapshot: 5,
+            block_size: 4096,
+            base: Some(3),
+            blocks: 2,
+        };
+        let e1 = Entry {
+            block: 7,
+            offset: 0,
+            zero: false,
+            cv: [9; 32],
+        };
+        let e2 = Entry {
+            block: 8,
+            offset: 0,
+            zero: true,
+            cv: [1; 32],
+        };
         let mut bytes = encode_header(&h).to_vec();
         bytes.extend_from_slice(&encode_record(&e1));
         bytes.extend_from_slice(&encode_record(&e2)[..30]);
@@ -184,24 +224,42 @@ mod tests {
         assert_eq!(l.entries, vec![e1]);
         assert!(l.dropped_tail);
         assert_eq!(l.valid_len, 128);
-        let err = load(&p, false).expect_err("complete must be whole").to_string();
-        assert!(err.contains("5.journal") && err.contains("truncated"), "{err}");
+        let err = load(&p, false)
+            .expect_err("complete must be whole")
+            .to_string();
+        assert!(
+            err.contains("5.journal") && err.contains("truncated"),
+            "{err}"
+        );
     }
 
     #[test]
     fn a_damaged_record_in_the_middle_is_an_error_naming_it() {
         let dir = tempfile::tempdir().expect("tempdir");
         let p = dir.path().join("2.journal");
-        let h = JournalHeader { snapshot: 2, block_size: 4096, base: None, blocks: 3 };
+        let h = JournalHeader {
+            snapshot: 2,
+            block_size: 4096,
+            base: None,
+            blocks: 3,
+        };
         let mut bytes = encode_header(&h).to_vec();
         for b in 0..3 {
-            bytes.extend_from_slice(&encode_record(&Entry { block: b, offset: b * 4096, zero: false, cv: [b as u8; 32] }));
+            bytes.extend_from_slice(&encode_record(&Entry {
+                block: b,
+                offset: b * 4096,
+                zero: false,
+                cv: [b as u8; 32],
+            }));
         }
         bytes[RECORD_LEN + 3] ^= 0xff;
         std::fs::write(&p, &bytes).expect("write");
         let err = load(&p, true).expect_err("middle damage").to_string();
         assert!(err.contains("record 0"), "{err}");
         std::fs::write(&p, b"garbage").expect("write");
-        assert!(load(&p, true).expect_err("garbage").to_string().contains("shorter than"));
+        assert!(load(&p, true)
+            .expect_err("garbage")
+            .to_string()
+            .contains("shorter than"));
     }
 }

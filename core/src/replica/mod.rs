@@ -32,7 +32,9 @@ pub mod source;
 pub mod store;
 pub mod wire;
 
-use blake3::hazmat::{merge_subtrees_non_root, merge_subtrees_root, ChainingValue, HasherExt, Mode};
+use blake3::hazmat::{
+    merge_subtrees_non_root, merge_subtrees_root, ChainingValue, HasherExt, Mode,
+};
 
 use crate::error::Result;
 
@@ -50,12 +52,19 @@ pub fn block_cv(data: &[u8], block: u64, block_size: u32) -> BlockCv {
 
 /// Chaining values of consecutive blocks, hashed on up to `threads` threads.
 /// `data` holds `data.len() / block_size` whole blocks starting at `first`.
-pub fn block_cvs_parallel(data: &[u8], first: u64, block_size: u32, threads: usize) -> Vec<BlockCv> {
+pub fn block_cvs_parallel(
+    data: &[u8],
+    first: u64,
+    block_size: u32,
+    threads: usize,
+) -> Vec<BlockCv> {
     let bs = block_size as usize;
     let n = data.len() / bs;
     let threads = threads.clamp(1, n.max(1));
     if threads == 1 || n < 4 {
-        return (0..n).map(|i| block_cv(&data[i * bs..(i + 1) * bs], first + i as u64, block_size)).collect();
+        return (0..n)
+            .map(|i| block_cv(&data[i * bs..(i + 1) * bs], first + i as u64, block_size))
+            .collect();
     }
     let per = n.div_ceil(threads);
     let mut out = vec![[0u8; 32]; n];
@@ -79,7 +88,11 @@ pub fn block_cvs_parallel(data: &[u8], first: u64, block_size: u32, threads: usi
 /// of blocks smaller than the whole (blocks are power-of-two chunk counts, so
 /// blake3's split always falls on a block boundary).
 pub fn image_root(blocks: u64, mut cv: impl FnMut(u64) -> Result<BlockCv>) -> Result<String> {
-    fn subtree(lo: u64, n: u64, cv: &mut dyn FnMut(u64) -> Result<BlockCv>) -> Result<ChainingValue> {
+    fn subtree(
+        lo: u64,
+        n: u64,
+        cv: &mut dyn FnMut(u64) -> Result<BlockCv>,
+    ) -> Result<ChainingValue> {
         if n == 1 {
             return cv(lo);
         }
@@ -134,10 +147,16 @@ mod tests {
     fn the_image_hash_from_block_cvs_equals_plain_blake3_for_every_block_count() {
         let bs = 4096u32;
         for blocks in [2u64, 3, 4, 5, 7, 8, 9, 16, 17, 31] {
-            let data: Vec<u8> = (0..blocks * bs as u64).map(|i| (i * 7 + i / 4096) as u8).collect();
+            let data: Vec<u8> = (0..blocks * bs as u64)
+                .map(|i| (i * 7 + i / 4096) as u8)
+                .collect();
             let cvs = block_cvs_parallel(&data, 0, bs, 2);
             let root = image_root(blocks, |b| Ok(cvs[b as usize])).expect("root");
-            assert_eq!(root, blake3::hash(&data).to_hex().to_string(), "{blocks} blocks");
+            assert_eq!(
+                root,
+                blake3::hash(&data).to_hex().to_string(),
+                "{blocks} blocks"
+            );
         }
     }
 

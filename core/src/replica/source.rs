@@ -38,26 +38,59 @@ pub const HASH_THREADS: usize = 2;
 pub fn choose_target(volume: &Volume, want: Option<SnapshotId>) -> Result<SnapshotInfo> {
     let all = volume.snapshots()?;
     let info = match want {
-        Some(id) => all.into_iter().find(|s| s.id == id).ok_or_else(|| Error::SnapshotNotFound { volume: volume.path().to_path_buf(), id })?,
-        None => all.into_iter().rev().find(|s| s.state == SnapshotState::Sealed).ok_or_else(|| Error::ReplicaRefused {
-            volume: volume.uuid().to_string(),
-            snapshot: 0,
-            why: format!("volume {} has no sealed snapshot to push", volume.path().display()),
-        })?,
+        Some(id) => {
+            all.into_iter()
+                .find(|s| s.id == id)
+                .ok_or_else(|| Error::SnapshotNotFound {
+                    volume: volume.path().to_path_buf(),
+                    id,
+                })?
+        }
+        None => all
+            .into_iter()
+            .rev()
+            .find(|s| s.state == SnapshotState::Sealed)
+            .ok_or_else(|| Error::ReplicaRefused {
+                volume: volume.uuid().to_string(),
+                snapshot: 0,
+                why: format!(
+                    "volume {} has no sealed snapshot to push",
+                    volume.path().display()
+                ),
+            })?,
     };
     match &info.state {
         SnapshotState::Sealed => Ok(info),
-        SnapshotState::Open => Err(Error::ReplicaRefused { volume: volume.uuid().to_string(), snapshot: info.id, why: "it is still open (post-snapshot processing); push it once sealed".into() }),
-        SnapshotState::Invalid { reason } => Err(Error::SnapshotInvalid { id: info.id, reason: reason.clone() }),
+        SnapshotState::Open => Err(Error::ReplicaRefused {
+            volume: volume.uuid().to_string(),
+            snapshot: info.id,
+            why: "it is still open (post-snapshot processing); push it once sealed".into(),
+        }),
+        SnapshotState::Invalid { reason } => Err(Error::SnapshotInvalid {
+            id: info.id,
+            reason: reason.clone(),
+        }),
     }
 }
 
 /// The base: the newest snapshot older than `target` that the secondary holds
 /// complete and the primary still has readable.
-pub fn choose_base(volume: &Volume, target: SnapshotId, remote: &[ReplicaSnapshotInfo]) -> Result<Option<SnapshotId>> {
+pub fn choose_base(
+    volume: &Volume,
+    target: SnapshotId,
+    remote: &[ReplicaSnapshotInfo],
+) -> Result<Option<SnapshotId>> {
     let local = volume.snapshots()?;
-    let usable = |id: SnapshotId| local.iter().any(|s| s.id == id && !matches!(s.state, SnapshotState::Invalid { .. }));
-    Ok(remote.iter().map(|r| r.id).filter(|&id| id < target && usable(id)).max())
+    let usable = |id: SnapshotId| {
+        local
+            .iter()
+            .any(|s| s.id == id && !matches!(s.state, SnapshotState::Invalid { .. }))
+    };
+    Ok(remote
+        .iter()
+        .map(|r| r.id)
+        .filter(|&id| id < target && usable(id))
+        .max())
 }
 
 /// A push worked out: the plan for the secondary and the blocks to read.
@@ -69,7 +102,12 @@ pub struct PushPlan {
 }
 
 /// The plan to push `target` (over `base`, if any) from `volume`.
-pub fn make_plan(volume: &Volume, target: &SnapshotInfo, base: Option<SnapshotId>, source_node: &str) -> Result<PushPlan> {
+pub fn make_plan(
+    volume: &Volume,
+    target: &SnapshotInfo,
+    base: Option<SnapshotId>,
+    source_node: &str,
+) -> Result<PushPlan> {
     let n = volume.size() / volume.block_size() as u64;
     let blocks = match base {
         Some(b) => volume.changed_blocks(b, Some(target.id))?,
@@ -119,14 +157,33 @@ pub struct BatchReader {
 
 impl std::fmt::Debug for BatchReader {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "BatchReader(snapshot {}, {}/{})", self.snap.id(), self.next, self.blocks.len())
+        write!(
+            f,
+            "BatchReader(snapshot {}, {}/{})",
+            self.snap.id(),
+            self.next,
+            self.blocks.len()
+        )
     }
 }
 
 impl BatchReader {
-    pub fn new(snap: Snapshot, blocks: Vec<u64>, skip: HashSet<u64>, batch_blocks: usize) -> BatchReader {
+    pub fn new(
+        snap: Snapshot,
+        blocks: Vec<u64>,
+        skip: HashSet<u64>,
+        batch_blocks: usize,
+    ) -> BatchReader {
         let block_size = snap.block_size();
-        BatchReader { snap, blocks, skip, base_cvs: None, next: 0, batch_blocks: batch_blocks.max(1), block_size }
+        BatchReader {
+            snap,
+            blocks,
+            skip,
+            base_cvs: None,
+            next: 0,
+            batch_blocks: batch_blocks.max(1),
+            block_size,
+        }
     }
 
     /// Leaves out of the frames the blocks whose chaining value equals the base's.
@@ -152,7 +209,12 @@ impl BatchReader {
         let mut headers = Vec::new();
         let mut data = Vec::with_capacity(raw.len());
         for (k, &b) in blocks.iter().enumerate() {
-            if self.skip.contains(&b) || self.base_cvs.as_ref().is_some_and(|base| base.get(b as usize) == Some(&cvs[k])) {
+            if self.skip.contains(&b)
+                || self
+                    .base_cvs
+                    .as_ref()
+                    .is_some_and(|base| base.get(b as usize) == Some(&cvs[k]))
+            {
                 continue;
             }
             let chunk = &raw[k * bs..(k + 1) * bs];
@@ -160,9 +222,17 @@ impl BatchReader {
             if !z {
                 data.extend_from_slice(chunk);
             }
-            headers.push(BlockHeader { b, cv: hex(&cvs[k]), z });
+            headers.push(BlockHeader {
+                b,
+                cv: hex(&cvs[k]),
+                z,
+            });
         }
-        Ok(Batch { headers, data, cvs: blocks.iter().copied().zip(cvs).collect() })
+        Ok(Batch {
+            headers,
+            data,
+            cvs: blocks.iter().copied().zip(cvs).collect(),
+        })
     }
 }
 
@@ -186,7 +256,11 @@ fn hash_blocks(raw: &[u8], blocks: &[u64], block_size: u32) -> Vec<BlockCv> {
         Some(&first) if contiguous => block_cvs_parallel(raw, first, block_size, HASH_THREADS),
         _ => {
             let bs = block_size as usize;
-            blocks.iter().enumerate().map(|(k, &b)| super::block_cv(&raw[k * bs..(k + 1) * bs], b, block_size)).collect()
+            blocks
+                .iter()
+                .enumerate()
+                .map(|(k, &b)| super::block_cv(&raw[k * bs..(k + 1) * bs], b, block_size))
+                .collect()
         }
     }
 }
@@ -199,7 +273,10 @@ fn read_exact(snap: &Snapshot, buf: &mut [u8], offset: u64) -> Result<()> {
             return Err(Error::ReplicaRefused {
                 volume: String::new(),
                 snapshot: snap.id(),
-                why: format!("the snapshot image ended at byte {} before its size", offset + done as u64),
+                why: format!(
+                    "the snapshot image ended at byte {} before its size",
+                    offset + done as u64
+                ),
             });
         }
         done += n;
@@ -232,17 +309,28 @@ pub fn store_cvs(state_dir: &Path, id: SnapshotId, block_size: u32, cvs: &[Block
 
 /// The saved chaining values of snapshot `id`; `Ok(None)` if none were saved.
 /// A damaged or mismatched file is an error naming it.
-pub fn load_cvs(state_dir: &Path, id: SnapshotId, blocks: u64, block_size: u32) -> Result<Option<Vec<BlockCv>>> {
+pub fn load_cvs(
+    state_dir: &Path,
+    id: SnapshotId,
+    blocks: u64,
+    block_size: u32,
+) -> Result<Option<Vec<BlockCv>>> {
     let path = cvs_path(state_dir, id);
     let bytes = match std::fs::read(&path) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(Error::io("read", &path, e)),
     };
-    let corrupt = |why: &str| Error::ReplicaCorrupt { file: path.clone(), why: why.to_string() };
+    let corrupt = |why: &str| Error::ReplicaCorrupt {
+        file: path.clone(),
+        why: why.to_string(),
+    };
     let want = CVS_HEADER as u64 + blocks * 32 + 32;
     if bytes.len() as u64 != want {
-        return Err(corrupt(&format!("{} bytes, expected {want} for {blocks} blocks", bytes.len())));
+        return Err(corrupt(&format!(
+            "{} bytes, expected {want} for {blocks} blocks",
+            bytes.len()
+        )));
     }
     let (body, sum) = bytes.split_at(bytes.len() - 32);
     if blake3::hash(body).as_bytes() != sum {
@@ -251,15 +339,33 @@ pub fn load_cvs(state_dir: &Path, id: SnapshotId, blocks: u64, block_size: u32) 
     let mut header = [0u8; CVS_HEADER];
     header.copy_from_slice(&body[..CVS_HEADER]);
     let u64_at = |at: usize| u64::from_le_bytes(header[at..at + 8].try_into().unwrap_or([0; 8]));
-    if &header[..8] != CVS_MAGIC || u64_at(8) != id || u64_at(16) != blocks || header[24..28] != block_size.to_le_bytes() {
+    if &header[..8] != CVS_MAGIC
+        || u64_at(8) != id
+        || u64_at(16) != blocks
+        || header[24..28] != block_size.to_le_bytes()
+    {
         return Err(corrupt("its header names another snapshot or geometry"));
     }
-    Ok(Some(body[CVS_HEADER..].chunks_exact(32).map(|c| c.try_into().unwrap_or([0; 32])).collect()))
+    Ok(Some(
+        body[CVS_HEADER..]
+            .chunks_exact(32)
+            .map(|c| c.try_into().unwrap_or([0; 32]))
+            .collect(),
+    ))
 }
 
 /// Fills the missing chaining values in `cvs` by reading those blocks of `snap`.
-pub fn fill_missing_cvs(snap: &Snapshot, cvs: &mut [Option<BlockCv>], batch_blocks: usize) -> Result<()> {
-    let missing: Vec<u64> = cvs.iter().enumerate().filter(|(_, c)| c.is_none()).map(|(b, _)| b as u64).collect();
+pub fn fill_missing_cvs(
+    snap: &Snapshot,
+    cvs: &mut [Option<BlockCv>],
+    batch_blocks: usize,
+) -> Result<()> {
+    let missing: Vec<u64> = cvs
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| c.is_none())
+        .map(|(b, _)| b as u64)
+        .collect();
     let reader = BatchReader::new(snap.clone(), missing, HashSet::new(), batch_blocks);
     for batch in reader {
         for (b, cv) in batch?.cvs {
@@ -271,12 +377,19 @@ pub fn fill_missing_cvs(snap: &Snapshot, cvs: &mut [Option<BlockCv>], batch_bloc
 
 /// The whole-image blake3 (hex) from every block's chaining value. For a
 /// one-block image (no tree) `single` gives the block's data.
-pub fn image_hash(cvs: &[Option<BlockCv>], single: impl FnOnce() -> Result<Vec<u8>>) -> Result<String> {
+pub fn image_hash(
+    cvs: &[Option<BlockCv>],
+    single: impl FnOnce() -> Result<Vec<u8>>,
+) -> Result<String> {
     if cvs.len() == 1 {
         return Ok(blake3::hash(&single()?).to_hex().to_string());
     }
     image_root(cvs.len() as u64, |b| {
-        cvs[b as usize].ok_or_else(|| Error::ReplicaRefused { volume: String::new(), snapshot: 0, why: format!("no chaining value for block {b}") })
+        cvs[b as usize].ok_or_else(|| Error::ReplicaRefused {
+            volume: String::new(),
+            snapshot: 0,
+            why: format!("no chaining value for block {b}"),
+        })
     })
 }
 
@@ -295,7 +408,9 @@ mod tests {
         let mut b = std::fs::read(&p).expect("read");
         b[40] ^= 1;
         std::fs::write(&p, &b).expect("write");
-        let err = load_cvs(dir.path(), 4, 5, 4096).expect_err("damaged").to_string();
+        let err = load_cvs(dir.path(), 4, 5, 4096)
+            .expect_err("damaged")
+            .to_string();
         assert!(err.contains("4.cvs") && err.contains("checksum"), "{err}");
     }
 
@@ -303,7 +418,8 @@ mod tests {
     fn a_full_then_incremental_plan_follows_the_diff_area_and_hashes_match_the_engine() {
         let dir = tempfile::tempdir().expect("tempdir");
         let bs = 4096u32;
-        let v = Volume::create(&dir.path().join("v.img"), 16 * bs as u64, bs, None).expect("create");
+        let v =
+            Volume::create(&dir.path().join("v.img"), 16 * bs as u64, bs, None).expect("create");
         v.write_at(&vec![7u8; 3 * bs as usize], 0).expect("write");
         let snap = |v: &Volume| {
             let id = v.reserve_snapshot_id().expect("reserve");
@@ -319,7 +435,16 @@ mod tests {
         assert_eq!(full.blocks.len(), 16);
         let t2 = choose_target(&v, None).expect("latest");
         assert_eq!(t2.id, s2);
-        let remote = vec![ReplicaSnapshotInfo { id: s1, base: None, created_ms: 0, completed_ms: 0, blake3: String::new(), blocks: 16, data_bytes: 0, source_node: "n1".into() }];
+        let remote = vec![ReplicaSnapshotInfo {
+            id: s1,
+            base: None,
+            created_ms: 0,
+            completed_ms: 0,
+            blake3: String::new(),
+            blocks: 16,
+            data_bytes: 0,
+            source_node: "n1".into(),
+        }];
         let base = choose_base(&v, s2, &remote).expect("base");
         assert_eq!(base, Some(s1));
         let inc = make_plan(&v, &t2, base, "n1").expect("plan");
@@ -328,10 +453,17 @@ mod tests {
         let mut cvs = vec![None; 16];
         fill_missing_cvs(&s, &mut cvs, 3).expect("fill");
         let ours = image_hash(&cvs, || unreachable_single()).expect("hash");
-        assert_eq!(ours, crate::manifest::compute_image_hash(&s).expect("engine hash"));
+        assert_eq!(
+            ours,
+            crate::manifest::compute_image_hash(&s).expect("engine hash")
+        );
     }
 
     fn unreachable_single() -> Result<Vec<u8>> {
-        Err(Error::ReplicaRefused { volume: String::new(), snapshot: 0, why: "not a one-block image".into() })
+        Err(Error::ReplicaRefused {
+            volume: String::new(),
+            snapshot: 0,
+            why: "not a one-block image".into(),
+        })
     }
 }

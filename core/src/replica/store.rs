@@ -43,15 +43,27 @@ use crate::manifest::{ManifestStatus, SnapshotManifest};
 use crate::vfs::{LiveImage, SnapshotImage, VfsSource};
 use crate::volume::{SnapshotId, SnapshotInfo, SnapshotState};
 
-const VOLUME_KIND: Kind = Kind { magic: *b"FFRVOLUM", version: 1 };
-const SNAP_KIND: Kind = Kind { magic: *b"FFRSNAPS", version: 1 };
-const PARTIAL_KIND: Kind = Kind { magic: *b"FFRPARTL", version: 1 };
+const VOLUME_KIND: Kind = Kind {
+    magic: *b"FFRVOLUM",
+    version: 1,
+};
+const SNAP_KIND: Kind = Kind {
+    magic: *b"FFRSNAPS",
+    version: 1,
+};
+const PARTIAL_KIND: Kind = Kind {
+    magic: *b"FFRPARTL",
+    version: 1,
+};
 
 /// Threads that check block hashes of one incoming frame.
 const VERIFY_THREADS: usize = 2;
 
 fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// `volume.json`: which volume this directory replicates.
@@ -96,7 +108,9 @@ impl ReplicaStore {
     /// Opens (creating if needed) the replica directory.
     pub fn open(dir: &Path) -> Result<ReplicaStore> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io("create directory", dir, e))?;
-        Ok(ReplicaStore { dir: dir.to_path_buf() })
+        Ok(ReplicaStore {
+            dir: dir.to_path_buf(),
+        })
     }
 
     pub fn dir(&self) -> &Path {
@@ -121,18 +135,32 @@ impl ReplicaStore {
     /// The replica of volume `uuid`.
     pub fn volume(&self, uuid: &str) -> Result<ReplicaVolume> {
         if !valid_uuid(uuid) {
-            return Err(Error::ReplicaNotFound { dir: self.dir.clone(), what: format!("volume {uuid:?} (not a volume uuid)") });
+            return Err(Error::ReplicaNotFound {
+                dir: self.dir.clone(),
+                what: format!("volume {uuid:?} (not a volume uuid)"),
+            });
         }
         let dir = self.dir.join(uuid);
         let path = dir.join("volume.json");
         if !path.is_file() {
-            return Err(Error::ReplicaNotFound { dir: self.dir.clone(), what: format!("volume {uuid}") });
+            return Err(Error::ReplicaNotFound {
+                dir: self.dir.clone(),
+                what: format!("volume {uuid}"),
+            });
         }
-        let (record, _) = format::decode_json::<VolumeRecord>(VOLUME_KIND, &format::read_file(&path)?, &path)?;
+        let (record, _) =
+            format::decode_json::<VolumeRecord>(VOLUME_KIND, &format::read_file(&path)?, &path)?;
         if record.volume != uuid {
-            return Err(Error::ReplicaCorrupt { file: path, why: format!("names volume {}, not {uuid}", record.volume) });
+            return Err(Error::ReplicaCorrupt {
+                file: path,
+                why: format!("names volume {}, not {uuid}", record.volume),
+            });
         }
-        Ok(ReplicaVolume { dir, record, layers: Mutex::new(HashMap::new()) })
+        Ok(ReplicaVolume {
+            dir,
+            record,
+            layers: Mutex::new(HashMap::new()),
+        })
     }
 
     /// Every volume (or only `only`) with its complete snapshots.
@@ -146,27 +174,51 @@ impl ReplicaStore {
             .iter()
             .map(|u| {
                 let v = self.volume(u)?;
-                Ok(VolumeListing { volume: u.clone(), size: v.record.size, block_size: v.record.block_size, snapshots: v.snapshots()? })
+                Ok(VolumeListing {
+                    volume: u.clone(),
+                    size: v.record.size,
+                    block_size: v.record.block_size,
+                    snapshots: v.snapshots()?,
+                })
             })
             .collect()
     }
 
     /// Starts, or resumes, the transfer `plan` describes.
     pub fn begin(&self, plan: &Plan) -> Result<Incoming> {
-        let refuse = |why: String| Error::ReplicaRefused { volume: plan.volume.clone(), snapshot: plan.snapshot, why };
+        let refuse = |why: String| Error::ReplicaRefused {
+            volume: plan.volume.clone(),
+            snapshot: plan.snapshot,
+            why,
+        };
         if plan.version != PROTOCOL_VERSION {
-            return Err(refuse(format!("protocol version {} (this secondary speaks {PROTOCOL_VERSION})", plan.version)));
+            return Err(refuse(format!(
+                "protocol version {} (this secondary speaks {PROTOCOL_VERSION})",
+                plan.version
+            )));
         }
         if !valid_uuid(&plan.volume) {
             return Err(refuse("the volume uuid is not one".into()));
         }
-        crate::units::check_block_size(plan.block_size as u64).map_err(|e| refuse(format!("block size: {e}")))?;
+        crate::units::check_block_size(plan.block_size as u64)
+            .map_err(|e| refuse(format!("block size: {e}")))?;
         if plan.size == 0 || !plan.size.is_multiple_of(plan.block_size as u64) {
-            return Err(refuse(format!("size {} is not a positive multiple of the block size {}", plan.size, plan.block_size)));
+            return Err(refuse(format!(
+                "size {} is not a positive multiple of the block size {}",
+                plan.size, plan.block_size
+            )));
         }
         let nblocks = plan.size / plan.block_size as u64;
         if plan.blocks > nblocks || (plan.base.is_none() && plan.blocks != nblocks) {
-            return Err(refuse(format!("plans {} blocks of a {nblocks}-block volume{}", plan.blocks, if plan.base.is_none() { " as a full copy" } else { "" })));
+            return Err(refuse(format!(
+                "plans {} blocks of a {nblocks}-block volume{}",
+                plan.blocks,
+                if plan.base.is_none() {
+                    " as a full copy"
+                } else {
+                    ""
+                }
+            )));
         }
         if plan.base.is_some_and(|b| b >= plan.snapshot) {
             return Err(refuse("the base must be an older snapshot".into()));
@@ -183,7 +235,12 @@ impl ReplicaStore {
                 )));
             }
         } else {
-            let rec = VolumeRecord { volume: plan.volume.clone(), size: plan.size, block_size: plan.block_size, source_node: plan.source_node.clone() };
+            let rec = VolumeRecord {
+                volume: plan.volume.clone(),
+                size: plan.size,
+                block_size: plan.block_size,
+                source_node: plan.source_node.clone(),
+            };
             format::write_file_atomic(&vol_path, &format::encode_json(VOLUME_KIND, &rec))?;
         }
         let volume = self.volume(&plan.volume)?;
@@ -192,40 +249,92 @@ impl ReplicaStore {
             return Err(refuse("it is already complete here".into()));
         }
         let base = match plan.base {
-            Some(b) => Some(volume.image(b).map_err(|e| refuse(format!("base snapshot {b} is not usable here: {e}")))?),
+            Some(b) => Some(
+                volume
+                    .image(b)
+                    .map_err(|e| refuse(format!("base snapshot {b} is not usable here: {e}")))?,
+            ),
             None => None,
         };
 
         let lock_path = vdir.join(format!("{id}.lock"));
-        let lock = OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).map_err(|e| Error::io("open", &lock_path, e))?;
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| Error::io("open", &lock_path, e))?;
         // SAFETY: flock on a valid fd we own; released when `lock` is closed.
         if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            return Err(refuse("another push of this snapshot is in progress".into()));
+            return Err(refuse(
+                "another push of this snapshot is in progress".into(),
+            ));
         }
 
         let partial = vdir.join(format!("{id}.partial"));
         let jpath = vdir.join(format!("{id}.journal"));
         let dpath = vdir.join(format!("{id}.data"));
-        let header = JournalHeader { snapshot: id, block_size: plan.block_size, base: plan.base, blocks: plan.blocks };
+        let header = JournalHeader {
+            snapshot: id,
+            block_size: plan.block_size,
+            base: plan.base,
+            blocks: plan.blocks,
+        };
         let resumable = partial.is_file()
             && format::read_file(&partial)
                 .and_then(|b| format::decode_json::<Plan>(PARTIAL_KIND, &b, &partial))
-                .is_ok_and(|(old, _)| Plan { source_node: plan.source_node.clone(), ..old } == *plan);
-        let loaded = if resumable { journal::load(&jpath, true).ok().filter(|l| l.header == header) } else { None };
-        let open = |p: &Path| OpenOptions::new().read(true).write(true).create(true).truncate(false).open(p).map_err(|e| Error::io("open", p, e));
+                .is_ok_and(|(old, _)| {
+                    Plan {
+                        source_node: plan.source_node.clone(),
+                        ..old
+                    } == *plan
+                });
+        let loaded = if resumable {
+            journal::load(&jpath, true)
+                .ok()
+                .filter(|l| l.header == header)
+        } else {
+            None
+        };
+        let open = |p: &Path| {
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(p)
+                .map_err(|e| Error::io("open", p, e))
+        };
         let (data, journal_file, have, data_end, journal_len) = match loaded {
             Some(l) => {
                 let data = open(&dpath)?;
                 let journal_file = open(&jpath)?;
                 let bs = plan.block_size as u64;
-                let data_end = l.entries.iter().filter(|e| !e.zero).map(|e| e.offset + bs).max().unwrap_or(0);
-                let dlen = data.metadata().map_err(|e| Error::io("stat", &dpath, e))?.len();
+                let data_end = l
+                    .entries
+                    .iter()
+                    .filter(|e| !e.zero)
+                    .map(|e| e.offset + bs)
+                    .max()
+                    .unwrap_or(0);
+                let dlen = data
+                    .metadata()
+                    .map_err(|e| Error::io("stat", &dpath, e))?
+                    .len();
                 if dlen < data_end {
-                    return Err(Error::ReplicaCorrupt { file: dpath, why: format!("{dlen} bytes, but its journal names data up to byte {data_end}") });
+                    return Err(Error::ReplicaCorrupt {
+                        file: dpath,
+                        why: format!(
+                            "{dlen} bytes, but its journal names data up to byte {data_end}"
+                        ),
+                    });
                 }
                 // Drop what was written after the last journaled block (it was in flight).
-                data.set_len(data_end).map_err(|e| Error::io("truncate", &dpath, e))?;
-                journal_file.set_len(l.valid_len).map_err(|e| Error::io("truncate", &jpath, e))?;
+                data.set_len(data_end)
+                    .map_err(|e| Error::io("truncate", &dpath, e))?;
+                journal_file
+                    .set_len(l.valid_len)
+                    .map_err(|e| Error::io("truncate", &jpath, e))?;
                 let have: HashMap<u64, Entry> = l.entries.iter().map(|e| (e.block, *e)).collect();
                 (data, journal_file, have, data_end, l.valid_len)
             }
@@ -240,8 +349,12 @@ impl ReplicaStore {
                 format::write_file_atomic(&partial, &format::encode_json(PARTIAL_KIND, plan))?;
                 let data = open(&dpath)?;
                 let journal_file = open(&jpath)?;
-                journal_file.write_all_at(&journal::encode_header(&header), 0).map_err(|e| Error::io("write", &jpath, e))?;
-                journal_file.sync_all().map_err(|e| Error::io("fsync", &jpath, e))?;
+                journal_file
+                    .write_all_at(&journal::encode_header(&header), 0)
+                    .map_err(|e| Error::io("write", &jpath, e))?;
+                journal_file
+                    .sync_all()
+                    .map_err(|e| Error::io("fsync", &jpath, e))?;
                 format::sync_dir(&vdir)?;
                 (data, journal_file, HashMap::new(), 0, RECORD_LEN as u64)
             }
@@ -279,7 +392,10 @@ pub struct ReplicaVolume {
 
 impl std::fmt::Debug for ReplicaVolume {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ReplicaVolume").field("dir", &self.dir).field("record", &self.record).finish()
+        f.debug_struct("ReplicaVolume")
+            .field("dir", &self.dir)
+            .field("record", &self.record)
+            .finish()
     }
 }
 
@@ -307,7 +423,10 @@ impl ReplicaVolume {
         for ent in rd {
             let ent = ent.map_err(|e| Error::io("list", &self.dir, e))?;
             let name = ent.file_name().to_string_lossy().into_owned();
-            if let Some(id) = name.strip_suffix(".snap").and_then(|s| s.parse::<u64>().ok()) {
+            if let Some(id) = name
+                .strip_suffix(".snap")
+                .and_then(|s| s.parse::<u64>().ok())
+            {
                 out.push(self.info(id)?);
             }
         }
@@ -319,25 +438,46 @@ impl ReplicaVolume {
     pub fn info(&self, id: SnapshotId) -> Result<ReplicaSnapshotInfo> {
         let path = self.dir.join(format!("{id}.snap"));
         if !path.is_file() {
-            return Err(Error::ReplicaNotFound { dir: self.dir.clone(), what: format!("complete snapshot {id}") });
+            return Err(Error::ReplicaNotFound {
+                dir: self.dir.clone(),
+                what: format!("complete snapshot {id}"),
+            });
         }
-        let (info, _) = format::decode_json::<ReplicaSnapshotInfo>(SNAP_KIND, &format::read_file(&path)?, &path)?;
+        let (info, _) = format::decode_json::<ReplicaSnapshotInfo>(
+            SNAP_KIND,
+            &format::read_file(&path)?,
+            &path,
+        )?;
         if info.id != id {
-            return Err(Error::ReplicaCorrupt { file: path, why: format!("records snapshot {}", info.id) });
+            return Err(Error::ReplicaCorrupt {
+                file: path,
+                why: format!("records snapshot {}", info.id),
+            });
         }
         Ok(info)
     }
 
     fn layer(&self, id: SnapshotId) -> Result<Arc<Layer>> {
-        if let Some(l) = self.layers.lock().unwrap_or_else(|p| p.into_inner()).get(&id) {
+        if let Some(l) = self
+            .layers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+        {
             return Ok(l.clone());
         }
         let info = self.info(id)?;
         let jpath = self.dir.join(format!("{id}.journal"));
         let data_path = self.dir.join(format!("{id}.data"));
-        let corrupt = |file: &Path, why: String| Error::ReplicaCorrupt { file: file.to_path_buf(), why };
+        let corrupt = |file: &Path, why: String| Error::ReplicaCorrupt {
+            file: file.to_path_buf(),
+            why,
+        };
         let l = journal::load(&jpath, false)?;
-        if l.header.snapshot != id || l.header.base != info.base || l.header.block_size != self.record.block_size {
+        if l.header.snapshot != id
+            || l.header.base != info.base
+            || l.header.block_size != self.record.block_size
+        {
             return Err(corrupt(&jpath, format!("its header (snapshot {}, base {:?}) does not match the record of snapshot {id}", l.header.snapshot, l.header.base)));
         }
         let bs = self.record.block_size as u64;
@@ -346,7 +486,10 @@ impl ReplicaVolume {
         let mut data_end = 0;
         for e in &l.entries {
             if e.block >= n {
-                return Err(corrupt(&jpath, format!("names block {} of a {n}-block volume", e.block)));
+                return Err(corrupt(
+                    &jpath,
+                    format!("names block {} of a {n}-block volume", e.block),
+                ));
             }
             if !e.zero {
                 data_end = data_end.max(e.offset + bs);
@@ -354,15 +497,38 @@ impl ReplicaVolume {
             index.insert(e.block, *e);
         }
         if index.len() as u64 != info.blocks {
-            return Err(corrupt(&jpath, format!("holds {} blocks, the snapshot record says {}", index.len(), info.blocks)));
+            return Err(corrupt(
+                &jpath,
+                format!(
+                    "holds {} blocks, the snapshot record says {}",
+                    index.len(),
+                    info.blocks
+                ),
+            ));
         }
         let data = File::open(&data_path).map_err(|e| Error::io("open", &data_path, e))?;
-        let dlen = data.metadata().map_err(|e| Error::io("stat", &data_path, e))?.len();
+        let dlen = data
+            .metadata()
+            .map_err(|e| Error::io("stat", &data_path, e))?
+            .len();
         if dlen < data_end {
-            return Err(corrupt(&data_path, format!("{dlen} bytes, but its journal names data up to byte {data_end} (truncated)")));
+            return Err(corrupt(
+                &data_path,
+                format!(
+                    "{dlen} bytes, but its journal names data up to byte {data_end} (truncated)"
+                ),
+            ));
         }
-        let layer = Arc::new(Layer { id, data, data_path, index });
-        self.layers.lock().unwrap_or_else(|p| p.into_inner()).insert(id, layer.clone());
+        let layer = Arc::new(Layer {
+            id,
+            data,
+            data_path,
+            index,
+        });
+        self.layers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, layer.clone());
         Ok(layer)
     }
 
@@ -372,16 +538,28 @@ impl ReplicaVolume {
         let mut next = Some(id);
         while let Some(cur) = next {
             if chain.len() > 100_000 || chain.iter().any(|l: &Arc<Layer>| l.id == cur) {
-                return Err(Error::ReplicaCorrupt { file: self.dir.join(format!("{id}.snap")), why: "its base chain loops".into() });
+                return Err(Error::ReplicaCorrupt {
+                    file: self.dir.join(format!("{id}.snap")),
+                    why: "its base chain loops".into(),
+                });
             }
             let info = self.info(cur)?;
             if info.base.is_some_and(|b| b >= cur) {
-                return Err(Error::ReplicaCorrupt { file: self.dir.join(format!("{cur}.snap")), why: format!("base {:?} is not older", info.base) });
+                return Err(Error::ReplicaCorrupt {
+                    file: self.dir.join(format!("{cur}.snap")),
+                    why: format!("base {:?} is not older", info.base),
+                });
             }
             chain.push(self.layer(cur)?);
             next = info.base;
         }
-        Ok(ReplicaImage { volume: self.record.volume.clone(), id, size: self.record.size, block_size: self.record.block_size, chain })
+        Ok(ReplicaImage {
+            volume: self.record.volume.clone(),
+            id,
+            size: self.record.size,
+            block_size: self.record.block_size,
+            chain,
+        })
     }
 }
 
@@ -397,7 +575,13 @@ pub struct ReplicaImage {
 
 impl std::fmt::Debug for ReplicaImage {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "ReplicaImage({} snapshot {}, {} layers)", self.volume, self.id, self.chain.len())
+        write!(
+            f,
+            "ReplicaImage({} snapshot {}, {} layers)",
+            self.volume,
+            self.id,
+            self.chain.len()
+        )
     }
 }
 
@@ -412,8 +596,18 @@ impl ReplicaImage {
                 return Ok((l, *e));
             }
         }
-        let root = self.chain.last().map(|l| l.data_path.clone()).unwrap_or_default();
-        Err(Error::ReplicaCorrupt { file: root, why: format!("block {block} of snapshot {} is in no layer of its chain", self.id) })
+        let root = self
+            .chain
+            .last()
+            .map(|l| l.data_path.clone())
+            .unwrap_or_default();
+        Err(Error::ReplicaCorrupt {
+            file: root,
+            why: format!(
+                "block {block} of snapshot {} is in no layer of its chain",
+                self.id
+            ),
+        })
     }
 
     /// The chaining value recorded for `block`.
@@ -428,12 +622,18 @@ impl ReplicaImage {
             buf.fill(0);
             return Ok(());
         }
-        layer.data.read_exact_at(buf, e.offset).map_err(|err| Error::ReplicaCorrupt {
-            file: layer.data_path.clone(),
-            why: format!("block {block} at byte {}: {err}", e.offset),
-        })?;
+        layer
+            .data
+            .read_exact_at(buf, e.offset)
+            .map_err(|err| Error::ReplicaCorrupt {
+                file: layer.data_path.clone(),
+                why: format!("block {block} at byte {}: {err}", e.offset),
+            })?;
         if self.size > self.block_size as u64 && block_cv(buf, block, self.block_size) != e.cv {
-            return Err(Error::ReplicaCorrupt { file: layer.data_path.clone(), why: format!("block {block} at byte {} fails its blake3 check", e.offset) });
+            return Err(Error::ReplicaCorrupt {
+                file: layer.data_path.clone(),
+                why: format!("block {block} at byte {} fails its blake3 check", e.offset),
+            });
         }
         Ok(())
     }
@@ -479,7 +679,10 @@ impl SnapshotImage for ReplicaImage {
         ReplicaImage::read_at(self, buf, offset)
     }
     fn write_at(&self, _buf: &[u8], _offset: u64) -> Result<()> {
-        Err(Error::VfsReadOnly { path: format!("snapshots/{}/volume.img", self.id), why: "a replica snapshot is read-only".into() })
+        Err(Error::VfsReadOnly {
+            path: format!("snapshots/{}/volume.img", self.id),
+            why: "a replica snapshot is read-only".into(),
+        })
     }
     fn state(&self) -> Result<SnapshotState> {
         Ok(SnapshotState::Sealed)
@@ -488,7 +691,11 @@ impl SnapshotImage for ReplicaImage {
 
 impl VfsSource for ReplicaVolume {
     fn describe(&self) -> String {
-        format!("replica of volume {} in {}", self.record.volume, self.dir.display())
+        format!(
+            "replica of volume {} in {}",
+            self.record.volume,
+            self.dir.display()
+        )
     }
     fn block_size(&self) -> u32 {
         self.record.block_size
@@ -499,7 +706,14 @@ impl VfsSource for ReplicaVolume {
     fn snapshots(&self) -> Result<Vec<SnapshotInfo>> {
         Ok(ReplicaVolume::snapshots(self)?
             .into_iter()
-            .map(|s| SnapshotInfo { id: s.id, created_ms: s.created_ms, state: SnapshotState::Sealed, diff_blocks: s.blocks, diff_bytes: s.data_bytes, diff_limit: None })
+            .map(|s| SnapshotInfo {
+                id: s.id,
+                created_ms: s.created_ms,
+                state: SnapshotState::Sealed,
+                diff_blocks: s.blocks,
+                diff_bytes: s.data_bytes,
+                diff_limit: None,
+            })
             .collect())
     }
     fn open_snapshot(&self, id: SnapshotId) -> Result<Arc<dyn SnapshotImage>> {
@@ -507,7 +721,13 @@ impl VfsSource for ReplicaVolume {
     }
     fn manifest(&self, id: SnapshotId) -> Result<Option<SnapshotManifest>> {
         let info = self.info(id)?;
-        let mut m = SnapshotManifest::bare(id, info.created_ms, ManifestStatus::Sealed, self.record.block_size, self.record.size);
+        let mut m = SnapshotManifest::bare(
+            id,
+            info.created_ms,
+            ManifestStatus::Sealed,
+            self.record.block_size,
+            self.record.size,
+        );
         m.initiator = Some(info.source_node);
         m.blake3 = Some(info.blake3);
         Ok(Some(m))
@@ -541,7 +761,13 @@ pub struct Incoming {
 
 impl std::fmt::Debug for Incoming {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Incoming({} snapshot {}, {} blocks held)", self.plan.volume, self.plan.snapshot, self.have.len())
+        write!(
+            f,
+            "Incoming({} snapshot {}, {} blocks held)",
+            self.plan.volume,
+            self.plan.snapshot,
+            self.have.len()
+        )
     }
 }
 
@@ -568,7 +794,11 @@ impl Incoming {
     }
 
     fn refuse(&self, why: String) -> Error {
-        Error::ReplicaRefused { volume: self.plan.volume.clone(), snapshot: self.plan.snapshot, why }
+        Error::ReplicaRefused {
+            volume: self.plan.volume.clone(),
+            snapshot: self.plan.snapshot,
+            why,
+        }
     }
 
     /// Checks and writes one frame's blocks (`data` holds the non-zero ones, in order).
@@ -577,38 +807,67 @@ impl Incoming {
         let bs = self.plan.block_size as usize;
         let nonzero = headers.iter().filter(|h| !h.z).count();
         if data.len() != nonzero * bs {
-            return Err(self.refuse(format!("a frame carries {} data bytes for {nonzero} blocks of {bs}", data.len())));
+            return Err(self.refuse(format!(
+                "a frame carries {} data bytes for {nonzero} blocks of {bs}",
+                data.len()
+            )));
         }
         let mut cvs = Vec::with_capacity(headers.len());
         for h in headers {
             if h.b >= self.nblocks {
-                return Err(self.refuse(format!("block {} is beyond the volume's {} blocks", h.b, self.nblocks)));
+                return Err(self.refuse(format!(
+                    "block {} is beyond the volume's {} blocks",
+                    h.b, self.nblocks
+                )));
             }
-            let cv = parse_hex(&h.cv).ok_or_else(|| self.refuse(format!("block {}: {:?} is not a hex blake3", h.b, h.cv)))?;
+            let cv = parse_hex(&h.cv).ok_or_else(|| {
+                self.refuse(format!("block {}: {:?} is not a hex blake3", h.b, h.cv))
+            })?;
             cvs.push(cv);
         }
         let single = self.nblocks == 1;
-        let got = if single { Vec::new() } else { block_cvs_parallel_scattered(headers, data, self.plan.block_size) };
+        let got = if single {
+            Vec::new()
+        } else {
+            block_cvs_parallel_scattered(headers, data, self.plan.block_size)
+        };
         let mut k = 0usize;
         for (i, h) in headers.iter().enumerate() {
             if single {
                 // A one-block image has no chaining values; the image hash checks it at commit.
                 continue;
             }
-            let actual = if h.z { block_cv(&vec![0u8; bs], h.b, self.plan.block_size) } else { got[k] };
+            let actual = if h.z {
+                block_cv(&vec![0u8; bs], h.b, self.plan.block_size)
+            } else {
+                got[k]
+            };
             if !h.z {
                 k += 1;
             }
             if actual != cvs[i] {
-                return Err(Error::ReplicaBlockHash { volume: self.plan.volume.clone(), snapshot: self.plan.snapshot, block: h.b, sent: h.cv.clone(), got: hex(&actual) });
+                return Err(Error::ReplicaBlockHash {
+                    volume: self.plan.volume.clone(),
+                    snapshot: self.plan.snapshot,
+                    block: h.b,
+                    sent: h.cv.clone(),
+                    got: hex(&actual),
+                });
             }
         }
         if !data.is_empty() {
-            self.data.write_all_at(data, self.data_end).map_err(|e| Error::io("write", &self.data_path, e))?;
+            self.data
+                .write_all_at(data, self.data_end)
+                .map_err(|e| Error::io("write", &self.data_path, e))?;
         }
         let mut at = self.data_end;
         for (i, h) in headers.iter().enumerate() {
-            let e = Entry { block: h.b, offset: if h.z { 0 } else { at }, zero: h.z, cv: cvs[i] };
+            let e = Entry {
+                block: h.b,
+                offset: if h.z { 0 } else { at },
+                zero: h.z,
+                cv: cvs[i],
+            };
             if !h.z {
                 at += bs as u64;
             }
@@ -627,13 +886,19 @@ impl Incoming {
         if self.pending.is_empty() {
             return Ok(());
         }
-        self.data.sync_data().map_err(|e| Error::io("fsync", &self.data_path, e))?;
+        self.data
+            .sync_data()
+            .map_err(|e| Error::io("fsync", &self.data_path, e))?;
         let mut bytes = Vec::with_capacity(self.pending.len() * RECORD_LEN);
         for e in &self.pending {
             bytes.extend_from_slice(&journal::encode_record(e));
         }
-        self.journal.write_all_at(&bytes, self.journal_len).map_err(|e| Error::io("write", &self.journal_path, e))?;
-        self.journal.sync_data().map_err(|e| Error::io("fsync", &self.journal_path, e))?;
+        self.journal
+            .write_all_at(&bytes, self.journal_len)
+            .map_err(|e| Error::io("write", &self.journal_path, e))?;
+        self.journal
+            .sync_data()
+            .map_err(|e| Error::io("fsync", &self.journal_path, e))?;
         self.journal_len += bytes.len() as u64;
         self.pending.clear();
         self.pending_bytes = 0;
@@ -653,26 +918,41 @@ impl Incoming {
         self.sync()?;
         let id = self.plan.snapshot;
         if self.plan.base.is_none() && (self.have.len() as u64) < self.nblocks {
-            return Err(self.refuse(format!("a full copy holds {} of {} blocks at commit", self.have.len(), self.nblocks)));
+            return Err(self.refuse(format!(
+                "a full copy holds {} of {} blocks at commit",
+                self.have.len(),
+                self.nblocks
+            )));
         }
         // An incremental sender may leave out listed blocks equal to the base's;
         // the image hash below is what proves nothing needed is missing.
         if self.have.len() as u64 > self.plan.blocks {
-            return Err(self.refuse(format!("{} blocks received, more than the {} planned", self.have.len(), self.plan.blocks)));
+            return Err(self.refuse(format!(
+                "{} blocks received, more than the {} planned",
+                self.have.len(),
+                self.plan.blocks
+            )));
         }
         let cv_of = |b: u64| -> Result<BlockCv> {
             match self.have.get(&b) {
                 Some(e) => Ok(e.cv),
                 None => match &self.base {
                     Some(img) => img.block_cv(b),
-                    None => Err(Error::ReplicaRefused { volume: self.plan.volume.clone(), snapshot: id, why: format!("block {b} was never sent") }),
+                    None => Err(Error::ReplicaRefused {
+                        volume: self.plan.volume.clone(),
+                        snapshot: id,
+                        why: format!("block {b} was never sent"),
+                    }),
                 },
             }
         };
         let got = if self.nblocks == 1 {
             let mut buf = vec![0u8; self.plan.block_size as usize];
             match self.have.get(&0) {
-                Some(e) if !e.zero => self.data.read_exact_at(&mut buf, e.offset).map_err(|err| Error::io("read", &self.data_path, err))?,
+                Some(e) if !e.zero => self
+                    .data
+                    .read_exact_at(&mut buf, e.offset)
+                    .map_err(|err| Error::io("read", &self.data_path, err))?,
                 Some(_) => {}
                 None => match &self.base {
                     Some(img) => img.read_block(0, &mut buf)?,
@@ -688,7 +968,12 @@ impl Incoming {
             for p in [&self.partial_path, &self.journal_path, &self.data_path] {
                 let _ = std::fs::remove_file(p);
             }
-            return Err(Error::ReplicaImageHash { volume: self.plan.volume.clone(), snapshot: id, expected: expected.to_string(), got });
+            return Err(Error::ReplicaImageHash {
+                volume: self.plan.volume.clone(),
+                snapshot: id,
+                expected: expected.to_string(),
+                got,
+            });
         }
         let info = ReplicaSnapshotInfo {
             id,
@@ -700,8 +985,12 @@ impl Incoming {
             data_bytes: self.data_end,
             source_node: self.plan.source_node.clone(),
         };
-        format::write_file_atomic(&vdir.join(format!("{id}.snap")), &format::encode_json(SNAP_KIND, &info))?;
-        std::fs::remove_file(&self.partial_path).map_err(|e| Error::io("remove", &self.partial_path, e))?;
+        format::write_file_atomic(
+            &vdir.join(format!("{id}.snap")),
+            &format::encode_json(SNAP_KIND, &info),
+        )?;
+        std::fs::remove_file(&self.partial_path)
+            .map_err(|e| Error::io("remove", &self.partial_path, e))?;
         format::sync_dir(&vdir)?;
         Ok(info)
     }
@@ -709,7 +998,11 @@ impl Incoming {
 
 /// Chaining values of the non-zero blocks of a frame, whose data lies back to
 /// back in `data`, hashed on [`VERIFY_THREADS`] threads.
-fn block_cvs_parallel_scattered(headers: &[BlockHeader], data: &[u8], block_size: u32) -> Vec<BlockCv> {
+fn block_cvs_parallel_scattered(
+    headers: &[BlockHeader],
+    data: &[u8],
+    block_size: u32,
+) -> Vec<BlockCv> {
     let blocks: Vec<u64> = headers.iter().filter(|h| !h.z).map(|h| h.b).collect();
     let contiguous = blocks.windows(2).all(|w| w[1] == w[0] + 1);
     match blocks.first() {

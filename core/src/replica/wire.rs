@@ -94,11 +94,17 @@ pub struct Summary {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "reply", rename_all = "snake_case")]
 pub enum Reply {
-    List { volumes: Vec<VolumeListing> },
+    List {
+        volumes: Vec<VolumeListing>,
+    },
     /// Ranges `[start, end)` of block numbers already durable from an earlier session.
-    Ready { have: Vec<(u64, u64)> },
+    Ready {
+        have: Vec<(u64, u64)>,
+    },
     Done(Summary),
-    Error { message: String },
+    Error {
+        message: String,
+    },
 }
 
 /// Collapses sorted block numbers into `[start, end)` ranges (the `have` list
@@ -121,13 +127,22 @@ mod tests {
 
     #[test]
     fn ranges_collapse_runs() {
-        assert_eq!(to_ranges([1, 2, 3, 7, 8, 10]), vec![(1, 4), (7, 9), (10, 11)]);
+        assert_eq!(
+            to_ranges([1, 2, 3, 7, 8, 10]),
+            vec![(1, 4), (7, 9), (10, 11)]
+        );
         assert_eq!(to_ranges([]), vec![]);
     }
 
     #[test]
     fn garbage_requests_fail_to_decode_without_panicking() {
-        for text in ["{}", "{\"request\":\"begin\"}", "{\"request\":\"nope\"}", "[1,2]", "{\"request\":\"commit\",\"blake3\":7}"] {
+        for text in [
+            "{}",
+            "{\"request\":\"begin\"}",
+            "{\"request\":\"nope\"}",
+            "[1,2]",
+            "{\"request\":\"commit\",\"blake3\":7}",
+        ] {
             assert!(serde_json::from_str::<Request>(text).is_err(), "{text}");
         }
     }

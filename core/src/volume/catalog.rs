@@ -30,7 +30,10 @@ use super::locks::Locks;
 use super::{SnapshotId, SnapshotState};
 
 /// Envelope kind of the `catalog` file.
-pub(crate) const CATALOG_KIND: Kind = Kind { magic: *b"FFCATALG", version: 1 };
+pub(crate) const CATALOG_KIND: Kind = Kind {
+    magic: *b"FFCATALG",
+    version: 1,
+};
 
 /// The persisted catalog (the on-disk `…State` form; never a live object).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -88,7 +91,10 @@ pub(crate) fn load(state_dir: &Path) -> Result<Catalog> {
             // normal after a crash during a catalog change, worth a line otherwise.
             let missing = matches!(&e, Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound);
             if !missing {
-                tracing::warn!("using catalog generation {} because the other slot is unusable: {e}", c.generation);
+                tracing::warn!(
+                    "using catalog generation {} because the other slot is unusable: {e}",
+                    c.generation
+                );
             }
             Ok(c)
         }
@@ -100,9 +106,16 @@ pub(crate) fn load(state_dir: &Path) -> Result<Catalog> {
 pub(crate) fn store(state_dir: &Path, cat: &Catalog) -> Result<()> {
     let path = state_dir.join(SLOTS[(cat.generation % 2) as usize]);
     let bytes = format::encode_json(CATALOG_KIND, cat);
-    let f = std::fs::OpenOptions::new().write(true).create(true).truncate(false).open(&path).map_err(|e| Error::io("open", &path, e))?;
-    f.write_all_at(&bytes, 0).map_err(|e| Error::io("write", &path, e))?;
-    f.set_len(bytes.len() as u64).map_err(|e| Error::io("truncate", &path, e))?;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| Error::io("open", &path, e))?;
+    f.write_all_at(&bytes, 0)
+        .map_err(|e| Error::io("write", &path, e))?;
+    f.set_len(bytes.len() as u64)
+        .map_err(|e| Error::io("truncate", &path, e))?;
     f.sync_data().map_err(|e| Error::io("fdatasync", &path, e))
 }
 
@@ -117,7 +130,8 @@ pub(crate) fn read_gen(gen: &File, path: &Path) -> Result<u64> {
 }
 
 pub(crate) fn write_gen(gen: &File, path: &Path, value: u64) -> Result<()> {
-    gen.write_all_at(&value.to_le_bytes(), 0).map_err(|e| Error::io("write", path, e))
+    gen.write_all_at(&value.to_le_bytes(), 0)
+        .map_err(|e| Error::io("write", path, e))
 }
 
 /// The dirty mark (byte 8 of `gen`): set by the first live write of each
@@ -134,7 +148,8 @@ pub(crate) fn read_dirty(gen: &File, path: &Path) -> Result<bool> {
 }
 
 pub(crate) fn write_dirty(gen: &File, path: &Path, dirty: bool) -> Result<()> {
-    gen.write_all_at(&[dirty as u8], 8).map_err(|e| Error::io("write", path, e))
+    gen.write_all_at(&[dirty as u8], 8)
+        .map_err(|e| Error::io("write", path, e))
 }
 
 /// Changes the catalog under the catalog lock: load fresh, apply `f`, store, bump `gen`.

@@ -17,14 +17,19 @@ fn is_device(volume: &Path) -> bool {
 }
 
 fn device_dir() -> PathBuf {
-    std::env::var_os("FREEZEFRAME_DEVICE_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/var/lib/freezeframe/devices"))
+    std::env::var_os("FREEZEFRAME_DEVICE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/lib/freezeframe/devices"))
 }
 
 /// The file or directory that records where the state of `volume` is.
 pub(crate) fn pointer_path(volume: &Path) -> PathBuf {
     if is_device(volume) {
         // '%' first so the escape is reversible and distinct paths stay distinct.
-        let escaped = volume.to_string_lossy().replace('%', "%25").replace('/', "%2F");
+        let escaped = volume
+            .to_string_lossy()
+            .replace('%', "%25")
+            .replace('/', "%2F");
         device_dir().join(escaped)
     } else {
         let mut s = volume.as_os_str().to_os_string();
@@ -36,14 +41,21 @@ pub(crate) fn pointer_path(volume: &Path) -> PathBuf {
 /// Finds the state directory recorded for `volume`.
 pub(crate) fn find(volume: &Path) -> Result<PathBuf> {
     let pointer = pointer_path(volume);
-    let meta = std::fs::metadata(&pointer).map_err(|_| Error::NoState { volume: volume.to_path_buf(), looked: pointer.clone() })?;
+    let meta = std::fs::metadata(&pointer).map_err(|_| Error::NoState {
+        volume: volume.to_path_buf(),
+        looked: pointer.clone(),
+    })?;
     if meta.is_dir() {
         return Ok(pointer);
     }
-    let text = std::fs::read_to_string(&pointer).map_err(|e| Error::io("read state pointer", &pointer, e))?;
+    let text = std::fs::read_to_string(&pointer)
+        .map_err(|e| Error::io("read state pointer", &pointer, e))?;
     let dir = PathBuf::from(text.trim());
     if !dir.is_dir() {
-        return Err(Error::NoState { volume: volume.to_path_buf(), looked: dir });
+        return Err(Error::NoState {
+            volume: volume.to_path_buf(),
+            looked: dir,
+        });
     }
     Ok(dir)
 }
@@ -53,16 +65,23 @@ pub(crate) fn find(volume: &Path) -> Result<PathBuf> {
 pub(crate) fn choose(volume: &Path, state: Option<&Path>) -> Result<PathBuf> {
     let pointer = pointer_path(volume);
     if pointer.exists() {
-        return Err(Error::StateExists { volume: volume.to_path_buf(), state: pointer });
+        return Err(Error::StateExists {
+            volume: volume.to_path_buf(),
+            state: pointer,
+        });
     }
     match state {
-        None if is_device(volume) => Err(Error::StateDirRequired { path: volume.to_path_buf() }),
+        None if is_device(volume) => Err(Error::StateDirRequired {
+            path: volume.to_path_buf(),
+        }),
         None => Ok(pointer),
         Some(dir) => {
             let abs = if dir.is_absolute() {
                 dir.to_path_buf()
             } else {
-                std::env::current_dir().map_err(|e| Error::io("resolve", dir, e))?.join(dir)
+                std::env::current_dir()
+                    .map_err(|e| Error::io("resolve", dir, e))?
+                    .join(dir)
             };
             Ok(abs)
         }

@@ -66,7 +66,11 @@ pub(crate) struct LockGuard {
 
 impl Drop for LockGuard {
     fn drop(&mut self) {
-        let file = if self.claims { &self.fds.claims } else { &self.fds.lock };
+        let file = if self.claims {
+            &self.fds.claims
+        } else {
+            &self.fds.lock
+        };
         if let Err(e) = ofd(file, libc::F_UNLCK as i16, self.start, self.len, true) {
             // Unlock of a range we hold cannot fail short of a kernel bug; say so rather than hide it.
             tracing::error!(file = %self.path.display(), "unlocking bytes {}+{}: {e}", self.start, self.len);
@@ -88,7 +92,11 @@ fn ofd(file: &File, kind: i16, start: u64, len: u64, wait: bool) -> std::io::Res
     fl.l_whence = libc::SEEK_SET as i16;
     fl.l_start = start as libc::off_t;
     fl.l_len = len as libc::off_t;
-    let cmd = if wait { libc::F_OFD_SETLKW } else { libc::F_OFD_SETLK };
+    let cmd = if wait {
+        libc::F_OFD_SETLKW
+    } else {
+        libc::F_OFD_SETLK
+    };
     loop {
         // SAFETY: fcntl with a valid fd and a pointer to a live flock struct.
         let r = unsafe { libc::fcntl(file.as_raw_fd(), cmd, &mut fl as *mut libc::flock) };
@@ -105,12 +113,21 @@ fn ofd(file: &File, kind: i16, start: u64, len: u64, wait: bool) -> std::io::Res
 }
 
 fn open_rw(path: &Path) -> Result<File> {
-    OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path).map_err(|e| Error::io("open lock file", path, e))
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(|e| Error::io("open lock file", path, e))
 }
 
 impl Locks {
     pub(crate) fn new(state_dir: &Path) -> Locks {
-        Locks { lock_path: state_dir.join("lock"), claims_path: state_dir.join("claims") }
+        Locks {
+            lock_path: state_dir.join("lock"),
+            claims_path: state_dir.join("claims"),
+        }
     }
 
     fn fds(&self) -> Result<Rc<ThreadFds>> {
@@ -119,7 +136,10 @@ impl Locks {
             if let Some(f) = m.get(&self.lock_path) {
                 return Ok(f.clone());
             }
-            let fds = Rc::new(ThreadFds { lock: open_rw(&self.lock_path)?, claims: open_rw(&self.claims_path)? });
+            let fds = Rc::new(ThreadFds {
+                lock: open_rw(&self.lock_path)?,
+                claims: open_rw(&self.claims_path)?,
+            });
             m.insert(self.lock_path.clone(), fds.clone());
             Ok(fds)
         })
@@ -127,10 +147,24 @@ impl Locks {
 
     fn take(&self, claims: bool, exclusive: bool, start: u64, len: u64) -> Result<LockGuard> {
         let fds = self.fds()?;
-        let (file, path) = if claims { (&fds.claims, &self.claims_path) } else { (&fds.lock, &self.lock_path) };
-        let kind = if exclusive { libc::F_WRLCK } else { libc::F_RDLCK } as i16;
+        let (file, path) = if claims {
+            (&fds.claims, &self.claims_path)
+        } else {
+            (&fds.lock, &self.lock_path)
+        };
+        let kind = if exclusive {
+            libc::F_WRLCK
+        } else {
+            libc::F_RDLCK
+        } as i16;
         ofd(file, kind, start, len, true).map_err(|e| Error::io("lock", path, e))?;
-        Ok(LockGuard { fds: fds.clone(), claims, start, len, path: path.clone() })
+        Ok(LockGuard {
+            fds: fds.clone(),
+            claims,
+            start,
+            len,
+            path: path.clone(),
+        })
     }
 
     /// The gate, shared: held for the whole of one write.
@@ -164,7 +198,8 @@ impl Locks {
     /// Non-blocking: `None` when another request (any process, any thread) holds it.
     pub(crate) fn try_in_flight(&self) -> Result<Option<InFlightGuard>> {
         let f = open_rw(&self.lock_path)?;
-        let got = ofd(&f, libc::F_WRLCK as i16, IN_FLIGHT, 1, false).map_err(|e| Error::io("lock", &self.lock_path, e))?;
+        let got = ofd(&f, libc::F_WRLCK as i16, IN_FLIGHT, 1, false)
+            .map_err(|e| Error::io("lock", &self.lock_path, e))?;
         Ok(got.then_some(InFlightGuard { _file: f }))
     }
 }

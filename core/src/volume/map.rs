@@ -40,7 +40,10 @@ use crate::format::{self, FormatProblem, Kind};
 
 use super::SnapshotId;
 
-pub(crate) const MAP_KIND: Kind = Kind { magic: *b"FFMAPHDR", version: 1 };
+pub(crate) const MAP_KIND: Kind = Kind {
+    magic: *b"FFMAPHDR",
+    version: 1,
+};
 pub(crate) const RECORD_LEN: u64 = 48;
 pub(crate) const COPIED: u32 = 1;
 pub(crate) const WRITTEN: u32 = 2;
@@ -94,7 +97,12 @@ impl Record {
         };
         let mut data_sum = [0u8; 16];
         data_sum.copy_from_slice(&b[24..40]);
-        Some(Record { block: u64_at(0), slot: u64_at(8), flags: u32::from_le_bytes([b[16], b[17], b[18], b[19]]), data_sum })
+        Some(Record {
+            block: u64_at(0),
+            slot: u64_at(8),
+            flags: u32::from_le_bytes([b[16], b[17], b[18], b[19]]),
+            data_sum,
+        })
     }
 }
 
@@ -131,24 +139,57 @@ pub(crate) struct SnapMap {
 impl SnapMap {
     /// Creates an empty map (header only), durable before it returns.
     pub(crate) fn create(path: &Path, uuid: &str, id: SnapshotId, block_size: u32) -> Result<()> {
-        let header = MapHeader { volume_uuid: uuid.to_string(), snapshot: id, block_size, record_len: RECORD_LEN };
+        let header = MapHeader {
+            volume_uuid: uuid.to_string(),
+            snapshot: id,
+            block_size,
+            record_len: RECORD_LEN,
+        };
         let bytes = format::encode_json(MAP_KIND, &header);
-        let f = OpenOptions::new().write(true).create_new(true).open(path).map_err(|e| Error::io("create", path, e))?;
-        f.write_all_at(&bytes, 0).map_err(|e| Error::io("write", path, e))?;
+        let f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .map_err(|e| Error::io("create", path, e))?;
+        f.write_all_at(&bytes, 0)
+            .map_err(|e| Error::io("write", path, e))?;
         f.sync_all().map_err(|e| Error::io("fsync", path, e))
     }
 
     /// Opens a map, checks its header belongs to this volume and snapshot, and loads its records.
-    pub(crate) fn open(path: &Path, uuid: &str, id: SnapshotId, block_size: u32) -> Result<SnapMap> {
-        let file = OpenOptions::new().read(true).write(true).open(path).map_err(|e| Error::io("open", path, e))?;
-        let mut head = vec![0u8; format::HEADER_LEN + format::MAX_PAYLOAD.min(64 << 10) + format::CHECKSUM_LEN];
+    pub(crate) fn open(
+        path: &Path,
+        uuid: &str,
+        id: SnapshotId,
+        block_size: u32,
+    ) -> Result<SnapMap> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(|e| Error::io("open", path, e))?;
+        let mut head =
+            vec![
+                0u8;
+                format::HEADER_LEN + format::MAX_PAYLOAD.min(64 << 10) + format::CHECKSUM_LEN
+            ];
         let n = read_up_to(&file, &mut head, 0).map_err(|e| Error::io("read", path, e))?;
-        let (header, records_start): (MapHeader, usize) = format::decode_json(MAP_KIND, &head[..n], path)?;
-        let mismatch = |why: String| Error::Format { file: path.to_path_buf(), problem: FormatProblem::Payload(why) };
+        let (header, records_start): (MapHeader, usize) =
+            format::decode_json(MAP_KIND, &head[..n], path)?;
+        let mismatch = |why: String| Error::Format {
+            file: path.to_path_buf(),
+            problem: FormatProblem::Payload(why),
+        };
         if header.volume_uuid != uuid {
-            return Err(mismatch(format!("belongs to volume {} , not {uuid}", header.volume_uuid)));
+            return Err(mismatch(format!(
+                "belongs to volume {} , not {uuid}",
+                header.volume_uuid
+            )));
         }
-        if header.snapshot != id || header.block_size != block_size || header.record_len != RECORD_LEN {
+        if header.snapshot != id
+            || header.block_size != block_size
+            || header.record_len != RECORD_LEN
+        {
             return Err(mismatch(format!(
                 "header says snapshot {} block size {} record length {}, expected snapshot {id} block size {block_size} record length {RECORD_LEN}",
                 header.snapshot, header.block_size, header.record_len
@@ -159,7 +200,10 @@ impl SnapMap {
             path: path.to_path_buf(),
             file,
             records_start: records_start as u64,
-            state: Mutex::new(MapState { offset: records_start as u64, ..MapState::default() }),
+            state: Mutex::new(MapState {
+                offset: records_start as u64,
+                ..MapState::default()
+            }),
         };
         {
             let mut st = map.lock();
@@ -176,11 +220,18 @@ impl SnapMap {
 
     /// Applies records appended since the last refresh (cheap when nothing changed: one fstat).
     pub(crate) fn refresh(&self, st: &mut MapState) -> Result<()> {
-        let size = self.file.metadata().map_err(|e| Error::io("stat", &self.path, e))?.len();
+        let size = self
+            .file
+            .metadata()
+            .map_err(|e| Error::io("stat", &self.path, e))?
+            .len();
         if size < st.offset {
             return Err(Error::Format {
                 file: self.path.clone(),
-                problem: FormatProblem::Truncated { needed: st.offset, found: size },
+                problem: FormatProblem::Truncated {
+                    needed: st.offset,
+                    found: size,
+                },
             });
         }
         let whole = (size - st.offset) / RECORD_LEN * RECORD_LEN;
@@ -188,17 +239,30 @@ impl SnapMap {
             return Ok(());
         }
         let mut buf = vec![0u8; whole as usize];
-        self.file.read_exact_at(&mut buf, st.offset).map_err(|e| Error::io("read", &self.path, e))?;
+        self.file
+            .read_exact_at(&mut buf, st.offset)
+            .map_err(|e| Error::io("read", &self.path, e))?;
         let mut applied = 0u64;
         for (i, chunk) in buf.chunks_exact(RECORD_LEN as usize).enumerate() {
-            let Some(r) = Record::decode(chunk) else { continue };
+            let Some(r) = Record::decode(chunk) else {
+                continue;
+            };
             applied = (i as u64 + 1) * RECORD_LEN;
             if r.flags & INVALID != 0 {
-                st.invalid.get_or_insert_with(|| "its diff area limit was exceeded, so original blocks were not kept".into());
+                st.invalid.get_or_insert_with(|| {
+                    "its diff area limit was exceeded, so original blocks were not kept".into()
+                });
                 continue;
             }
             st.all_slots.push(r.slot);
-            st.entries.insert(r.block, Entry { slot: r.slot, flags: r.flags, data_sum: r.data_sum });
+            st.entries.insert(
+                r.block,
+                Entry {
+                    slot: r.slot,
+                    flags: r.flags,
+                    data_sum: r.data_sum,
+                },
+            );
         }
         st.offset += applied;
         Ok(())
@@ -208,18 +272,26 @@ impl SnapMap {
     /// file. The caller holds the alloc lock (so appends of all processes are
     /// serialized) and fdatasyncs afterwards.
     pub(crate) fn append(&self, records: &[Record]) -> Result<()> {
-        let size = self.file.metadata().map_err(|e| Error::io("stat", &self.path, e))?.len();
+        let size = self
+            .file
+            .metadata()
+            .map_err(|e| Error::io("stat", &self.path, e))?
+            .len();
         let body = size.saturating_sub(self.records_start);
         let at = self.records_start + body.div_ceil(RECORD_LEN) * RECORD_LEN;
         let mut buf = Vec::with_capacity(records.len() * RECORD_LEN as usize);
         for r in records {
             buf.extend_from_slice(&r.encode());
         }
-        self.file.write_all_at(&buf, at).map_err(|e| Error::io("append to", &self.path, e))
+        self.file
+            .write_all_at(&buf, at)
+            .map_err(|e| Error::io("append to", &self.path, e))
     }
 
     pub(crate) fn sync(&self) -> Result<()> {
-        self.file.sync_data().map_err(|e| Error::io("fdatasync", &self.path, e))
+        self.file
+            .sync_data()
+            .map_err(|e| Error::io("fdatasync", &self.path, e))
     }
 }
 
@@ -242,7 +314,12 @@ mod tests {
 
     #[test]
     fn a_record_round_trips_and_a_flipped_bit_is_caught() {
-        let r = Record { block: 7, slot: 42, flags: COPIED, data_sum: data_sum(b"x") };
+        let r = Record {
+            block: 7,
+            slot: 42,
+            flags: COPIED,
+            data_sum: data_sum(b"x"),
+        };
         let b = r.encode();
         assert_eq!(Record::decode(&b), Some(r));
         for i in 0..b.len() {

@@ -135,7 +135,10 @@ pub struct Volume {
 
 impl std::fmt::Debug for Volume {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Volume").field("path", &self.inner.path).field("state_dir", &self.inner.state_dir).finish()
+        f.debug_struct("Volume")
+            .field("path", &self.inner.path)
+            .field("state_dir", &self.inner.state_dir)
+            .finish()
     }
 }
 
@@ -180,7 +183,9 @@ pub struct HoldGuard {
 
 impl std::fmt::Debug for HoldGuard {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("HoldGuard").field("volume", &self.inner.path).finish()
+        f.debug_struct("HoldGuard")
+            .field("volume", &self.inner.path)
+            .finish()
     }
 }
 
@@ -206,13 +211,19 @@ impl Drop for ActiveWrite<'_> {
 }
 
 fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 fn new_uuid() -> String {
     let mut b = [0u8; 16];
     // /dev/urandom is always there on Linux; fall back to time and pid rather than fail a create.
-    if std::fs::File::open("/dev/urandom").and_then(|f| f.read_exact_at(&mut b, 0)).is_err() {
+    if std::fs::File::open("/dev/urandom")
+        .and_then(|f| f.read_exact_at(&mut b, 0))
+        .is_err()
+    {
         let seed = format!("{}-{}", now_ms(), std::process::id());
         b.copy_from_slice(&blake3::hash(seed.as_bytes()).as_bytes()[..16]);
     }
@@ -224,30 +235,57 @@ fn map_path(state_dir: &Path, id: SnapshotId) -> PathBuf {
 }
 
 fn open_rw(path: &Path, what: &'static str) -> Result<File> {
-    OpenOptions::new().read(true).write(true).open(path).map_err(|e| Error::io(what, path, e))
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(|e| Error::io(what, path, e))
 }
 
 impl Volume {
     /// Creates a volume (or adopts an existing file or device of at least `size`
     /// bytes) and its state directory, recorded so that [`Volume::open`] finds it.
-    pub fn create(path: &Path, size: u64, block_size: u32, state_dir: Option<&Path>) -> Result<Volume> {
-        let geometry = |why: String| Error::BadGeometry { path: path.to_path_buf(), why };
+    pub fn create(
+        path: &Path,
+        size: u64,
+        block_size: u32,
+        state_dir: Option<&Path>,
+    ) -> Result<Volume> {
+        let geometry = |why: String| Error::BadGeometry {
+            path: path.to_path_buf(),
+            why,
+        };
         crate::units::check_block_size(block_size as u64).map_err(geometry)?;
         if size == 0 || size.checked_rem(block_size as u64) != Some(0) {
-            return Err(geometry(format!("size {size} is not a positive multiple of the block size {block_size}")));
+            return Err(geometry(format!(
+                "size {size} is not a positive multiple of the block size {block_size}"
+            )));
         }
         let dir = location::choose(path, state_dir)?;
         if catalog::SLOTS.iter().any(|s| dir.join(s).exists()) {
-            return Err(Error::StateExists { volume: path.to_path_buf(), state: dir });
+            return Err(Error::StateExists {
+                volume: path.to_path_buf(),
+                state: dir,
+            });
         }
-        let vol = OpenOptions::new().read(true).write(true).create(!path.starts_with("/dev")).truncate(false).open(path)
+        let vol = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(!path.starts_with("/dev"))
+            .truncate(false)
+            .open(path)
             .map_err(|e| Error::io("create", path, e))?;
         let len = file_len(&vol, path)?;
         if len < size {
             if path.starts_with("/dev") {
-                return Err(Error::VolumeTooShort { path: path.to_path_buf(), actual: len, recorded: size });
+                return Err(Error::VolumeTooShort {
+                    path: path.to_path_buf(),
+                    actual: len,
+                    recorded: size,
+                });
             }
-            vol.set_len(size).map_err(|e| Error::io("extend", path, e))?;
+            vol.set_len(size)
+                .map_err(|e| Error::io("extend", path, e))?;
             vol.sync_all().map_err(|e| Error::io("fsync", path, e))?;
         }
         std::fs::create_dir_all(&dir).map_err(|e| Error::io("create directory", &dir, e))?;
@@ -255,7 +293,15 @@ impl Volume {
             let p = dir.join(name);
             File::create(&p).map_err(|e| Error::io("create", &p, e))?;
         }
-        let cat = Catalog { uuid: new_uuid(), size, block_size, generation: 1, next_id: 1, last_created: 0, snapshots: Vec::new() };
+        let cat = Catalog {
+            uuid: new_uuid(),
+            size,
+            block_size,
+            generation: 1,
+            next_id: 1,
+            last_created: 0,
+            snapshots: Vec::new(),
+        };
         catalog::store(&dir, &cat)?;
         let gen_path = dir.join("gen");
         let gen = open_rw(&gen_path, "open")?;
@@ -274,7 +320,11 @@ impl Volume {
         let vol = open_rw(path, "open volume")?;
         let len = file_len(&vol, path)?;
         if len < cat.size {
-            return Err(Error::VolumeTooShort { path: path.to_path_buf(), actual: len, recorded: cat.size });
+            return Err(Error::VolumeTooShort {
+                path: path.to_path_buf(),
+                actual: len,
+                recorded: cat.size,
+            });
         }
         let diff_path = state_dir.join("diff.dat");
         let gen_path = state_dir.join("gen");
@@ -290,7 +340,11 @@ impl Volume {
                 gen: open_rw(&gen_path, "open")?,
                 gen_path,
                 locks: Locks::new(&state_dir),
-                cache: Mutex::new(Cache { gen: cat.generation, catalog: cat, maps: HashMap::new() }),
+                cache: Mutex::new(Cache {
+                    gen: cat.generation,
+                    catalog: cat,
+                    maps: HashMap::new(),
+                }),
                 dirty_marked: AtomicU64::new(0),
                 hold: Mutex::new(HoldState::default()),
                 hold_cv: Condvar::new(),
@@ -319,7 +373,10 @@ impl Volume {
     /// Reads the live volume; returns the bytes read (short only at the end).
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<usize> {
         let n = self.inner.clip(buf.len(), offset);
-        self.inner.vol.read_exact_at(&mut buf[..n], offset).map_err(|e| Error::io("read", &self.inner.path, e))?;
+        self.inner
+            .vol
+            .read_exact_at(&mut buf[..n], offset)
+            .map_err(|e| Error::io("read", &self.inner.path, e))?;
         Ok(n)
     }
 
@@ -331,7 +388,10 @@ impl Volume {
 
     /// fdatasyncs the live volume.
     pub fn flush(&self) -> Result<()> {
-        self.inner.vol.sync_data().map_err(|e| Error::io("fdatasync", &self.inner.path, e))
+        self.inner
+            .vol
+            .sync_data()
+            .map_err(|e| Error::io("fdatasync", &self.inner.path, e))
     }
 
     /// Blocks this process's live writes until the guard drops; returns once
@@ -340,9 +400,15 @@ impl Volume {
         let mut h = self.inner.hold.lock().unwrap_or_else(|p| p.into_inner());
         h.holds += 1;
         while h.active > 0 {
-            h = self.inner.hold_cv.wait(h).unwrap_or_else(|p| p.into_inner());
+            h = self
+                .inner
+                .hold_cv
+                .wait(h)
+                .unwrap_or_else(|p| p.into_inner());
         }
-        HoldGuard { inner: self.inner.clone() }
+        HoldGuard {
+            inner: self.inner.clone(),
+        }
     }
 
     /// Hands out the next snapshot id (before the protocol starts).
@@ -375,7 +441,11 @@ impl Volume {
         }
         let path = map_path(&i.state_dir, id);
         let (rec, cat) = catalog::update(&i.state_dir, &i.locks, &i.gen, |c| {
-            let unusable = |why: &str| Error::SnapshotIdUnusable { volume: i.path.clone(), id, why: why.to_string() };
+            let unusable = |why: &str| Error::SnapshotIdUnusable {
+                volume: i.path.clone(),
+                id,
+                why: why.to_string(),
+            };
             if id >= c.next_id {
                 return Err(unusable("it was never reserved"));
             }
@@ -394,13 +464,25 @@ impl Volume {
                 SnapMap::create(&path, &i.uuid, id, i.block_size)?;
                 crate::format::sync_dir(&i.state_dir)?;
             }
-            let rec = SnapshotRecord { id, created_ms: now_ms(), state: SnapshotState::Open, diff_limit: opts.diff_limit };
+            let rec = SnapshotRecord {
+                id,
+                created_ms: now_ms(),
+                state: SnapshotState::Open,
+                diff_limit: opts.diff_limit,
+            };
             c.last_created = c.last_created.max(id);
             c.snapshots.push(rec.clone());
             Ok(rec)
         })?;
         i.install(cat);
-        Ok(SnapshotInfo { id, created_ms: rec.created_ms, state: rec.state, diff_blocks: 0, diff_bytes: 0, diff_limit: rec.diff_limit })
+        Ok(SnapshotInfo {
+            id,
+            created_ms: rec.created_ms,
+            state: rec.state,
+            diff_blocks: 0,
+            diff_bytes: 0,
+            diff_limit: rec.diff_limit,
+        })
     }
 
     /// Open → Sealed: the snapshot becomes read-only.
@@ -409,9 +491,15 @@ impl Volume {
         // Exclusive, so no post-snapshot write that saw "Open" is still running.
         let _gate = i.locks.gate_exclusive()?;
         let (_, cat) = catalog::update(&i.state_dir, &i.locks, &i.gen, |c| {
-            let rec = c.get_mut(id).ok_or_else(|| Error::SnapshotNotFound { volume: i.path.clone(), id })?;
+            let rec = c.get_mut(id).ok_or_else(|| Error::SnapshotNotFound {
+                volume: i.path.clone(),
+                id,
+            })?;
             match &rec.state {
-                SnapshotState::Invalid { reason } => Err(Error::SnapshotInvalid { id, reason: reason.clone() }),
+                SnapshotState::Invalid { reason } => Err(Error::SnapshotInvalid {
+                    id,
+                    reason: reason.clone(),
+                }),
                 _ => {
                     rec.state = SnapshotState::Sealed;
                     Ok(())
@@ -430,7 +518,10 @@ impl Volume {
             let before = c.snapshots.len();
             c.snapshots.retain(|s| s.id != id);
             if c.snapshots.len() == before {
-                return Err(Error::SnapshotNotFound { volume: i.path.clone(), id });
+                return Err(Error::SnapshotNotFound {
+                    volume: i.path.clone(),
+                    id,
+                });
             }
             Ok(())
         })?;
@@ -446,7 +537,9 @@ impl Volume {
         std::fs::remove_file(&path).map_err(|e| Error::io("remove", &path, e))?;
         i.install(cat.clone());
         if cat.snapshots.is_empty() {
-            i.diff.set_len(0).map_err(|e| Error::io("truncate", &i.diff_path, e))?;
+            i.diff
+                .set_len(0)
+                .map_err(|e| Error::io("truncate", &i.diff_path, e))?;
             return Ok(());
         }
         let mut keep = HashSet::new();
@@ -456,7 +549,10 @@ impl Volume {
             m.refresh(&mut st)?;
             keep.extend(st.entries.values().map(|e| e.slot));
         }
-        let punch: BTreeSet<u64> = victim_slots.into_iter().filter(|s| !keep.contains(s)).collect();
+        let punch: BTreeSet<u64> = victim_slots
+            .into_iter()
+            .filter(|s| !keep.contains(s))
+            .collect();
         for slot in punch {
             i.punch(slot)?;
         }
@@ -474,7 +570,9 @@ impl Volume {
             m.refresh(&mut st)?;
             let state = match (&s.state, &st.invalid) {
                 (SnapshotState::Invalid { .. }, _) => s.state.clone(),
-                (_, Some(reason)) => SnapshotState::Invalid { reason: reason.clone() },
+                (_, Some(reason)) => SnapshotState::Invalid {
+                    reason: reason.clone(),
+                },
                 _ => s.state.clone(),
             };
             let blocks = st.entries.len() as u64;
@@ -495,9 +593,16 @@ impl Volume {
         let i = &self.inner;
         let cat = i.sync()?;
         if cat.get(id).is_none() {
-            return Err(Error::SnapshotNotFound { volume: i.path.clone(), id });
+            return Err(Error::SnapshotNotFound {
+                volume: i.path.clone(),
+                id,
+            });
         }
-        Ok(Snapshot { vol: self.clone(), map: i.map(id)?, id })
+        Ok(Snapshot {
+            vol: self.clone(),
+            map: i.map(id)?,
+            id,
+        })
     }
 
     /// Blocks whose content may differ between `from` and `to` (None = the live
@@ -506,15 +611,24 @@ impl Volume {
         let i = &self.inner;
         let cat = i.sync()?;
         let entries = |id: SnapshotId| -> Result<HashMap<u64, u64>> {
-            let rec = cat.get(id).ok_or_else(|| Error::SnapshotNotFound { volume: i.path.clone(), id })?;
+            let rec = cat.get(id).ok_or_else(|| Error::SnapshotNotFound {
+                volume: i.path.clone(),
+                id,
+            })?;
             if let SnapshotState::Invalid { reason } = &rec.state {
-                return Err(Error::SnapshotInvalid { id, reason: reason.clone() });
+                return Err(Error::SnapshotInvalid {
+                    id,
+                    reason: reason.clone(),
+                });
             }
             let m = i.map(id)?;
             let mut st = m.lock();
             m.refresh(&mut st)?;
             if let Some(reason) = &st.invalid {
-                return Err(Error::SnapshotInvalid { id, reason: reason.clone() });
+                return Err(Error::SnapshotInvalid {
+                    id,
+                    reason: reason.clone(),
+                });
             }
             Ok(st.entries.iter().map(|(b, e)| (*b, e.slot)).collect())
         };
@@ -523,8 +637,16 @@ impl Volume {
             None => a.keys().copied().collect(),
             Some(to) => {
                 let b = entries(to)?;
-                let mut set: BTreeSet<u64> = a.iter().filter(|(blk, slot)| b.get(blk) != Some(slot)).map(|(blk, _)| *blk).collect();
-                set.extend(b.iter().filter(|(blk, slot)| a.get(blk) != Some(slot)).map(|(blk, _)| *blk));
+                let mut set: BTreeSet<u64> = a
+                    .iter()
+                    .filter(|(blk, slot)| b.get(blk) != Some(slot))
+                    .map(|(blk, _)| *blk)
+                    .collect();
+                set.extend(
+                    b.iter()
+                        .filter(|(blk, slot)| a.get(blk) != Some(slot))
+                        .map(|(blk, _)| *blk),
+                );
                 set.into_iter().collect()
             }
         };
@@ -541,7 +663,8 @@ impl Volume {
 fn file_len(f: &File, path: &Path) -> Result<u64> {
     // Seek works for block devices too, where metadata().len() is 0.
     let mut f = f;
-    f.seek(SeekFrom::End(0)).map_err(|e| Error::io("size", path, e))
+    f.seek(SeekFrom::End(0))
+        .map_err(|e| Error::io("size", path, e))
 }
 
 impl Inner {
@@ -558,8 +681,17 @@ impl Inner {
     }
 
     fn check_range(&self, what: &'static str, len: usize, offset: u64) -> Result<()> {
-        if offset.checked_add(len as u64).is_none_or(|end| end > self.size) {
-            return Err(Error::OutOfRange { what, path: self.path.clone(), offset, len: len as u64, size: self.size });
+        if offset
+            .checked_add(len as u64)
+            .is_none_or(|end| end > self.size)
+        {
+            return Err(Error::OutOfRange {
+                what,
+                path: self.path.clone(),
+                offset,
+                len: len as u64,
+                size: self.size,
+            });
         }
         Ok(())
     }
@@ -598,13 +730,22 @@ impl Inner {
 
     /// The map of snapshot `id`, opened once per process.
     fn map(&self, id: SnapshotId) -> Result<Arc<SnapMap>> {
-        if let Some(m) = self.cache.lock().unwrap_or_else(|p| p.into_inner()).maps.get(&id) {
+        if let Some(m) = self
+            .cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .maps
+            .get(&id)
+        {
             return Ok(m.clone());
         }
         let path = map_path(&self.state_dir, id);
         let m = match SnapMap::open(&path, &self.uuid, id, self.block_size) {
             Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
-                return Err(Error::SnapshotNotFound { volume: self.path.clone(), id })
+                return Err(Error::SnapshotNotFound {
+                    volume: self.path.clone(),
+                    id,
+                })
             }
             r => Arc::new(r?),
         };
@@ -624,7 +765,11 @@ impl Inner {
             )
         };
         if r != 0 {
-            return Err(Error::io("punch a hole in", &self.diff_path, std::io::Error::last_os_error()));
+            return Err(Error::io(
+                "punch a hole in",
+                &self.diff_path,
+                std::io::Error::last_os_error(),
+            ));
         }
         Ok(())
     }
@@ -632,14 +777,22 @@ impl Inner {
     /// Extends diff.dat by `n` slots under the alloc lock; returns the first.
     fn alloc_slots(&self, n: u64) -> Result<u64> {
         let _a = self.locks.alloc()?;
-        let len = self.diff.metadata().map_err(|e| Error::io("stat", &self.diff_path, e))?.len();
+        let len = self
+            .diff
+            .metadata()
+            .map_err(|e| Error::io("stat", &self.diff_path, e))?
+            .len();
         let base = len.div_ceil(self.bs());
-        self.diff.set_len((base + n) * self.bs()).map_err(|e| Error::io("extend", &self.diff_path, e))?;
+        self.diff
+            .set_len((base + n) * self.bs())
+            .map_err(|e| Error::io("extend", &self.diff_path, e))?;
         Ok(base)
     }
 
     fn read_slot(&self, slot: u64, buf: &mut [u8]) -> Result<()> {
-        self.diff.read_exact_at(buf, slot * self.bs()).map_err(|e| Error::io("read", &self.diff_path, e))
+        self.diff
+            .read_exact_at(buf, slot * self.bs())
+            .map_err(|e| Error::io("read", &self.diff_path, e))
     }
 
     fn enter_live_write(&self) -> ActiveWrite<'_> {
@@ -664,7 +817,11 @@ impl Inner {
         let gate = self.locks.gate_shared()?;
         let cat = self.sync()?;
         self.mark_dirty(cat.generation)?;
-        let live: Vec<&SnapshotRecord> = cat.snapshots.iter().filter(|s| !matches!(s.state, SnapshotState::Invalid { .. })).collect();
+        let live: Vec<&SnapshotRecord> = cat
+            .snapshots
+            .iter()
+            .filter(|s| !matches!(s.state, SnapshotState::Invalid { .. }))
+            .collect();
         let first = offset / self.bs();
         let last = (offset + buf.len() as u64 - 1) / self.bs();
         let claim = self.locks.claim(first, last - first + 1)?;
@@ -676,7 +833,9 @@ impl Inner {
             }
             invalidated = self.copy_before_overwrite(&maps, first, last)?;
         }
-        self.vol.write_all_at(buf, offset).map_err(|e| Error::io("write", &self.path, e))?;
+        self.vol
+            .write_all_at(buf, offset)
+            .map_err(|e| Error::io("write", &self.path, e))?;
         drop(claim);
         drop(gate);
         for (id, reason) in invalidated {
@@ -704,7 +863,12 @@ impl Inner {
     /// Copies blocks `first..=last` for every snapshot lacking them; returns the
     /// snapshots invalidated by their diff limit. Caller holds the gate and the
     /// claims of `first..=last`.
-    fn copy_before_overwrite(&self, maps: &[(&SnapshotRecord, Arc<SnapMap>)], first: u64, last: u64) -> Result<Vec<(SnapshotId, String)>> {
+    fn copy_before_overwrite(
+        &self,
+        maps: &[(&SnapshotRecord, Arc<SnapMap>)],
+        first: u64,
+        last: u64,
+    ) -> Result<Vec<(SnapshotId, String)>> {
         let bs = self.bs();
         // Per snapshot: the blocks it lacks, or None when it is (or becomes) invalid.
         let mut wants: Vec<Option<Vec<u64>>> = Vec::with_capacity(maps.len());
@@ -716,11 +880,16 @@ impl Inner {
                 wants.push(None);
                 continue;
             }
-            let lacking: Vec<u64> = (first..=last).filter(|b| !st.entries.contains_key(b)).collect();
+            let lacking: Vec<u64> = (first..=last)
+                .filter(|b| !st.entries.contains_key(b))
+                .collect();
             if let Some(limit) = rec.diff_limit {
                 let after = (st.entries.len() + lacking.len()) as u64 * bs;
                 if !lacking.is_empty() && after > limit {
-                    invalidated.push((rec.id, format!("diff area full: {after} bytes needed, limit {limit} bytes")));
+                    invalidated.push((
+                        rec.id,
+                        format!("diff area full: {after} bytes needed, limit {limit} bytes"),
+                    ));
                     wants.push(None);
                     continue;
                 }
@@ -738,16 +907,24 @@ impl Inner {
             let mut data = vec![0u8; copy.len() * bs as usize];
             let contiguous = copy[copy.len() - 1] - copy[0] + 1 == copy.len() as u64;
             if contiguous {
-                self.vol.read_exact_at(&mut data, copy[0] * bs).map_err(|e| Error::io("read", &self.path, e))?;
+                self.vol
+                    .read_exact_at(&mut data, copy[0] * bs)
+                    .map_err(|e| Error::io("read", &self.path, e))?;
             } else {
                 for (k, b) in copy.iter().enumerate() {
                     let chunk = &mut data[k * bs as usize..(k + 1) * bs as usize];
-                    self.vol.read_exact_at(chunk, b * bs).map_err(|e| Error::io("read", &self.path, e))?;
+                    self.vol
+                        .read_exact_at(chunk, b * bs)
+                        .map_err(|e| Error::io("read", &self.path, e))?;
                 }
             }
             let base = self.alloc_slots(copy.len() as u64)?;
-            self.diff.write_all_at(&data, base * bs).map_err(|e| Error::io("write", &self.diff_path, e))?;
-            self.diff.sync_data().map_err(|e| Error::io("fdatasync", &self.diff_path, e))?;
+            self.diff
+                .write_all_at(&data, base * bs)
+                .map_err(|e| Error::io("write", &self.diff_path, e))?;
+            self.diff
+                .sync_data()
+                .map_err(|e| Error::io("fdatasync", &self.diff_path, e))?;
             for (k, b) in copy.iter().enumerate() {
                 slot_of.insert(*b, base + k as u64);
                 sums.insert(*b, data_sum(&data[k * bs as usize..(k + 1) * bs as usize]));
@@ -758,9 +935,22 @@ impl Inner {
             let _a = self.locks.alloc()?;
             for ((_, m), want) in maps.iter().zip(&wants) {
                 let records: Vec<Record> = match want {
-                    Some(blocks) => blocks.iter().map(|b| Record { block: *b, slot: slot_of[b], flags: COPIED, data_sum: sums[b] }).collect(),
+                    Some(blocks) => blocks
+                        .iter()
+                        .map(|b| Record {
+                            block: *b,
+                            slot: slot_of[b],
+                            flags: COPIED,
+                            data_sum: sums[b],
+                        })
+                        .collect(),
                     None if invalidated.iter().any(|(id, _)| *id == m.id) => {
-                        vec![Record { block: 0, slot: 0, flags: INVALID, data_sum: [0; 16] }]
+                        vec![Record {
+                            block: 0,
+                            slot: 0,
+                            flags: INVALID,
+                            data_sum: [0; 16],
+                        }]
                     }
                     None => continue,
                 };
@@ -787,7 +977,10 @@ pub struct Snapshot {
 
 impl std::fmt::Debug for Snapshot {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Snapshot").field("volume", &self.vol.inner.path).field("id", &self.id).finish()
+        f.debug_struct("Snapshot")
+            .field("volume", &self.vol.inner.path)
+            .field("id", &self.id)
+            .finish()
     }
 }
 
@@ -806,21 +999,29 @@ impl Snapshot {
     pub fn state(&self) -> Result<SnapshotState> {
         let i = &self.vol.inner;
         let cat = i.sync()?;
-        let rec = cat.get(self.id).ok_or_else(|| Error::SnapshotNotFound { volume: i.path.clone(), id: self.id })?;
+        let rec = cat.get(self.id).ok_or_else(|| Error::SnapshotNotFound {
+            volume: i.path.clone(),
+            id: self.id,
+        })?;
         if let SnapshotState::Invalid { .. } = rec.state {
             return Ok(rec.state.clone());
         }
         let mut st = self.map.lock();
         self.map.refresh(&mut st)?;
         Ok(match &st.invalid {
-            Some(reason) => SnapshotState::Invalid { reason: reason.clone() },
+            Some(reason) => SnapshotState::Invalid {
+                reason: reason.clone(),
+            },
             None => rec.state.clone(),
         })
     }
 
     fn check_readable(&self) -> Result<()> {
         match self.state()? {
-            SnapshotState::Invalid { reason } => Err(Error::SnapshotInvalid { id: self.id, reason }),
+            SnapshotState::Invalid { reason } => Err(Error::SnapshotInvalid {
+                id: self.id,
+                reason,
+            }),
             _ => Ok(()),
         }
     }
@@ -830,7 +1031,10 @@ impl Snapshot {
         let mut st = self.map.lock();
         self.map.refresh(&mut st)?;
         if let Some(reason) = &st.invalid {
-            return Err(Error::SnapshotInvalid { id: self.id, reason: reason.clone() });
+            return Err(Error::SnapshotInvalid {
+                id: self.id,
+                reason: reason.clone(),
+            });
         }
         Ok(st.entries.get(&block).copied())
     }
@@ -846,7 +1050,14 @@ impl Snapshot {
             }
             match self.lookup(block)? {
                 Some(now) if now.slot != e.slot => e = now,
-                _ => return Err(Error::DiffChecksum { id: self.id, block, slot: e.slot, file: i.diff_path.clone() }),
+                _ => {
+                    return Err(Error::DiffChecksum {
+                        id: self.id,
+                        block,
+                        slot: e.slot,
+                        file: i.diff_path.clone(),
+                    })
+                }
             }
         }
     }
@@ -869,7 +1080,9 @@ impl Snapshot {
             let entry = match self.lookup(block)? {
                 Some(e) => Some(e),
                 None => {
-                    i.vol.read_exact_at(out, pos).map_err(|e| Error::io("read", &i.path, e))?;
+                    i.vol
+                        .read_exact_at(out, pos)
+                        .map_err(|e| Error::io("read", &i.path, e))?;
                     // The block may have been copied and overwritten while we read it.
                     self.lookup(block)?
                 }
@@ -895,11 +1108,19 @@ impl Snapshot {
         }
         let _gate = i.locks.gate_shared()?;
         let cat = i.sync()?;
-        let rec = cat.get(self.id).ok_or_else(|| Error::SnapshotNotFound { volume: i.path.clone(), id: self.id })?;
+        let rec = cat.get(self.id).ok_or_else(|| Error::SnapshotNotFound {
+            volume: i.path.clone(),
+            id: self.id,
+        })?;
         match &rec.state {
             SnapshotState::Open => {}
             SnapshotState::Sealed => return Err(Error::SnapshotSealed { id: self.id }),
-            SnapshotState::Invalid { reason } => return Err(Error::SnapshotInvalid { id: self.id, reason: reason.clone() }),
+            SnapshotState::Invalid { reason } => {
+                return Err(Error::SnapshotInvalid {
+                    id: self.id,
+                    reason: reason.clone(),
+                })
+            }
         }
         let bs = i.bs();
         let first = offset / bs;
@@ -909,9 +1130,14 @@ impl Snapshot {
             let mut st = self.map.lock();
             self.map.refresh(&mut st)?;
             if let Some(reason) = &st.invalid {
-                return Err(Error::SnapshotInvalid { id: self.id, reason: reason.clone() });
+                return Err(Error::SnapshotInvalid {
+                    id: self.id,
+                    reason: reason.clone(),
+                });
             }
-            let cur: Vec<Option<map::Entry>> = (first..=last).map(|b| st.entries.get(&b).copied()).collect();
+            let cur: Vec<Option<map::Entry>> = (first..=last)
+                .map(|b| st.entries.get(&b).copied())
+                .collect();
             (cur, st.entries.len() as u64)
         };
         let new_blocks = current.iter().filter(|e| e.is_none()).count() as u64;
@@ -926,14 +1152,21 @@ impl Snapshot {
             let chunk = &mut data[k * bs as usize..(k + 1) * bs as usize];
             match e {
                 Some(e) => self.read_diff(b, *e, chunk)?,
-                None => i.vol.read_exact_at(chunk, b * bs).map_err(|e| Error::io("read", &i.path, e))?,
+                None => i
+                    .vol
+                    .read_exact_at(chunk, b * bs)
+                    .map_err(|e| Error::io("read", &i.path, e))?,
             }
         }
         let start = (offset - first * bs) as usize;
         data[start..start + buf.len()].copy_from_slice(buf);
         let base = i.alloc_slots(count as u64)?;
-        i.diff.write_all_at(&data, base * bs).map_err(|e| Error::io("write", &i.diff_path, e))?;
-        i.diff.sync_data().map_err(|e| Error::io("fdatasync", &i.diff_path, e))?;
+        i.diff
+            .write_all_at(&data, base * bs)
+            .map_err(|e| Error::io("write", &i.diff_path, e))?;
+        i.diff
+            .sync_data()
+            .map_err(|e| Error::io("fdatasync", &i.diff_path, e))?;
         let records: Vec<Record> = (0..count)
             .map(|k| Record {
                 block: first + k as u64,

@@ -45,7 +45,15 @@ impl TestVolume {
                 data[s..s + block_size as usize].fill(0);
             }
         }
-        TestVolume { name: name.into(), block_size, data, snapshots: BTreeMap::new(), pending: Vec::new(), next_id: 1, rng }
+        TestVolume {
+            name: name.into(),
+            block_size,
+            data,
+            snapshots: BTreeMap::new(),
+            pending: Vec::new(),
+            next_id: 1,
+            rng,
+        }
     }
 
     pub fn blocks(&self) -> u64 {
@@ -89,7 +97,8 @@ impl TestVolume {
         let mut changed = std::mem::take(&mut self.pending);
         changed.sort_unstable();
         changed.dedup();
-        self.snapshots.insert(id, (1000 + id, self.data.clone(), changed));
+        self.snapshots
+            .insert(id, (1000 + id, self.data.clone(), changed));
         id
     }
 
@@ -99,7 +108,11 @@ impl TestVolume {
 
     /// The snapshot as a backup source.
     pub fn source(&self, id: u64) -> TestSnapshot<'_> {
-        TestSnapshot { volume: self, id, state: State::Sealed }
+        TestSnapshot {
+            volume: self,
+            id,
+            state: State::Sealed,
+        }
     }
 }
 
@@ -112,10 +125,16 @@ pub struct TestSnapshot<'a> {
 
 impl BlockSource for TestSnapshot<'_> {
     fn identity(&self) -> SourceIdentity {
-        SourceIdentity { volume_id: format!("test:{}", self.volume.name), name: self.volume.name.clone() }
+        SourceIdentity {
+            volume_id: format!("test:{}", self.volume.name),
+            name: self.volume.name.clone(),
+        }
     }
     fn snapshot(&self) -> SnapshotRef {
-        SnapshotRef { id: self.id, created_ms: self.volume.snapshots[&self.id].0 }
+        SnapshotRef {
+            id: self.id,
+            created_ms: self.volume.snapshots[&self.id].0,
+        }
     }
     fn block_size(&self) -> u32 {
         self.volume.block_size
@@ -126,10 +145,16 @@ impl BlockSource for TestSnapshot<'_> {
     fn check_complete(&self) -> Result<()> {
         let reason = match &self.state {
             State::Sealed => return Ok(()),
-            State::Open => "it is still open (post-snapshot processing has not finished)".to_string(),
+            State::Open => {
+                "it is still open (post-snapshot processing has not finished)".to_string()
+            }
             State::Invalid(why) => format!("it is invalid: {why}"),
         };
-        Err(Error::SnapshotNotBackupable { snapshot: self.id, source_name: self.volume.name.clone(), reason })
+        Err(Error::SnapshotNotBackupable {
+            snapshot: self.id,
+            source_name: self.volume.name.clone(),
+            reason,
+        })
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         let img = self.volume.image(self.id);
@@ -139,7 +164,11 @@ impl BlockSource for TestSnapshot<'_> {
     fn changed_since(&self, earlier: &SnapshotRef) -> Result<ChangedSince> {
         match self.volume.snapshots.get(&earlier.id) {
             Some((created, _, _)) if *created == earlier.created_ms => {}
-            _ => return Ok(ChangedSince::Unknown { reason: format!("snapshot {} is no longer in the catalog", earlier.id) }),
+            _ => {
+                return Ok(ChangedSince::Unknown {
+                    reason: format!("snapshot {} is no longer in the catalog", earlier.id),
+                })
+            }
         }
         if earlier.id >= self.id {
             return Ok(ChangedSince::Blocks(Vec::new()));
@@ -167,7 +196,11 @@ pub fn dir_bytes(dir: &Path) -> u64 {
     for e in std::fs::read_dir(dir).expect("list dir") {
         let e = e.expect("dir entry");
         let m = e.metadata().expect("stat");
-        n += if m.is_dir() { dir_bytes(&e.path()) } else { m.len() };
+        n += if m.is_dir() {
+            dir_bytes(&e.path())
+        } else {
+            m.len()
+        };
     }
     n
 }
