@@ -214,30 +214,11 @@ pub fn events(cfg: &NodeConfig, json: bool) -> Result<()> {
 
 /// UTC time as `2026-11-22 02:31:07.123`.
 pub fn fmt_time(ms: u64) -> String {
-    let secs = ms / 1000;
-    let (d, rem) = (secs / 86400, secs % 86400);
-    let (y, m, day) = civil_from_days(d as i64);
     format!(
-        "{y:04}-{m:02}-{day:02} {:02}:{:02}:{:02}.{:03}",
-        rem / 3600,
-        (rem / 60) % 60,
-        rem % 60,
+        "{}.{:03}",
+        freezeframe_core::units::utc_seconds(ms),
         ms % 1000
     )
-}
-
-/// Days since 1970-01-01 to (year, month, day), proleptic Gregorian (H. Hinnant's algorithm).
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (if m <= 2 { y + 1 } else { y }, m, d)
 }
 
 #[cfg(test)]

@@ -107,6 +107,29 @@ pub fn human_size(n: u64) -> String {
     }
 }
 
+/// `YYYY-MM-DD HH:MM:SS` (UTC) from milliseconds since the Unix epoch: the one
+/// clock-time formatter of the workspace (CLI, backup listings, console).
+pub fn utc_seconds(ms: u64) -> String {
+    let secs = ms / 1000;
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Days since 1970-01-01 to a proleptic Gregorian date (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
 /// Parses a duration: a whole number with `ms`, `s`, `m` or `h` (seconds if bare).
 pub fn parse_duration(input: &str) -> Result<Duration> {
     let bad = |why: &str| Error::InvalidDuration {
