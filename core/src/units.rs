@@ -30,20 +30,30 @@ pub const MIN_BLOCK_SIZE: u32 = 4 << 10;
 /// Largest volume block size.
 pub const MAX_BLOCK_SIZE: u32 = 1 << 20;
 
+/// Splits `"64 KiB"` into its whole number and its (trimmed) unit; the error
+/// says what is wrong, in `expected` when there is no number at all.
+fn split_number<'a>(
+    input: &'a str,
+    expected: &'static str,
+) -> std::result::Result<(u64, &'a str), &'static str> {
+    let s = input.trim();
+    let digits_end = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(digits_end);
+    if num.is_empty() {
+        return Err(expected);
+    }
+    let n = num.parse().map_err(|_| "number too large")?;
+    Ok((n, unit.trim()))
+}
+
 /// Parses a byte count: a whole number with an optional unit suffix.
 pub fn parse_size(input: &str) -> Result<u64> {
     let bad = |why: &str| Error::InvalidSize {
         input: input.to_string(),
         why: why.to_string(),
     };
-    let s = input.trim();
-    let digits_end = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(digits_end);
-    if num.is_empty() {
-        return Err(bad("expected a whole number such as 4096, 64KiB or 1GiB"));
-    }
-    let n: u64 = num.parse().map_err(|_| bad("number too large"))?;
-    let unit = unit.trim();
+    let (n, unit) =
+        split_number(input, "expected a whole number such as 4096, 64KiB or 1GiB").map_err(bad)?;
     let mult = if unit.is_empty() {
         1
     } else {
@@ -136,14 +146,9 @@ pub fn parse_duration(input: &str) -> Result<Duration> {
         input: input.to_string(),
         why: why.to_string(),
     };
-    let s = input.trim();
-    let digits_end = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(digits_end);
-    if num.is_empty() {
-        return Err(bad("expected a whole number such as 500ms, 10s or 2m"));
-    }
-    let n: u64 = num.parse().map_err(|_| bad("number too large"))?;
-    let ms = match unit.trim() {
+    let (n, unit) =
+        split_number(input, "expected a whole number such as 500ms, 10s or 2m").map_err(bad)?;
+    let ms = match unit {
         "ms" => Some(n),
         "" | "s" => n.checked_mul(1000),
         "m" | "min" => n.checked_mul(60_000),
