@@ -1016,16 +1016,6 @@ impl Snapshot {
         })
     }
 
-    fn check_readable(&self) -> Result<()> {
-        match self.state()? {
-            SnapshotState::Invalid { reason } => Err(Error::SnapshotInvalid {
-                id: self.id,
-                reason,
-            }),
-            _ => Ok(()),
-        }
-    }
-
     /// Looks a block up after applying new map records; fails if the map says invalid.
     fn lookup(&self, block: u64) -> Result<Option<map::Entry>> {
         let mut st = self.map.lock();
@@ -1065,7 +1055,27 @@ impl Snapshot {
     /// Reads the snapshot (seed 003); fails if the snapshot is invalid, never serves stale data.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<usize> {
         let i = &self.vol.inner;
-        self.check_readable()?;
+        // The catalog says deleted or invalid; an INVALID record in the map is
+        // caught by every block's lookup below, so the map is not refreshed here.
+        let cat = i.sync()?;
+        match cat.get(self.id) {
+            None => {
+                return Err(Error::SnapshotNotFound {
+                    volume: i.path.clone(),
+                    id: self.id,
+                })
+            }
+            Some(SnapshotRecord {
+                state: SnapshotState::Invalid { reason },
+                ..
+            }) => {
+                return Err(Error::SnapshotInvalid {
+                    id: self.id,
+                    reason: reason.clone(),
+                })
+            }
+            Some(_) => {}
+        }
         let n = i.clip(buf.len(), offset);
         let bs = i.bs();
         // Only reads that hit the diff area need a whole block (to check its sum).
