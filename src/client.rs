@@ -18,13 +18,9 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 pub fn call_blocking(cfg: &NodeConfig, req: &ControlRequest) -> Result<Value> {
     let path = cfg.control_socket();
     runtime()?.block_on(async {
-        let mut c = ControlClient::connect(&path).await.with_context(|| {
-            format!(
-                "node {} is not running (no answer on {})",
-                cfg.name(),
-                path.display()
-            )
-        })?;
+        let mut c = ControlClient::connect(&path)
+            .await
+            .with_context(|| format!("node {} is not running", cfg.name()))?;
         Ok(c.call(req)
             .await
             .with_context(|| format!("node {}", cfg.name()))?)

@@ -155,7 +155,7 @@ impl ControlClient {
                 .await
                 .map_err(|e| Error::NodeUnreachable {
                     path: path.to_path_buf(),
-                    source: e,
+                    cause: e,
                 })?;
         let (r, w) = stream.into_split();
         Ok(ControlClient {

@@ -178,12 +178,12 @@ pub enum Error {
     #[error("malformed message: {0}")]
     Malformed(String),
 
-    /// Nothing answers on a node's control socket.
-    #[error("node unreachable on {}: {source}", path.display())]
+    /// Nothing answers on a node's control socket. (The cause is part of the
+    /// message, not a `source`, so a printed error chain says it once.)
+    #[error("node unreachable on {}: {cause}", path.display())]
     NodeUnreachable {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
 
     /// The node closed the control connection before answering.
