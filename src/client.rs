@@ -202,16 +202,24 @@ pub fn events(cfg: &NodeConfig, json: bool) -> Result<()> {
             if json {
                 println!("{ev}");
             } else {
+                let marker = match ev["edge"].as_str() {
+                    Some("enter") => "→",
+                    Some("exit") => "←",
+                    _ => " ",
+                };
                 println!(
-                    "{}  {:<6} snapshot {:<4} {:<14} {}{}",
+                    "{}  {:<6} snapshot {:<4} {marker} {:<14}{}{}",
                     fmt_time(ev["at_ms"].as_u64().unwrap_or(0)),
                     ev["node"].as_str().unwrap_or("?"),
                     ev["snapshot"],
                     ev["phase"].as_str().unwrap_or("?"),
-                    ev["kind"].as_str().unwrap_or(""),
                     ev["writer"]
                         .as_str()
                         .map(|w| format!(" writer {w}"))
+                        .unwrap_or_default(),
+                    ev["reason"]
+                        .as_str()
+                        .map(|r| format!(": {r}"))
                         .unwrap_or_default()
                 );
             }
