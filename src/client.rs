@@ -165,6 +165,36 @@ pub fn snapshot_delete(cfg: &NodeConfig, id: u64, json: bool) -> Result<()> {
     Ok(())
 }
 
+pub fn node_fence(cfg: &NodeConfig, node: &str, reason: Option<String>, json: bool) -> Result<()> {
+    let req = ControlRequest::NodeFence {
+        node: node.to_string(),
+        reason,
+    };
+    let v = call_blocking(cfg, &req)?;
+    print(json, &v, |v| {
+        format!(
+            "node {node} is fenced ({}); its live writes fail and snapshots go on without it\n",
+            v["reason"].as_str().unwrap_or("")
+        )
+    });
+    Ok(())
+}
+
+pub fn node_unfence(cfg: &NodeConfig, node: &str, json: bool) -> Result<()> {
+    let req = ControlRequest::NodeUnfence {
+        node: node.to_string(),
+    };
+    let v = call_blocking(cfg, &req)?;
+    print(json, &v, |v| {
+        if v["was_fenced"].as_bool() == Some(true) {
+            format!("node {node} is no longer fenced; it takes part in the next snapshot\n")
+        } else {
+            format!("node {node} was not fenced\n")
+        }
+    });
+    Ok(())
+}
+
 /// Hashes the snapshot image straight from shared storage (the node's volume),
 /// records it in the manifest every node shows, and with `progress` prints
 /// `{"progress":{…}}` lines on stderr for the console.

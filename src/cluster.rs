@@ -106,6 +106,7 @@ pub fn init(dir: &Path, opts: &InitOptions) -> Result<Vec<PathBuf>> {
                 lease: opts.lease.clone(),
                 writer_timeout: "10s".into(),
                 hook_timeout: "30s".into(),
+                auto_fence: false,
                 members: members.clone(),
             },
             tls: TlsSection {

@@ -66,6 +66,11 @@ pub struct ClusterSection {
     /// Time a hook script may run before it counts as a veto.
     #[serde(default = "default_hook_timeout")]
     pub hook_timeout: String,
+    /// Treat a node whose attachment was not renewed for two leases as fenced
+    /// (it stopped writing by itself after one). Off: an operator must run
+    /// `freezeframe node fence NAME` before snapshots go on without it.
+    #[serde(default)]
+    pub auto_fence: bool,
     pub members: Vec<Member>,
 }
 

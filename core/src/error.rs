@@ -197,6 +197,15 @@ pub enum Error {
     #[error("cannot restore to {path}: {reason}")]
     RestoreTarget { path: PathBuf, reason: String },
     // --- replicas on a secondary host (core::replica) ---
+    /// A name that cannot be used as given (it would leave its folder, say).
+    #[error("{what} {name:?} is not usable here")]
+    BadName { what: &'static str, name: String },
+    /// A small state record (an attachment) cannot be decoded.
+    #[error("{} is damaged: {why}", file.display())]
+    Corrupt { file: PathBuf, why: String },
+    /// This node is fenced off the volume: its live writes fail.
+    #[error("node {node} is fenced off the volume and may not write: {why} (freezeframe node unfence {node} lets it rejoin)")]
+    Fenced { node: String, why: String },
     /// A replica file is damaged or truncated: its record, journal or data disagree.
     #[error("replica file {} is unusable: {why}", file.display())]
     ReplicaCorrupt { file: PathBuf, why: String },

@@ -20,6 +20,7 @@ pub mod backup;
 pub mod error;
 pub mod format;
 pub mod manifest;
+pub mod membership;
 pub mod protocol;
 pub mod replica;
 pub mod units;

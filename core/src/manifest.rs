@@ -71,6 +71,9 @@ pub struct SnapshotManifest {
     /// Hex blake3 of the whole image, once `freezeframe snapshot verify` computed it.
     #[serde(default)]
     pub blake3: Option<String>,
+    /// Members left out of the snapshot (fenced, not attached), with why.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub excluded: Vec<crate::protocol::Excluded>,
 }
 
 impl SnapshotManifest {
@@ -93,6 +96,7 @@ impl SnapshotManifest {
             freeze_window_ms: None,
             io_hold_ms: None,
             blake3: None,
+            excluded: Vec::new(),
         }
     }
 }
@@ -339,6 +343,7 @@ mod tests {
             freeze_window_ms: Some(12),
             io_hold_ms: Some(3),
             blake3: None,
+            excluded: Vec::new(),
         }
     }
 

@@ -41,6 +41,17 @@ pub enum ControlRequest {
     },
     /// Follow the phase event stream.
     Events,
+    /// Record that `node` is fenced off the volume: its live writes fail from
+    /// now on, and snapshots go on without it (DESIGN.md §9).
+    NodeFence {
+        node: String,
+        #[serde(default)]
+        reason: Option<String>,
+    },
+    /// Lift the fence on `node`; it takes part in the next snapshot.
+    NodeUnfence {
+        node: String,
+    },
 }
 
 /// One answer line.

@@ -201,6 +201,7 @@ async fn serve(
                 other => held = other,
             },
             WriterEvent::Complete { .. }
+            | WriterEvent::Fenced { .. }
             | WriterEvent::Registered { .. }
             | WriterEvent::Error { .. } => {}
         }

@@ -91,6 +91,10 @@ pub enum DriverEvent {
     },
     /// The result of an engine action the driver ran off the async threads.
     Engine(driver::EngineDone),
+    /// This node found itself fenced (or self-fenced); tell the writers.
+    Fenced {
+        reason: String,
+    },
     Shutdown,
 }
 
