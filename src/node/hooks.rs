@@ -9,6 +9,10 @@
 //! script; on freeze the scripts that already froze are thawed again (reverse
 //! order) before the veto is reported, so nothing stays frozen.
 //!
+//! A script that is not trusted (owned by someone other than root or the daemon's
+//! user, or writable by group/others, or in such a directory; see
+//! [`super::hook_trust`]) is not run: that is a veto naming it.
+//!
 //! Each script also gets `FREEZEFRAME_SNAPSHOT`, `FREEZEFRAME_NODE` and
 //! `FREEZEFRAME_EVENT` in its environment.
 
@@ -96,6 +100,7 @@ pub async fn run_event(dir: &Path, event: EventName, run: &HookRun) -> Result<()
 }
 
 async fn run_one(script: &Path, arg: &str, run: &HookRun) -> Result<(), String> {
+    super::hook_trust::check_trusted(script)?;
     let mut cmd = Command::new(script);
     cmd.arg(arg)
         .env("FREEZEFRAME_SNAPSHOT", run.snapshot.to_string())
