@@ -96,7 +96,7 @@ fn repair(path: &Path, want: u32, repaired: &mut Vec<std::path::PathBuf>) -> Res
         set_mode(path, want)?;
         tracing::warn!(
             path = %path.display(),
-            "private file had mode {mode:04o}; repaired to {want:04o}"
+            "private state had mode {mode:04o}; repaired to {want:04o}"
         );
         repaired.push(path.to_path_buf());
     }
