@@ -66,11 +66,9 @@ pub fn call_within(cfg: &NodeConfig, req: &ControlRequest, limit: Duration) -> R
             let mut c = ControlClient::connect(&path)
                 .await
                 .with_context(|| format!("node {} is not running", cfg.name()))?;
-            Ok::<_, anyhow::Error>(
-                c.call(req)
-                    .await
-                    .with_context(|| format!("node {}", cfg.name()))?,
-            )
+            c.call(req)
+                .await
+                .with_context(|| format!("node {}", cfg.name()))
         };
         match tokio::time::timeout(limit, call).await {
             Ok(r) => r,
@@ -234,9 +232,9 @@ pub fn snapshot_verify(cfg: &NodeConfig, id: u64, json: bool, progress: bool) ->
             Some("recorded") => format!(
                 "snapshot {id}: no hash was recorded at seal time; recorded blake3 {hash} now\n"
             ),
-            Some("not_recorded") => format!(
-                "snapshot {id}: blake3 {hash} (the snapshot is still open: not recorded)\n"
-            ),
+            Some("not_recorded") => {
+                format!("snapshot {id}: blake3 {hash} (the snapshot is still open: not recorded)\n")
+            }
             _ => format!("snapshot {id}: blake3 {hash} matches the hash recorded at seal time\n"),
         }
     });

@@ -249,8 +249,9 @@ impl NodeConfig {
                 );
             }
         }
-        let id = freezeframe_netproto::pki::NodeIdentity::load(&self.raw.tls.cert, &self.raw.tls.key)
-            .with_context(|| format!("{file}: [tls] cert/key"))?;
+        let id =
+            freezeframe_netproto::pki::NodeIdentity::load(&self.raw.tls.cert, &self.raw.tls.key)
+                .with_context(|| format!("{file}: [tls] cert/key"))?;
         if id.node_name != n.name {
             bail!(
                 "{file}: the certificate {} is for node {:?}, but this node is named {:?} \
@@ -317,9 +318,13 @@ pub fn group_id(name: &str) -> Result<u32> {
     let mut out: *mut libc::group = std::ptr::null_mut();
     // SAFETY: every pointer is valid for the call; buf outlives it; getgrnam_r is the
     // thread-safe lookup and writes only into grp and buf.
-    let rc = unsafe { libc::getgrnam_r(c.as_ptr(), &mut grp, buf.as_mut_ptr(), buf.len(), &mut out) };
+    let rc =
+        unsafe { libc::getgrnam_r(c.as_ptr(), &mut grp, buf.as_mut_ptr(), buf.len(), &mut out) };
     if rc != 0 {
-        bail!("cannot look up group {name:?}: {}", std::io::Error::from_raw_os_error(rc));
+        bail!(
+            "cannot look up group {name:?}: {}",
+            std::io::Error::from_raw_os_error(rc)
+        );
     }
     if out.is_null() {
         bail!("group {name:?} does not exist (create it, or remove writer_group)");
@@ -393,7 +398,10 @@ mod tests {
     fn a_lease_outside_one_second_to_ten_minutes_is_refused() {
         for lease in ["0s", "999ms", "11m"] {
             let err = refused(|t| t.replace("lease = \"4s\"", &format!("lease = \"{lease}\"")));
-            assert!(err.contains("lease") && err.contains("outside 1s..10m"), "{lease}: {err}");
+            assert!(
+                err.contains("lease") && err.contains("outside 1s..10m"),
+                "{lease}: {err}"
+            );
         }
     }
 
@@ -440,13 +448,19 @@ mod tests {
     #[test]
     fn missing_paths_are_refused_naming_the_key() {
         let err = refused(|t| t.replace("hooks_dir = \"hooks.d\"", "hooks_dir = \"nope.d\""));
-        assert!(err.contains("[node] hooks_dir") && err.contains("does not exist"), "{err}");
+        assert!(
+            err.contains("[node] hooks_dir") && err.contains("does not exist"),
+            "{err}"
+        );
         let err = refused(|t| t.replace("../../ca.pem", "../../missing.pem"));
         assert!(err.contains("[cluster] ca_cert"), "{err}");
         let err = refused(|t| t.replace("../../shared/volume.img", "../../shared/other.img"));
         assert!(err.contains("[volume] path"), "{err}");
         let err = refused(|t| t.replace("mount = \"mnt\"", "mount = \"no/such/mnt\""));
-        assert!(err.contains("[node] mount") && err.contains("parent"), "{err}");
+        assert!(
+            err.contains("[node] mount") && err.contains("parent"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -458,7 +472,9 @@ mod tests {
             )
         });
         assert!(
-            err.contains("writer_group") && err.contains("ff-no-such-group") && err.contains("does not exist"),
+            err.contains("writer_group")
+                && err.contains("ff-no-such-group")
+                && err.contains("does not exist"),
             "{err}"
         );
         assert_eq!(group_id("root").expect("root group"), 0);

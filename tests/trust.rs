@@ -57,7 +57,9 @@ fn write_live(c: &Cluster, offset: u64, data: &[u8]) {
 }
 
 fn pattern(n: usize, seed: u8) -> Vec<u8> {
-    (0..n).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+    (0..n)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
 }
 
 fn snapshot(c: &Cluster) -> u64 {
@@ -70,7 +72,14 @@ fn snapshot(c: &Cluster) -> u64 {
 fn seal_hash(c: &Cluster, id: u64) -> String {
     let mut hash = String::new();
     wait_for(Duration::from_secs(30), || {
-        let v = ff_json(&["snapshot", "show", &id.to_string(), "--json", "--config", c.nodes[0].cfg()]);
+        let v = ff_json(&[
+            "snapshot",
+            "show",
+            &id.to_string(),
+            "--json",
+            "--config",
+            c.nodes[0].cfg(),
+        ]);
         match v["blake3"].as_str() {
             Some(h) => {
                 hash = h.to_string();
@@ -83,7 +92,13 @@ fn seal_hash(c: &Cluster, id: u64) -> String {
 }
 
 fn verify(c: &Cluster, id: u64) -> std::process::Output {
-    ff(&["snapshot", "verify", &id.to_string(), "--config", c.nodes[0].cfg()])
+    ff(&[
+        "snapshot",
+        "verify",
+        &id.to_string(),
+        "--config",
+        c.nodes[0].cfg(),
+    ])
 }
 
 // ---------------------------------------------------------------- unprivileged user
@@ -103,7 +118,13 @@ impl TestUser {
         }
         let name = format!("ff-test-{:x}", std::process::id());
         let made = Command::new("useradd")
-            .args(["--system", "--no-create-home", "--shell", "/usr/sbin/nologin", &name])
+            .args([
+                "--system",
+                "--no-create-home",
+                "--shell",
+                "/usr/sbin/nologin",
+                &name,
+            ])
             .status();
         match made {
             Err(e) => {
@@ -114,7 +135,10 @@ impl TestUser {
         }
         let id = |flag: &str| -> u32 {
             let out = Command::new("id").args([flag, &name]).output().expect("id");
-            String::from_utf8_lossy(&out.stdout).trim().parse().expect("numeric id")
+            String::from_utf8_lossy(&out.stdout)
+                .trim()
+                .parse()
+                .expect("numeric id")
         };
         let (uid, gid) = (id("-u"), id("-g"));
         Some(TestUser { name, uid, gid })
@@ -194,13 +218,12 @@ fn try_as(user: &TestUser, what: Try, path: &Path) -> i32 {
                     }
                     Try::Connect => {
                         let fd = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0);
-                        if fd < 0 {
-                            result = errno();
-                        } else if libc::connect(
-                            fd,
-                            (&addr as *const libc::sockaddr_un).cast(),
-                            std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
-                        ) != 0
+                        if fd < 0
+                            || libc::connect(
+                                fd,
+                                (&addr as *const libc::sockaddr_un).cast(),
+                                std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
+                            ) != 0
                         {
                             result = errno();
                         }
@@ -226,7 +249,11 @@ fn try_as(user: &TestUser, what: Try, path: &Path) -> i32 {
 }
 
 fn mode(p: &Path) -> u32 {
-    std::fs::symlink_metadata(p).expect("stat").permissions().mode() & 0o7777
+    std::fs::symlink_metadata(p)
+        .expect("stat")
+        .permissions()
+        .mode()
+        & 0o7777
 }
 
 fn chmod(p: &Path, m: u32) {
@@ -235,10 +262,16 @@ fn chmod(p: &Path, m: u32) {
 
 #[test]
 fn an_unprivileged_user_can_neither_read_the_state_nor_lock_it_nor_connect_to_the_node() {
-    let Some(user) = TestUser::create() else { return };
+    let Some(user) = TestUser::create() else {
+        return;
+    };
     let Some(mut c) = one_node() else { return };
     // Only our own modes may stand in the way: open up every directory above.
-    for dir in [c.dir.path().to_path_buf(), c.cluster_dir(), c.cluster_dir().join("shared")] {
+    for dir in [
+        c.dir.path().to_path_buf(),
+        c.cluster_dir(),
+        c.cluster_dir().join("shared"),
+    ] {
         chmod(&dir, 0o755);
     }
     // A careless operator (umask 000, `cp -r`, a restore from tape) left it all open.
@@ -295,7 +328,10 @@ fn an_unprivileged_user_can_neither_read_the_state_nor_lock_it_nor_connect_to_th
             }
         }
     }
-    assert!(all.iter().any(|p| p.ends_with(format!("snap-{id}.map"))), "{all:?}");
+    assert!(
+        all.iter().any(|p| p.ends_with(format!("snap-{id}.map"))),
+        "{all:?}"
+    );
 
     let denied = |what: Try, p: &Path| {
         let e = try_as(&user, what, p);
@@ -314,7 +350,11 @@ fn an_unprivileged_user_can_neither_read_the_state_nor_lock_it_nor_connect_to_th
     denied(Try::Lock, &state.join("claims"));
     denied(Try::Lock, &state.join("gen"));
     let run = c.nodes[0].run_dir();
-    assert_eq!(try_as(&user, Try::Read, &run.join("node.pid")) , libc::EACCES, "pid file is private");
+    assert_eq!(
+        try_as(&user, Try::Read, &run.join("node.pid")),
+        libc::EACCES,
+        "pid file is private"
+    );
     denied(Try::Connect, &run.join("control.sock"));
     denied(Try::Connect, &run.join("writer.sock"));
     // The node still works for its own user.
@@ -323,22 +363,35 @@ fn an_unprivileged_user_can_neither_read_the_state_nor_lock_it_nor_connect_to_th
 
 #[test]
 fn a_writer_group_lets_its_members_register_and_nobody_else() {
-    let Some(member) = TestUser::create() else { return };
+    let Some(member) = TestUser::create() else {
+        return;
+    };
     let Some(mut c) = one_node() else { return };
-    for dir in [c.dir.path().to_path_buf(), c.cluster_dir(), c.cluster_dir().join("nodes"), c.nodes[0].dir()] {
+    for dir in [
+        c.dir.path().to_path_buf(),
+        c.cluster_dir(),
+        c.cluster_dir().join("nodes"),
+        c.nodes[0].dir(),
+    ] {
         chmod(&dir, 0o755);
     }
     c.stop(0);
     // The member's own group is the writer group.
     let group = {
-        let out = Command::new("id").args(["-gn", &member.name]).output().expect("id");
+        let out = Command::new("id")
+            .args(["-gn", &member.name])
+            .output()
+            .expect("id");
         String::from_utf8_lossy(&out.stdout).trim().to_string()
     };
     let cfg = c.nodes[0].config.clone();
     let text = std::fs::read_to_string(&cfg).expect("config");
     std::fs::write(
         &cfg,
-        text.replace("allow_other = false", &format!("allow_other = false\nwriter_group = \"{group}\"")),
+        text.replace(
+            "allow_other = false",
+            &format!("allow_other = false\nwriter_group = \"{group}\""),
+        ),
     )
     .expect("config");
     c.start_node(0);
@@ -346,7 +399,11 @@ fn a_writer_group_lets_its_members_register_and_nobody_else() {
     let run = c.nodes[0].run_dir();
     let writer = run.join("writer.sock");
     assert_eq!(mode(&writer), 0o660);
-    assert_eq!(try_as(&member, Try::Connect, &writer), 0, "a member of {group} connects");
+    assert_eq!(
+        try_as(&member, Try::Connect, &writer),
+        0,
+        "a member of {group} connects"
+    );
     let e = try_as(&member, Try::Connect, &run.join("control.sock"));
     assert_eq!(e, libc::EACCES, "the control socket stays owner-only");
 }
@@ -361,16 +418,27 @@ fn verify_compares_with_the_seal_time_hash_and_names_the_first_differing_block()
     let recorded = seal_hash(&c, id);
 
     let clean = verify(&c, id);
-    assert!(clean.status.success(), "clean verify failed: {}", stderr_of(&clean));
+    assert!(
+        clean.status.success(),
+        "clean verify failed: {}",
+        stderr_of(&clean)
+    );
     let text = String::from_utf8_lossy(&clean.stdout);
-    assert!(text.contains(&recorded) && text.contains("matches"), "{text}");
+    assert!(
+        text.contains(&recorded) && text.contains("matches"),
+        "{text}"
+    );
 
     // Block 37 is shared by the snapshot and the live volume (never overwritten since):
     // change it on the raw file, behind the engine, as a stray `dd` would.
     {
         use std::os::unix::fs::FileExt;
-        let f = std::fs::OpenOptions::new().write(true).open(c.volume()).expect("raw volume");
-        f.write_all_at(b"\x00\xff\x00", 37 * BS + 1234).expect("flip");
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(c.volume())
+            .expect("raw volume");
+        f.write_all_at(b"\x00\xff\x00", 37 * BS + 1234)
+            .expect("flip");
         f.sync_all().expect("fsync");
     }
     let bad = verify(&c, id);
@@ -382,19 +450,39 @@ fn verify_compares_with_the_seal_time_hash_and_names_the_first_differing_block()
             && err.contains(&recorded),
         "{err}"
     );
-    let again = ff_json(&["snapshot", "show", &id.to_string(), "--json", "--config", c.nodes[0].cfg()]);
-    assert_eq!(again["blake3"], recorded.as_str(), "a mismatch never overwrites the recorded hash");
+    let again = ff_json(&[
+        "snapshot",
+        "show",
+        &id.to_string(),
+        "--json",
+        "--config",
+        c.nodes[0].cfg(),
+    ]);
+    assert_eq!(
+        again["blake3"],
+        recorded.as_str(),
+        "a mismatch never overwrites the recorded hash"
+    );
 
     // A snapshot taken without the daemon has no hash: the first verify records it, and says so.
     let out = ff(&["volume", "snapshot", s(&c.volume())]);
     assert!(out.status.success(), "{}", stderr_of(&out));
-    let local: u64 = String::from_utf8_lossy(&out.stdout).trim().parse().expect("id");
+    let local: u64 = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .expect("id");
     let first = verify(&c, local);
     assert!(first.status.success(), "{}", stderr_of(&first));
     let text = String::from_utf8_lossy(&first.stdout);
-    assert!(text.contains("no hash was recorded at seal time; recorded blake3"), "{text}");
+    assert!(
+        text.contains("no hash was recorded at seal time; recorded blake3"),
+        "{text}"
+    );
     let second = verify(&c, local);
-    assert!(String::from_utf8_lossy(&second.stdout).contains("matches"), "second verify compares");
+    assert!(
+        String::from_utf8_lossy(&second.stdout).contains("matches"),
+        "second verify compares"
+    );
 }
 
 // ---------------------------------------------------------------- restore
@@ -407,7 +495,17 @@ fn restore_onto_the_live_volume_is_refused_and_through_the_engine_keeps_every_sn
     let s1 = snapshot(&c);
     let repo = c.dir.path().join("repo");
     ff_json(&["backup", "init", s(&repo), "--json"]);
-    let backup = ff_json(&["backup", "run", "--repo", s(&repo), "--config", cfg, "--snapshot", &s1.to_string(), "--json"]);
+    let backup = ff_json(&[
+        "backup",
+        "run",
+        "--repo",
+        s(&repo),
+        "--config",
+        cfg,
+        "--snapshot",
+        &s1.to_string(),
+        "--json",
+    ]);
     let backup_id = backup["id"].as_str().expect("backup id").to_string();
     // Life goes on: blocks change, more snapshots share and copy them.
     write_live(&c, 10 * BS, &pattern(20 * BS as usize, 2));
@@ -415,24 +513,52 @@ fn restore_onto_the_live_volume_is_refused_and_through_the_engine_keeps_every_sn
     write_live(&c, 25 * BS, &pattern(40 * BS as usize, 3));
     let s3 = snapshot(&c);
     write_live(&c, 100 * BS, &pattern(3 * BS as usize, 4));
-    let hashes: Vec<(u64, String)> = [s1, s2, s3].iter().map(|&id| (id, seal_hash(&c, id))).collect();
+    let hashes: Vec<(u64, String)> = [s1, s2, s3]
+        .iter()
+        .map(|&id| (id, seal_hash(&c, id)))
+        .collect();
 
-    let refused = ff(&["backup", "restore", "--repo", s(&repo), &backup_id, "--to", s(&c.volume())]);
-    assert!(!refused.status.success(), "restore onto the live volume must be refused");
+    let refused = ff(&[
+        "backup",
+        "restore",
+        "--repo",
+        s(&repo),
+        &backup_id,
+        "--to",
+        s(&c.volume()),
+    ]);
+    assert!(
+        !refused.status.success(),
+        "restore onto the live volume must be refused"
+    );
     let err = stderr_of(&refused);
     assert!(
         err.contains("is a freezeframe volume") && err.contains("--through-engine"),
         "{err}"
     );
     for (id, h) in &hashes {
-        assert!(verify(&c, *id).status.success(), "snapshot {id} untouched by the refusal ({h})");
+        assert!(
+            verify(&c, *id).status.success(),
+            "snapshot {id} untouched by the refusal ({h})"
+        );
     }
 
     let done = ff_json(&[
-        "backup", "restore", "--repo", s(&repo), &backup_id, "--to", s(&c.volume()), "--through-engine", "--json",
+        "backup",
+        "restore",
+        "--repo",
+        s(&repo),
+        &backup_id,
+        "--to",
+        s(&c.volume()),
+        "--through-engine",
+        "--json",
     ]);
     let written = done["blocks_written"].as_u64().expect("blocks_written");
-    assert!(written > 0 && written < 256, "only the differing blocks are written: {done}");
+    assert!(
+        written > 0 && written < 256,
+        "only the differing blocks are written: {done}"
+    );
     for (id, h) in &hashes {
         let out = verify(&c, *id);
         assert!(
@@ -443,21 +569,44 @@ fn restore_onto_the_live_volume_is_refused_and_through_the_engine_keeps_every_sn
     }
     // The live image is now exactly the backup.
     let plain = c.dir.path().join("plain.img");
-    ff_json(&["backup", "restore", "--repo", s(&repo), &backup_id, "--to", s(&plain), "--json"]);
-    assert_eq!(hash_file(&c.volume()), hash_file(&plain), "live image equals the backup");
-    assert_eq!(hash_file(&c.nodes[0].live()), hash_file(&plain), "also as the mount shows it");
+    ff_json(&[
+        "backup",
+        "restore",
+        "--repo",
+        s(&repo),
+        &backup_id,
+        "--to",
+        s(&plain),
+        "--json",
+    ]);
+    assert_eq!(
+        hash_file(&c.volume()),
+        hash_file(&plain),
+        "live image equals the backup"
+    );
+    assert_eq!(
+        hash_file(&c.nodes[0].live()),
+        hash_file(&plain),
+        "also as the mount shows it"
+    );
 }
 
 // ---------------------------------------------------------------- hooks
 
 #[test]
 fn an_untrusted_hook_is_refused_by_name_and_runs_once_it_is_root_owned() {
-    let Some(user) = TestUser::create() else { return };
+    let Some(user) = TestUser::create() else {
+        return;
+    };
     let Some(c) = one_node() else { return };
     let hooks = c.nodes[0].dir().join("hooks.d");
     let marker = c.dir.path().join("hook-ran");
     let hook = hooks.join("10-flush");
-    std::fs::write(&hook, format!("#!/bin/sh\necho \"$1\" >> {}\n", marker.display())).expect("hook");
+    std::fs::write(
+        &hook,
+        format!("#!/bin/sh\necho \"$1\" >> {}\n", marker.display()),
+    )
+    .expect("hook");
     let own = |p: &Path, uid: u32, gid: u32| {
         std::os::unix::fs::chown(p, Some(uid), Some(gid)).expect("chown");
     };
@@ -467,7 +616,10 @@ fn an_untrusted_hook_is_refused_by_name_and_runs_once_it_is_root_owned() {
     let (ok, report) = c.create(0, &[]);
     assert!(!ok, "an untrusted hook must veto: {report}");
     let reason = report["error"]["reason"].as_str().unwrap_or("");
-    assert!(reason.contains("10-flush") && reason.contains("refused"), "{report}");
+    assert!(
+        reason.contains("10-flush") && reason.contains("refused"),
+        "{report}"
+    );
     assert!(!marker.exists(), "the untrusted hook must not have run");
 
     own(&hook, 0, 0);
@@ -494,12 +646,32 @@ fn a_second_node_run_is_refused_and_the_first_keeps_running_until_cluster_down()
         .expect("second node run");
     assert!(!second.status.success());
     let err = stderr_of(&second);
-    assert!(err.contains(&format!("node n1 is already running as pid {first}")), "{err}");
+    assert!(
+        err.contains(&format!("node n1 is already running as pid {first}")),
+        "{err}"
+    );
     assert_eq!(
         std::fs::read_to_string(&pid_file).expect("pid file").trim(),
         first.to_string(),
         "the pid file still names the first daemon"
     );
+    // Without the pid file (deleted by someone), the answering control socket still says so.
+    let saved = pid_file.with_extension("saved");
+    std::fs::rename(&pid_file, &saved).expect("hide pid file");
+    let third = Command::new(exe())
+        .args(["node", "run", "--config", c.nodes[0].cfg()])
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .output()
+        .expect("third node run");
+    assert!(!third.status.success());
+    let err = stderr_of(&third);
+    assert!(
+        err.contains("node n1 is already running") && err.contains("control socket"),
+        "{err}"
+    );
+    assert!(!pid_file.exists(), "a refused run writes no pid file");
+    std::fs::rename(&saved, &pid_file).expect("restore pid file");
     let st = ff_json(&["status", "--json", "--config", c.nodes[0].cfg()]);
     assert_eq!(st["mounted"], true, "{st}");
     assert!(c.create(0, &[]).0, "the first daemon still takes snapshots");
@@ -513,7 +685,10 @@ fn a_second_node_run_is_refused_and_the_first_keeps_running_until_cluster_down()
         if child.try_wait().expect("wait").is_some() {
             break;
         }
-        assert!(Instant::now() < deadline, "cluster down did not stop the node");
+        assert!(
+            Instant::now() < deadline,
+            "cluster down did not stop the node"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     assert!(!pid_file.exists(), "a stopped node removes its pid file");
@@ -523,25 +698,57 @@ fn a_second_node_run_is_refused_and_the_first_keeps_running_until_cluster_down()
 fn node_run_with_a_certificate_for_another_node_is_refused_and_touches_nothing() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = tmp.path().join("c");
-    ff_json(&["cluster", "init", s(&dir), "--nodes", "2", "--size", "4MiB", "--lease", "4s", "--json"]);
+    ff_json(&[
+        "cluster",
+        "init",
+        s(&dir),
+        "--nodes",
+        "2",
+        "--size",
+        "4MiB",
+        "--lease",
+        "4s",
+        "--json",
+    ]);
     let nd = dir.join("nodes/n1");
     let cfg = nd.join("node.toml");
     let text = std::fs::read_to_string(&cfg).expect("config");
-    std::fs::write(&cfg, text.replace("\"node.pem\"", "\"../n2/node.pem\"").replace("\"node.key\"", "\"../n2/node.key\""))
-        .expect("config");
+    std::fs::write(
+        &cfg,
+        text.replace("\"node.pem\"", "\"../n2/node.pem\"")
+            .replace("\"node.key\"", "\"../n2/node.key\""),
+    )
+    .expect("config");
     std::fs::remove_dir(nd.join("run")).expect("rmdir run");
     let out = ff(&["node", "run", "--config", s(&cfg)]);
     assert!(!out.status.success());
     let err = stderr_of(&out);
-    assert!(err.contains("is for node \"n2\"") && err.contains("named \"n1\""), "{err}");
-    assert!(!nd.join("run").exists(), "nothing created: no run dir, no pid file, no socket");
+    assert!(
+        err.contains("is for node \"n2\"") && err.contains("named \"n1\""),
+        "{err}"
+    );
+    assert!(
+        !nd.join("run").exists(),
+        "nothing created: no run dir, no pid file, no socket"
+    );
 }
 
 #[test]
 fn a_control_socket_that_never_answers_times_out_naming_the_call() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = tmp.path().join("c");
-    ff_json(&["cluster", "init", s(&dir), "--nodes", "1", "--size", "4MiB", "--lease", "2s", "--json"]);
+    ff_json(&[
+        "cluster",
+        "init",
+        s(&dir),
+        "--nodes",
+        "1",
+        "--size",
+        "4MiB",
+        "--lease",
+        "2s",
+        "--json",
+    ]);
     let cfg = dir.join("nodes/n1/node.toml");
     // A hung daemon: the socket accepts connections and never says anything.
     let sock = dir.join("nodes/n1/run/control.sock");
@@ -557,14 +764,29 @@ fn a_control_socket_that_never_answers_times_out_naming_the_call() {
     let out = ff(&["status", "--config", s(&cfg)]);
     assert!(!out.status.success());
     let err = stderr_of(&out);
-    assert!(err.contains("did not answer `status` within 5000 ms"), "{err}");
-    assert!(t.elapsed() < Duration::from_secs(8), "took {:?}", t.elapsed());
+    assert!(
+        err.contains("did not answer `status` within 5000 ms"),
+        "{err}"
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(8),
+        "took {:?}",
+        t.elapsed()
+    );
     // snapshot create waits the lease (2 s) + 5 s, not forever.
     let t = Instant::now();
     let out = ff(&["snapshot", "create", "--config", s(&cfg)]);
     assert!(!out.status.success());
-    assert!(stderr_of(&out).contains("did not answer `snapshot create` within 7000 ms"), "{}", stderr_of(&out));
-    assert!(t.elapsed() < Duration::from_secs(10), "took {:?}", t.elapsed());
+    assert!(
+        stderr_of(&out).contains("did not answer `snapshot create` within 7000 ms"),
+        "{}",
+        stderr_of(&out)
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        t.elapsed()
+    );
     drop(hold);
 }
 
@@ -576,39 +798,46 @@ fn sigterm_ends_a_node_whose_mount_another_mount_namespace_holds() {
         return;
     }
     // A container started now gets a copy of the node's FUSE mount.
-    let mut holder = Command::new("unshare")
+    let holder = Command::new("unshare")
         .args(["--mount", "--propagation", "private", "sleep", "60"])
         .stdin(Stdio::null())
         .spawn()
         .expect("unshare");
+    let holder = Reaped(holder);
     // The copy exists once the holder's namespace differs from ours.
     let ours = std::fs::read_link("/proc/self/ns/mnt").expect("own ns");
     wait_for(Duration::from_secs(10), || {
-        std::fs::read_link(format!("/proc/{}/ns/mnt", holder.id())).is_ok_and(|ns| ns != ours)
+        std::fs::read_link(format!("/proc/{}/ns/mnt", holder.0.id())).is_ok_and(|ns| ns != ours)
     });
-    let mut child = c.nodes[0].child.take().expect("child");
+    let mut child = Reaped(c.nodes[0].child.take().expect("child"));
     let t = Instant::now();
     // SAFETY: signalling our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    unsafe { libc::kill(child.0.id() as i32, libc::SIGTERM) };
     let mut exited = false;
     while t.elapsed() < Duration::from_secs(20) {
-        if child.try_wait().expect("wait").is_some() {
+        if child.0.try_wait().expect("wait").is_some() {
             exited = true;
             break;
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    let _ = holder.kill();
-    let _ = holder.wait();
-    if !exited {
-        let _ = child.kill();
-        let _ = child.wait();
-    }
+    drop(holder);
+    drop(child);
     assert!(exited, "the node did not exit within 20 s of SIGTERM");
     assert!(
         !freezeframe_fusefs_is_mounted(&c.nodes[0].mount()),
         "the mount is gone from our namespace"
     );
+}
+
+/// A child process killed and reaped when the test ends, whatever happens.
+struct Reaped(std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// Whether `p` is a mount point in this namespace (from /proc/self/mountinfo).

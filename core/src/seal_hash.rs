@@ -164,7 +164,10 @@ pub fn verify_snapshot(
 }
 
 /// The image's blake3 and every block's chaining value, in one read pass.
-fn hash_image(snap: &Snapshot, progress: &mut dyn FnMut(u64, u64)) -> Result<(String, Vec<BlockCv>)> {
+fn hash_image(
+    snap: &Snapshot,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<(String, Vec<BlockCv>)> {
     let bs = u64::from(snap.block_size());
     let size = snap.size();
     let blocks = size.div_ceil(bs);
@@ -192,10 +195,18 @@ fn hash_image(snap: &Snapshot, progress: &mut dyn FnMut(u64, u64)) -> Result<(St
         }
         Ok(buf)
     })?;
-    Ok((hash, cvs.into_iter().map(|c| c.unwrap_or([0; 32])).collect()))
+    Ok((
+        hash,
+        cvs.into_iter().map(|c| c.unwrap_or([0; 32])).collect(),
+    ))
 }
 
-fn store_block_hashes(state_dir: &Path, snap: &Snapshot, hash: &str, cvs: &[BlockCv]) -> Result<()> {
+fn store_block_hashes(
+    state_dir: &Path,
+    snap: &Snapshot,
+    hash: &str,
+    cvs: &[BlockCv],
+) -> Result<()> {
     let dir = state_dir.join("seal-hashes");
     crate::perms::create_private_dir(&dir)?;
     let mut bytes = Vec::with_capacity(HEADER + cvs.len() * PER_BLOCK + 32);
@@ -218,7 +229,11 @@ fn store_block_hashes(state_dir: &Path, snap: &Snapshot, hash: &str, cvs: &[Bloc
 }
 
 /// The first block whose recorded hash differs from `cvs`; `Ok(None)` if none does.
-fn first_differing_block(state_dir: &Path, snap: &Snapshot, cvs: &[BlockCv]) -> Result<Option<u64>> {
+fn first_differing_block(
+    state_dir: &Path,
+    snap: &Snapshot,
+    cvs: &[BlockCv],
+) -> Result<Option<u64>> {
     let path = seal_hashes_path(state_dir, snap.id());
     let corrupt = |why: String| Error::SealHashCorrupt {
         file: path.clone(),
@@ -253,7 +268,9 @@ fn first_differing_block(state_dir: &Path, snap: &Snapshot, cvs: &[BlockCv]) -> 
         || u64_at(16) != cvs.len() as u64
         || body[24..28] != snap.block_size().to_le_bytes()
     {
-        return Err(corrupt("its header names another snapshot or geometry".into()));
+        return Err(corrupt(
+            "its header names another snapshot or geometry".into(),
+        ));
     }
     Ok(body[HEADER..]
         .chunks_exact(PER_BLOCK)
@@ -277,7 +294,8 @@ mod tests {
 
     fn sealed(v: &Volume) -> SnapshotId {
         let id = v.reserve_snapshot_id().expect("reserve");
-        v.create_snapshot(id, &SnapshotOptions::default()).expect("create");
+        v.create_snapshot(id, &SnapshotOptions::default())
+            .expect("create");
         v.seal_snapshot(id).expect("seal");
         id
     }
@@ -288,7 +306,9 @@ mod tests {
         let v = volume(d.path());
         let id = sealed(&v);
         let h = record_seal_hash(&v, id).expect("record");
-        let m = manifest::load(v.state_dir(), id).expect("load").expect("stored");
+        let m = manifest::load(v.state_dir(), id)
+            .expect("load")
+            .expect("stored");
         assert_eq!(m.blake3.as_deref(), Some(h.as_str()));
         let r = verify_snapshot(&v, id, &mut |_, _| {}).expect("clean verify");
         assert_eq!(r.outcome, VerifyOutcome::Compared);
@@ -303,7 +323,9 @@ mod tests {
         let text = err.to_string();
         assert!(text.contains("first differing block: 9"), "{text}");
         assert!(text.contains(&h), "names the recorded hash: {text}");
-        let m = manifest::load(v.state_dir(), id).expect("load").expect("stored");
+        let m = manifest::load(v.state_dir(), id)
+            .expect("load")
+            .expect("stored");
         assert_eq!(m.blake3.as_deref(), Some(h.as_str()), "never overwritten");
     }
 
@@ -315,7 +337,11 @@ mod tests {
         let r = verify_snapshot(&v, id, &mut |_, _| {}).expect("verify");
         assert_eq!(r.outcome, VerifyOutcome::Recorded);
         let plain = blake3::hash(&(0..32 * 4096).map(|i| (i % 251) as u8).collect::<Vec<u8>>());
-        assert_eq!(r.blake3, plain.to_hex().to_string(), "the plain blake3 of the image");
+        assert_eq!(
+            r.blake3,
+            plain.to_hex().to_string(),
+            "the plain blake3 of the image"
+        );
         let again = verify_snapshot(&v, id, &mut |_, _| {}).expect("verify");
         assert_eq!(again.outcome, VerifyOutcome::Compared);
     }

@@ -566,7 +566,8 @@ mod tests {
                 .any(|u| matches!(u, Update::Link(Link::Unreachable { .. })))
         });
         assert!(
-            seen.iter().any(|u| matches!(u, Update::Link(Link::Unreachable { reason })
+            seen.iter()
+                .any(|u| matches!(u, Update::Link(Link::Unreachable { reason })
                 if reason.contains("did not answer status within 5000 ms"))),
             "{seen:?}"
         );

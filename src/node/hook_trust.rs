@@ -110,7 +110,9 @@ mod tests {
             chmod(&script, mode);
             let err = check_trusted(&script).expect_err("writable by others");
             assert!(
-                err.contains("10-db") && err.contains("writable") && err.contains(&format!("{mode:04o}")),
+                err.contains("10-db")
+                    && err.contains("writable")
+                    && err.contains(&format!("{mode:04o}")),
                 "{err}"
             );
         }
@@ -126,7 +128,10 @@ mod tests {
             "{err}"
         );
         chmod(&hooks, 0o1777);
-        assert!(check_trusted(&script).is_err(), "sticky does not make it safe");
+        assert!(
+            check_trusted(&script).is_err(),
+            "sticky does not make it safe"
+        );
     }
 
     #[test]
@@ -143,7 +148,10 @@ mod tests {
             check_trusted_for(&script, me().wrapping_add(4242).max(1))
         };
         let err = err.expect_err("foreign owner");
-        assert!(err.contains("owned by uid") && err.contains("10-db"), "{err}");
+        assert!(
+            err.contains("owned by uid") && err.contains("10-db"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -158,7 +166,10 @@ mod tests {
         let link = hooks.join("20-link");
         std::os::unix::fs::symlink(&target, &link).expect("symlink");
         let err = check_trusted(&link).expect_err("target dir is world-writable");
-        assert!(err.contains("20-link") && err.contains("its directory"), "{err}");
+        assert!(
+            err.contains("20-link") && err.contains("its directory"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -54,7 +54,11 @@ pub fn preflight(cfg: &NodeConfig) -> Result<RunChecks> {
         // A dead FUSE mount makes create_dir fail with ENOTCONN; the mount code clears it.
         if std::fs::symlink_metadata(dir).is_err() {
             std::fs::create_dir(dir).with_context(|| {
-                format!("node {}: creating [node] {key} {}", cfg.name(), dir.display())
+                format!(
+                    "node {}: creating [node] {key} {}",
+                    cfg.name(),
+                    dir.display()
+                )
             })?;
         }
     }
