@@ -23,6 +23,8 @@
 
 mod control;
 mod driver;
+mod engine;
+pub mod failpoints;
 pub use driver::verify_snapshot;
 pub mod hook_trust;
 pub mod hooks;
