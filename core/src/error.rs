@@ -193,6 +193,19 @@ pub enum Error {
         detail: String,
     },
 
+    /// `snapshot verify`: the image no longer hashes to what was recorded at seal time.
+    #[error("snapshot {snapshot} does not match the hash recorded at seal time: recorded {recorded}, now {actual}{}{note}", match first_block { Some(b) => format!("; first differing block: {b} (bytes {}..{})", b * u64::from(*block_size), (b + 1) * u64::from(*block_size)), None => String::new() })]
+    SnapshotMismatch {
+        snapshot: u64,
+        recorded: String,
+        actual: String,
+        first_block: Option<u64>,
+        block_size: u32,
+        note: String,
+    },
+    /// The per-block hashes recorded at seal time are missing or damaged.
+    #[error("per-block seal hashes {} are unusable: {why}", file.display())]
+    SealHashCorrupt { file: PathBuf, why: String },
     /// The restore target cannot take the image.
     #[error("cannot restore to {path}: {reason}")]
     RestoreTarget { path: PathBuf, reason: String },

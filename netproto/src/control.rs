@@ -35,7 +35,8 @@ pub enum ControlRequest {
     SnapshotDelete {
         id: u64,
     },
-    /// Compute the blake3 hash of the snapshot image and record it in its manifest.
+    /// Hash the snapshot image and compare it with the hash recorded at seal time
+    /// (recording one only when none exists).
     SnapshotVerify {
         id: u64,
     },

@@ -120,6 +120,7 @@ struct Driver {
 }
 
 pub async fn run_node(cfg: NodeConfig) -> Result<()> {
+    let checks = super::startup::preflight(&cfg)?;
     let clock = Clock::new();
     let failpoints = Failpoints::from_env()?;
     if failpoints.any() {
@@ -129,8 +130,6 @@ pub async fn run_node(cfg: NodeConfig) -> Result<()> {
             super::failpoints::ENV
         );
     }
-    std::fs::create_dir_all(&cfg.raw.node.run_dir)
-        .with_context(|| format!("creating run dir {}", cfg.raw.node.run_dir.display()))?;
     let volume = Volume::open(&cfg.raw.volume.path)
         .with_context(|| format!("node {}: opening the shared volume", cfg.name()))?;
     volume.set_node(cfg.name());
@@ -166,6 +165,7 @@ pub async fn run_node(cfg: NodeConfig) -> Result<()> {
     let (tx, mut rx) = mpsc::unbounded_channel();
     control::serve(&cfg.control_socket(), tx.clone(), shared.clone()).await?;
     writers::serve(&cfg.writer_socket(), tx.clone()).await?;
+    super::startup::secure_writer_socket(&cfg.writer_socket(), checks.writer_gid)?;
     let _mesh = peers::start(&cfg, tx.clone())?;
     let renewals = tokio::spawn(renew_attachment(
         shared.clone(),
@@ -278,7 +278,7 @@ pub async fn run_node(cfg: NodeConfig) -> Result<()> {
     d.shutdown().await;
     renewals.abort();
     drop(_mesh);
-    drop(mount);
+    super::startup::unmount_bounded(mount, &cfg.raw.node.mount, super::startup::UNMOUNT_GRACE);
     // A clean stop: this node no longer writes, so snapshots need not wait for it.
     if let Err(e) = membership::remove(shared.volume.state_dir(), cfg.name()) {
         tracing::warn!("removing this node's attachment record: {e}");
@@ -743,6 +743,12 @@ impl Driver {
                 if let Err(e) = manifest::store(self.shared.volume.state_dir(), &m) {
                     tracing::error!(snapshot = report.id, "writing the manifest failed: {e}");
                 }
+                let (volume, id) = (self.shared.volume.clone(), report.id);
+                tokio::task::spawn_blocking(move || {
+                    if let Err(e) = freezeframe_core::seal_hash::record_seal_hash(&volume, id) {
+                        tracing::error!(snapshot = id, "recording the seal-time hash failed: {e}");
+                    }
+                });
             }
         }
         let v = serde_json::to_value(&report).unwrap_or(Value::Null);
@@ -954,28 +960,16 @@ async fn renew_attachment(
     }
 }
 
-/// Hashes a snapshot's image and records the hash in its manifest.
+/// `snapshot verify`: hashes a snapshot's image and compares it with the hash recorded
+/// at seal time (records one only when none exists); a mismatch is an error naming
+/// the first differing block.
 pub fn verify_snapshot(
     volume: &Volume,
     id: u64,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<Value> {
-    let snap = volume.snapshot(id)?;
-    let hash = manifest::verify_and_record(
-        volume.state_dir(),
-        &snap,
-        || {
-            SnapshotManifest::bare(
-                id,
-                0,
-                ManifestStatus::Sealed,
-                volume.block_size(),
-                volume.size(),
-            )
-        },
-        progress,
-    )?;
-    Ok(json!({"id": id, "blake3": hash, "bytes": volume.size()}))
+    let r = freezeframe_core::seal_hash::verify_snapshot(volume, id, progress)?;
+    Ok(serde_json::to_value(r)?)
 }
 
 /// Deletes Open snapshots; call only while holding the in-flight lock.

@@ -111,7 +111,7 @@ pub(crate) fn load(state_dir: &Path) -> Result<Catalog> {
 pub(crate) fn store(state_dir: &Path, cat: &Catalog) -> Result<()> {
     let path = state_dir.join(SLOTS[(cat.generation % 2) as usize]);
     let bytes = format::encode_json(CATALOG_KIND, cat);
-    let f = std::fs::OpenOptions::new()
+    let f = crate::perms::private_file_options()
         .write(true)
         .create(true)
         .truncate(false)

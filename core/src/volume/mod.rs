@@ -295,7 +295,7 @@ impl Volume {
                 state: dir,
             });
         }
-        let vol = OpenOptions::new()
+        let vol = crate::perms::private_file_options()
             .read(true)
             .write(true)
             .create(!path.starts_with("/dev"))
@@ -315,10 +315,15 @@ impl Volume {
                 .map_err(|e| Error::io("extend", path, e))?;
             vol.sync_all().map_err(|e| Error::io("fsync", path, e))?;
         }
-        std::fs::create_dir_all(&dir).map_err(|e| Error::io("create directory", &dir, e))?;
+        crate::perms::create_private_dir(&dir)?;
         for name in ["lock", "claims", "diff.dat", "gen"] {
             let p = dir.join(name);
-            File::create(&p).map_err(|e| Error::io("create", &p, e))?;
+            crate::perms::private_file_options()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&p)
+                .map_err(|e| Error::io("create", &p, e))?;
         }
         let cat = Catalog {
             uuid: new_uuid(),
@@ -344,6 +349,7 @@ impl Volume {
     /// Opens a volume, finding its state directory by itself.
     pub fn open(path: &Path) -> Result<Volume> {
         let state_dir = location::find(path)?;
+        crate::perms::secure_volume(path, &state_dir)?;
         let cat = catalog::load(&state_dir)?;
         let vol = open_rw(path, "open volume")?;
         let len = file_len(&vol, path)?;
@@ -381,6 +387,12 @@ impl Volume {
                 state_dir,
             }),
         })
+    }
+
+    /// Where the state of the volume at `path` is recorded, if `path` (under any
+    /// spelling) is a freezeframe volume; `None` for a plain file or device.
+    pub fn recorded_state(path: &Path) -> Option<PathBuf> {
+        location::recorded(path)
     }
 
     pub fn path(&self) -> &Path {
