@@ -695,7 +695,24 @@ impl Volume {
         let cat = i.sync()?;
         let mut out = Vec::new();
         for s in &cat.snapshots {
-            let m = i.map(s.id)?;
+            let m = match i.map(s.id) {
+                Ok(m) => m,
+                // A map that cannot be opened (damaged header) is listed as what it is.
+                Err(e @ Error::Format { .. }) => {
+                    out.push(SnapshotInfo {
+                        id: s.id,
+                        created_ms: s.created_ms,
+                        state: SnapshotState::Invalid {
+                            reason: e.to_string(),
+                        },
+                        diff_blocks: 0,
+                        diff_bytes: 0,
+                        diff_limit: s.diff_limit,
+                    });
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             let mut st = m.lock();
             m.refresh(&mut st)?;
             let state = match (&s.state, &st.invalid) {
