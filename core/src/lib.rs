@@ -19,6 +19,8 @@
 pub mod backup;
 pub mod error;
 pub mod format;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod manifest;
 pub mod protocol;
 pub mod replica;

@@ -577,18 +577,55 @@ pub(crate) fn check(
     })
 }
 
-/// Decodes a map file's bytes as a reader would (for the fuzz targets and
-/// properties): the header, then every record up to the first blank or damage.
-pub fn decode_map_bytes(bytes: &[u8]) -> std::result::Result<(u64, usize), String> {
+/// Decodes a map file's bytes as a reader does (for the fuzz targets and
+/// properties): the header, then every record up to the first blank; a
+/// damaged record, or a record after a blank, is an error. Returns the
+/// header and the records, in a printable form.
+pub(crate) fn decode_map_bytes(bytes: &[u8]) -> Result<String> {
     let path = Path::new("<map>");
     let head = &bytes[..bytes.len().min(RECORDS_START as usize)];
-    let header = decode_header(head, path).map_err(|e| e.to_string())?;
+    let header = decode_header(head, path)?;
     let body = &bytes[head.len()..];
     let whole = body.len() / RECORD_LEN as usize * RECORD_LEN as usize;
     match scan(&body[..whole]) {
-        Scan::Clean(n) => Ok((header.snapshot, n / RECORD_LEN as usize)),
-        Scan::Suspect(k) => Err(format!("record {k} is damaged")),
+        Scan::Clean(n) => {
+            let records: Vec<Record> = body[..n]
+                .chunks_exact(RECORD_LEN as usize)
+                .filter_map(Record::decode)
+                .collect();
+            Ok(format!("{header:?} {records:?}"))
+        }
+        Scan::Suspect(k) => Err(Error::Format {
+            file: path.to_path_buf(),
+            problem: FormatProblem::Payload(format!(
+                "the record at offset {} is damaged",
+                RECORDS_START + k as u64 * RECORD_LEN
+            )),
+        }),
     }
+}
+
+/// A valid map file with `n` records, for properties and fuzz seeds.
+pub(crate) fn sample_map_bytes(n: u64) -> Vec<u8> {
+    let header = MapHeader {
+        volume_uuid: "0123456789abcdef0123456789abcdef".into(),
+        snapshot: 3,
+        block_size: 4096,
+        record_len: RECORD_LEN,
+        records_start: RECORDS_START,
+    };
+    let mut bytes = format::encode_json(MAP_KIND, &header);
+    bytes.resize(RECORDS_START as usize, 0);
+    for k in 0..n {
+        let r = Record {
+            block: k * 3,
+            slot: k,
+            flags: if k % 2 == 0 { COPIED } else { WRITTEN },
+            data_sum: data_sum(&k.to_le_bytes()),
+        };
+        bytes.extend_from_slice(&r.encode());
+    }
+    bytes
 }
 
 fn read_up_to(f: &File, buf: &mut [u8], at: u64) -> std::io::Result<usize> {

@@ -132,10 +132,22 @@ pub mod decode {
     }
 
     /// Decodes a whole map file's bytes as a reader does: the header, then
-    /// records up to the first blank. Returns (snapshot id, intact records);
-    /// a damaged record or a record after a blank is an error.
-    pub fn map_file(bytes: &[u8]) -> std::result::Result<(u64, usize), String> {
+    /// records up to the first blank (printable); a damaged record, or a
+    /// record after a blank, is an error.
+    pub fn map_file(bytes: &[u8]) -> Result<String> {
         super::map::decode_map_bytes(bytes)
+    }
+
+    /// A valid map file with `n` records.
+    pub fn sample_map(n: u64) -> Vec<u8> {
+        super::map::sample_map_bytes(n)
+    }
+
+    /// Decodes a catalog slot's bytes into a printable form (for round-trip properties).
+    pub fn catalog_debug(bytes: &[u8]) -> Result<String> {
+        let (c, _): (super::catalog::Catalog, usize) =
+            crate::format::decode_json(super::catalog::CATALOG_KIND, bytes, Path::new("<catalog>"))?;
+        Ok(format!("{c:?}"))
     }
 
     /// One 64-byte map record: `Some((block, slot, flags))` only when intact.
