@@ -348,3 +348,28 @@ fn failed_and_interrupted_attempts_leave_no_map_files() {
     assert_eq!(maps(&v), vec![format!("snap-{kept}.map")]);
     assert!(v.create_snapshot(more, &SnapshotOptions::default()).is_ok(), "a reserved id is still creatable (its map is made again)");
 }
+
+#[test]
+fn a_map_with_a_damaged_header_costs_its_snapshot_not_the_live_write() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (v, id, _) = volume_with_map(dir.path(), 2);
+    let map = v.state_dir().join(format!("snap-{id}.map"));
+    // Version 1 in the header: what a map written by an older build looks like.
+    let mut bytes = std::fs::read(&map).expect("read");
+    bytes[8..12].copy_from_slice(&1u32.to_le_bytes());
+    std::fs::write(&map, bytes).expect("write");
+    let fresh = Volume::open(v.path()).expect("open");
+    fresh
+        .write_at(&[0x77; 4096], 10 * BS as u64)
+        .expect("the live write succeeds");
+    let mut back = [0u8; 4096];
+    fresh.read_at(&mut back, 10 * BS as u64).expect("read");
+    assert_eq!(back, [0x77; 4096]);
+    let info = fresh.snapshots().expect("list");
+    assert!(
+        matches!(&info[0].state, SnapshotState::Invalid { reason } if reason.contains("unsupported format version 1")),
+        "{info:?}"
+    );
+    let err = image(&fresh, id).expect_err("not readable").to_string();
+    assert!(err.contains("version 1"), "{err}");
+}

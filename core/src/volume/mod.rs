@@ -1034,10 +1034,23 @@ impl Inner {
         let mut invalidated: Vec<Invalidation> = Vec::new();
         if !live.is_empty() {
             let mut maps = Vec::with_capacity(live.len());
+            let mut unusable = Vec::new();
             for s in &live {
-                maps.push((*s, self.map(s.id)?));
+                match self.map(s.id) {
+                    Ok(m) => maps.push((*s, m)),
+                    // A map that cannot be opened (damaged header, old format)
+                    // costs its snapshot, never the live write. Reads of it fail
+                    // already, since they open the same map.
+                    Err(e @ Error::Format { .. }) => unusable.push(Invalidation {
+                        id: s.id,
+                        cause: InvalidCause::Damage,
+                        reason: format!("its map is unusable: {e}"),
+                    }),
+                    Err(e) => return Err(e),
+                }
             }
             invalidated = self.copy_before_overwrite(&maps, first, last)?;
+            invalidated.extend(unusable);
         }
         self.vol
             .write_all_at(buf, offset)
