@@ -73,6 +73,13 @@ enum VolumeCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Show or set the volume-wide cap on the diff area (bytes on disk). Past
+    /// it the oldest snapshot is dropped (INVALID), never a live write.
+    DiffMax {
+        path: PathBuf,
+        /// A size such as 10GiB, or `none` to remove the cap; omit to show it.
+        value: Option<String>,
+    },
     /// Delete a snapshot and reclaim its diff-area space.
     Delete {
         path: PathBuf,
@@ -207,6 +214,18 @@ pub fn run(args: VolumeArgs) -> anyhow::Result<()> {
                         "; run `freezeframe volume check PATH --repair` to recover what can be recovered"
                     }
                 );
+            }
+        }
+        VolumeCommand::DiffMax { path, value } => {
+            let v = Volume::open(&path)?;
+            match value.as_deref() {
+                None => {}
+                Some("none") => v.set_diff_max(None)?,
+                Some(size) => v.set_diff_max(Some(parse_size(size)?))?,
+            }
+            match v.diff_max()? {
+                Some(max) => println!("diff_max {}", format_size(max)),
+                None => println!("diff_max none"),
             }
         }
         VolumeCommand::Delete { path, snapshot } => {
