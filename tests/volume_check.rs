@@ -23,7 +23,15 @@ fn a_damaged_catalog_is_explained_by_check_and_recovered_only_by_repair() {
     let dir = tempfile::tempdir().expect("tempdir");
     let vol = dir.path().join("vol.img");
     let v = vol.to_str().expect("utf-8 path");
-    ok(&["volume", "create", v, "--size", "1MiB", "--block-size", "4KiB"]);
+    ok(&[
+        "volume",
+        "create",
+        v,
+        "--size",
+        "1MiB",
+        "--block-size",
+        "4KiB",
+    ]);
     let first = ok(&["volume", "snapshot", v]).trim().to_string();
     let second = ok(&["volume", "snapshot", v]).trim().to_string();
     // The newest slot holds the seal of `second`; flip one byte of its payload.
@@ -43,22 +51,32 @@ fn a_damaged_catalog_is_explained_by_check_and_recovered_only_by_repair() {
     std::fs::write(&path, &bytes).expect("write slot");
 
     let out = ff(&["volume", "snapshots", v]);
-    assert!(!out.status.success(), "listing a rolled-back catalog must fail");
+    assert!(
+        !out.status.success(),
+        "listing a rolled-back catalog must fail"
+    );
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains(newest) && err.contains("volume check"), "{err}");
+    assert!(
+        err.contains(newest) && err.contains("volume check"),
+        "{err}"
+    );
 
     let out = ff(&["volume", "check", v]);
     assert!(!out.status.success(), "check exits non-zero on damage");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("DAMAGED") && text.contains(newest), "{text}");
-    assert!(std::fs::read(&path).expect("read") == bytes, "check alone changes nothing");
+    assert!(
+        std::fs::read(&path).expect("read") == bytes,
+        "check alone changes nothing"
+    );
 
     let report = ff_json(&["volume", "check", v, "--repair", "--json"]);
     let repaired = report["repaired"].as_array().expect("repaired list");
     assert!(
-        repaired
-            .iter()
-            .any(|r| r.as_str().unwrap_or("").contains(&format!("snapshot {second} marked INVALID"))),
+        repaired.iter().any(|r| r
+            .as_str()
+            .unwrap_or("")
+            .contains(&format!("snapshot {second} marked INVALID"))),
         "{report}"
     );
 
@@ -74,7 +92,10 @@ fn a_damaged_catalog_is_explained_by_check_and_recovered_only_by_repair() {
     assert_eq!(state_of(&second).as_deref(), Some("invalid"));
     ok(&["volume", "check", v]);
     let third: u64 = ok(&["volume", "snapshot", v]).trim().parse().expect("id");
-    assert!(third > second.parse::<u64>().expect("id"), "ids are never reused");
+    assert!(
+        third > second.parse::<u64>().expect("id"),
+        "ids are never reused"
+    );
 }
 
 #[test]
@@ -82,9 +103,20 @@ fn diff_max_is_shown_and_set() {
     let dir = tempfile::tempdir().expect("tempdir");
     let vol = dir.path().join("vol.img");
     let v = vol.to_str().expect("utf-8 path");
-    ok(&["volume", "create", v, "--size", "1MiB", "--block-size", "4KiB"]);
+    ok(&[
+        "volume",
+        "create",
+        v,
+        "--size",
+        "1MiB",
+        "--block-size",
+        "4KiB",
+    ]);
     assert_eq!(ok(&["volume", "diff-max", v]).trim(), "diff_max none");
     assert!(ok(&["volume", "diff-max", v, "64KiB"]).contains("64"));
     assert!(ok(&["volume", "diff-max", v]).contains("64"));
-    assert_eq!(ok(&["volume", "diff-max", v, "none"]).trim(), "diff_max none");
+    assert_eq!(
+        ok(&["volume", "diff-max", v, "none"]).trim(),
+        "diff_max none"
+    );
 }

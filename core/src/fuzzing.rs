@@ -44,12 +44,11 @@ const STATE_KIND: crate::format::Kind = crate::format::Kind {
 
 /// The state envelope ([`crate::format`]) around every engine state file.
 pub fn state_envelope(bytes: &[u8]) -> Result<String> {
-    let (payload, used) = crate::format::decode(STATE_KIND, bytes).map_err(|problem| {
-        Error::Format {
+    let (payload, used) =
+        crate::format::decode(STATE_KIND, bytes).map_err(|problem| Error::Format {
             file: "<state>".into(),
             problem,
-        }
-    })?;
+        })?;
     Ok(format!("{payload:?} {used}"))
 }
 

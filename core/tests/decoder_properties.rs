@@ -173,7 +173,10 @@ fn every_single_byte_flip_of_every_sample_gives_the_original_value_or_an_error()
             let mut flipped = bytes.clone();
             flipped[i] ^= 1 << (i % 8);
             if let Ok(v) = decode(&flipped) {
-                assert_eq!(v, original, "{name}: flip of byte {i} decoded to other data");
+                assert_eq!(
+                    v, original,
+                    "{name}: flip of byte {i} decoded to other data"
+                );
             }
         }
     }

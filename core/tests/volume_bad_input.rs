@@ -138,7 +138,11 @@ fn a_torn_catalog_slot_is_used_only_when_it_held_an_unacknowledged_change() {
         }
         std::fs::write(&path, saved).expect("restore slot");
     }
-    assert_eq!(refused.len(), 1, "exactly the newest slot is refused, got {refused:?}");
+    assert_eq!(
+        refused.len(),
+        1,
+        "exactly the newest slot is refused, got {refused:?}"
+    );
     Volume::open(v.path()).expect("intact again once restored");
 }
 

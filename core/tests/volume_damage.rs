@@ -76,7 +76,10 @@ fn every_flipped_byte_of_a_map_fails_the_read_or_returns_the_original_bytes() {
         let r = Volume::open(v.path()).and_then(|fresh| image(&fresh, id));
         match r {
             Ok(img) => {
-                assert!(img == original, "flip at byte {at} of the map served other bytes");
+                assert!(
+                    img == original,
+                    "flip at byte {at} of the map served other bytes"
+                );
                 same += 1;
             }
             Err(e) => {
@@ -101,7 +104,10 @@ fn every_flipped_byte_of_a_map_fails_the_read_or_returns_the_original_bytes() {
 fn restore_catalog_state(v: &Volume, id: u64) {
     let fresh = Volume::open(v.path()).expect("reopen");
     let infos = fresh.snapshots().expect("list");
-    if matches!(infos.iter().find(|s| s.id == id).map(|s| &s.state), Some(SnapshotState::Invalid { .. })) {
+    if matches!(
+        infos.iter().find(|s| s.id == id).map(|s| &s.state),
+        Some(SnapshotState::Invalid { .. })
+    ) {
         rewrite_state(fresh.state_dir(), id);
     }
 }
@@ -116,10 +122,17 @@ fn rewrite_state(state: &Path, id: u64) {
     let mut best: Option<(PathBuf, serde_json::Value)> = None;
     for slot in ["catalog.a", "catalog.b"] {
         let p = state.join(slot);
-        let Ok(bytes) = std::fs::read(&p) else { continue };
-        let Ok((payload, _)) = format::decode(kind, &bytes) else { continue };
+        let Ok(bytes) = std::fs::read(&p) else {
+            continue;
+        };
+        let Ok((payload, _)) = format::decode(kind, &bytes) else {
+            continue;
+        };
         let v: serde_json::Value = serde_json::from_slice(payload).expect("json");
-        if best.as_ref().is_none_or(|(_, b)| v["generation"].as_u64() > b["generation"].as_u64()) {
+        if best
+            .as_ref()
+            .is_none_or(|(_, b)| v["generation"].as_u64() > b["generation"].as_u64())
+        {
             best = Some((p, v));
         }
     }
@@ -156,15 +169,31 @@ fn every_flipped_byte_of_a_catalog_slot_is_refused_or_changes_nothing() {
             let saved = flip(&path, at, 0x20);
             match Volume::open(v.path()) {
                 Ok(fresh) => {
-                    assert_eq!(list(&fresh), want, "flip at {slot}:{at} changed the snapshot list");
-                    assert!(image(&fresh, id).expect("read") == original, "flip at {slot}:{at}");
-                    assert!(image(&fresh, id2).expect("read") == img2, "flip at {slot}:{at}");
+                    assert_eq!(
+                        list(&fresh),
+                        want,
+                        "flip at {slot}:{at} changed the snapshot list"
+                    );
+                    assert!(
+                        image(&fresh, id).expect("read") == original,
+                        "flip at {slot}:{at}"
+                    );
+                    assert!(
+                        image(&fresh, id2).expect("read") == img2,
+                        "flip at {slot}:{at}"
+                    );
                     outcomes[0] += 1;
                 }
                 Err(e) => {
                     let msg = e.to_string();
-                    assert!(msg.contains(slot), "flip at {slot}:{at}: error does not name the slot: {msg}");
-                    assert!(msg.contains("volume check"), "flip at {slot}:{at}: no way out named: {msg}");
+                    assert!(
+                        msg.contains(slot),
+                        "flip at {slot}:{at}: error does not name the slot: {msg}"
+                    );
+                    assert!(
+                        msg.contains("volume check"),
+                        "flip at {slot}:{at}: no way out named: {msg}"
+                    );
                     outcomes[1] += 1;
                 }
             }
@@ -178,7 +207,8 @@ fn every_flipped_byte_of_a_catalog_slot_is_refused_or_changes_nothing() {
 #[test]
 fn a_rolled_back_catalog_is_refused_until_the_operator_repairs_it_and_nothing_is_silently_lost() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let v = Volume::create(&dir.path().join("vol.img"), BLOCKS * BS as u64, BS, None).expect("create");
+    let v =
+        Volume::create(&dir.path().join("vol.img"), BLOCKS * BS as u64, BS, None).expect("create");
     v.write_at(&pattern(1), 0).expect("fill");
     let a = snapshot(&v);
     v.seal_snapshot(a).expect("seal a");
@@ -191,39 +221,68 @@ fn a_rolled_back_catalog_is_refused_until_the_operator_repairs_it_and_nothing_is
         .map(|s| v.state_dir().join(s))
         .max_by_key(|p| {
             let bytes = std::fs::read(p).expect("read");
-            freezeframe_core::volume::decode::catalog_slot(&bytes).map(|(g, _)| g).unwrap_or(0)
+            freezeframe_core::volume::decode::catalog_slot(&bytes)
+                .map(|(g, _)| g)
+                .unwrap_or(0)
         })
         .expect("slot");
     flip(&newest, 40, 0x01);
 
     // Every command refuses, naming the file and the way out.
     let err = Volume::open(v.path()).expect_err("refused").to_string();
-    let name = newest.file_name().expect("name").to_string_lossy().into_owned();
+    let name = newest
+        .file_name()
+        .expect("name")
+        .to_string_lossy()
+        .into_owned();
     assert!(err.contains(&name) && err.contains("volume check"), "{err}");
     // A process that had it open fails at its next catalog reload, it does not write b.
     let err = v
         .snapshot(b)
         .and_then(|s| s.write_at(&[1], 0))
         .expect_err("no write into b after the damage");
-    assert!(err.to_string().contains("roll back") || matches!(err, freezeframe_core::Error::SnapshotSealed { .. }), "{err}");
+    assert!(
+        err.to_string().contains("roll back")
+            || matches!(err, freezeframe_core::Error::SnapshotSealed { .. }),
+        "{err}"
+    );
 
     // check explains, changes nothing.
     let report = check(v.path(), false).expect("check");
     assert!(!report.is_clean());
-    assert!(report.problems.iter().any(|p| p.contains("lost")), "{:?}", report.problems);
+    assert!(
+        report.problems.iter().any(|p| p.contains("lost")),
+        "{:?}",
+        report.problems
+    );
     assert!(report.repaired.is_empty());
-    assert!(Volume::open(v.path()).is_err(), "check alone repairs nothing");
+    assert!(
+        Volume::open(v.path()).is_err(),
+        "check alone repairs nothing"
+    );
 
     // repair accepts the older slot; b (Open there, sealed in the lost generation) becomes Invalid.
     let report = check(v.path(), true).expect("repair");
     assert!(report.is_clean(), "{:?}", report.unresolved);
-    assert!(report.repaired.iter().any(|r| r.contains(&format!("snapshot {b} marked INVALID"))), "{:?}", report.repaired);
+    assert!(
+        report
+            .repaired
+            .iter()
+            .any(|r| r.contains(&format!("snapshot {b} marked INVALID"))),
+        "{:?}",
+        report.repaired
+    );
     let fresh = Volume::open(v.path()).expect("opens after repair");
     let infos = fresh.snapshots().expect("list");
     let state = |id| infos.iter().find(|s| s.id == id).map(|s| s.state.clone());
     assert_eq!(state(a), Some(SnapshotState::Sealed));
-    assert!(matches!(state(b), Some(SnapshotState::Invalid { reason }) if reason.contains("rolled back")));
-    assert!(fresh.snapshot(b).and_then(|s| s.write_at(&[1], 0)).is_err(), "b is not writable");
+    assert!(
+        matches!(state(b), Some(SnapshotState::Invalid { reason }) if reason.contains("rolled back"))
+    );
+    assert!(
+        fresh.snapshot(b).and_then(|s| s.write_at(&[1], 0)).is_err(),
+        "b is not writable"
+    );
     assert_eq!(image(&fresh, a).expect("a intact"), pattern(1));
     // New snapshots work and ids are never reused.
     let c = snapshot(&fresh);
@@ -232,7 +291,8 @@ fn a_rolled_back_catalog_is_refused_until_the_operator_repairs_it_and_nothing_is
 }
 
 #[test]
-fn a_damaged_map_record_makes_the_snapshot_invalid_for_every_process_including_one_with_the_map_cached() {
+fn a_damaged_map_record_makes_the_snapshot_invalid_for_every_process_including_one_with_the_map_cached(
+) {
     let dir = tempfile::tempdir().expect("tempdir");
     let (v, id, original) = volume_with_map(dir.path(), 8);
     // `v` has the map cached and has read every block. Damage a record in the middle.
@@ -242,17 +302,33 @@ fn a_damaged_map_record_makes_the_snapshot_invalid_for_every_process_including_o
     let fresh = Volume::open(v.path()).expect("open");
     let s2 = seen.clone();
     fresh.on_invalidate(move |i| s2.lock().expect("lock").push(i.clone()));
-    let err = image(&fresh, id).expect_err("damage is not served").to_string();
-    assert!(err.contains("invalid") && err.contains(&format!("snap-{id}.map")), "{err}");
+    let err = image(&fresh, id)
+        .expect_err("damage is not served")
+        .to_string();
+    assert!(
+        err.contains("invalid") && err.contains(&format!("snap-{id}.map")),
+        "{err}"
+    );
     let got = seen.lock().expect("lock").clone();
     assert_eq!(got.len(), 1, "{got:?}");
     assert_eq!((got[0].id, got[0].cause), (id, InvalidCause::Damage));
     // The process with the cached map agrees (the catalog now says Invalid).
-    assert!(image(&v, id).is_err(), "a cached map must not keep serving a snapshot others found damaged");
-    assert!(matches!(&v.snapshots().expect("list")[0].state, SnapshotState::Invalid { reason } if reason.contains("damaged")));
+    assert!(
+        image(&v, id).is_err(),
+        "a cached map must not keep serving a snapshot others found damaged"
+    );
+    assert!(
+        matches!(&v.snapshots().expect("list")[0].state, SnapshotState::Invalid { reason } if reason.contains("damaged"))
+    );
     // check names it; the live volume is untouched.
     let report = check(v.path(), false).expect("check");
-    assert!(report.snapshots.iter().any(|s| s.id == id && s.problems.iter().any(|p| p.contains("offset"))), "{report:?}");
+    assert!(
+        report
+            .snapshots
+            .iter()
+            .any(|s| s.id == id && s.problems.iter().any(|p| p.contains("offset"))),
+        "{report:?}"
+    );
     let mut live = vec![0u8; BS as usize];
     v.read_at(&mut live, BS as u64).expect("live read");
     assert_eq!(&live[..], &original[BS as usize..2 * BS as usize]);
@@ -265,18 +341,29 @@ fn a_damaged_diff_area_copy_is_reported_by_check_and_repair_marks_the_snapshot_i
     let diff = v.state_dir().join("diff.dat");
     flip(&diff, 100, 0xFF);
     let report = check(v.path(), false).expect("check");
-    assert!(report.problems.iter().any(|p| p.contains("fails its checksum")), "{:?}", report.problems);
+    assert!(
+        report
+            .problems
+            .iter()
+            .any(|p| p.contains("fails its checksum")),
+        "{:?}",
+        report.problems
+    );
     let report = check(v.path(), true).expect("repair");
     assert!(report.is_clean());
     let fresh = Volume::open(v.path()).expect("open");
-    assert!(matches!(&fresh.snapshots().expect("list")[0].state, SnapshotState::Invalid { .. }));
+    assert!(matches!(
+        &fresh.snapshots().expect("list")[0].state,
+        SnapshotState::Invalid { .. }
+    ));
     assert!(image(&fresh, id).is_err());
 }
 
 #[test]
 fn reaching_diff_max_drops_the_oldest_snapshot_and_every_live_write_succeeds() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let v = Volume::create(&dir.path().join("vol.img"), BLOCKS * BS as u64, BS, None).expect("create");
+    let v =
+        Volume::create(&dir.path().join("vol.img"), BLOCKS * BS as u64, BS, None).expect("create");
     let original = pattern(5);
     v.write_at(&original, 0).expect("fill");
     v.set_diff_max(Some(12 * BS as u64)).expect("diff_max");
@@ -284,11 +371,13 @@ fn reaching_diff_max_drops_the_oldest_snapshot_and_every_live_write_succeeds() {
     let s2 = seen.clone();
     v.on_invalidate(move |i| s2.lock().expect("lock").push(i.clone()));
     let old = snapshot(&v);
-    v.write_at(&vec![1u8; 8 * BS as usize], 0).expect("8 blocks copied for old");
+    v.write_at(&vec![1u8; 8 * BS as usize], 0)
+        .expect("8 blocks copied for old");
     let new = snapshot(&v);
     let new_image = image(&v, new).expect("new image");
     // 6 more blocks would make 14 > 12: the oldest snapshot is dropped to make room.
-    v.write_at(&vec![2u8; 6 * BS as usize], 20 * BS as u64).expect("live write succeeds");
+    v.write_at(&vec![2u8; 6 * BS as usize], 20 * BS as u64)
+        .expect("live write succeeds");
     let mut back = vec![0u8; 6 * BS as usize];
     v.read_at(&mut back, 20 * BS as u64).expect("read back");
     assert!(back.iter().all(|b| *b == 2));
@@ -300,7 +389,8 @@ fn reaching_diff_max_drops_the_oldest_snapshot_and_every_live_write_succeeds() {
     assert!(err.contains("diff_max"), "{err}");
     assert_eq!(image(&v, new).expect("new keeps its copies"), new_image);
     // Past even that: the newest is dropped too, and the live write still succeeds.
-    v.write_at(&vec![3u8; 30 * BS as usize], 30 * BS as u64).expect("live write succeeds");
+    v.write_at(&vec![3u8; 30 * BS as usize], 30 * BS as u64)
+        .expect("live write succeeds");
     assert!(image(&v, new).is_err());
     // Deleting the invalid ones frees the space; a new snapshot works.
     v.delete_snapshot(old).expect("delete old");
@@ -314,7 +404,8 @@ fn reaching_diff_max_drops_the_oldest_snapshot_and_every_live_write_succeeds() {
 #[test]
 fn failed_and_interrupted_attempts_leave_no_map_files() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let v = Volume::create(&dir.path().join("vol.img"), BLOCKS * BS as u64, BS, None).expect("create");
+    let v =
+        Volume::create(&dir.path().join("vol.img"), BLOCKS * BS as u64, BS, None).expect("create");
     let maps = |v: &Volume| -> Vec<String> {
         let mut n: Vec<String> = std::fs::read_dir(v.state_dir())
             .expect("ls")
@@ -336,7 +427,8 @@ fn failed_and_interrupted_attempts_leave_no_map_files() {
     let deleted = snapshot(&v);
     let saved = std::fs::read(v.state_dir().join(format!("snap-{deleted}.map"))).expect("read");
     v.delete_snapshot(deleted).expect("delete");
-    std::fs::write(v.state_dir().join(format!("snap-{deleted}.map")), saved).expect("as if the unlink never happened");
+    std::fs::write(v.state_dir().join(format!("snap-{deleted}.map")), saved)
+        .expect("as if the unlink never happened");
     // The next attempt (in-flight lock) cleans all of it up, and keeps the live snapshot's map.
     let guard = v.try_begin_snapshot().expect("lock").expect("free");
     assert_eq!(maps(&v), vec![format!("snap-{kept}.map")]);
@@ -346,7 +438,10 @@ fn failed_and_interrupted_attempts_leave_no_map_files() {
     drop(v);
     let v = Volume::open(&dir.path().join("vol.img")).expect("open");
     assert_eq!(maps(&v), vec![format!("snap-{kept}.map")]);
-    assert!(v.create_snapshot(more, &SnapshotOptions::default()).is_ok(), "a reserved id is still creatable (its map is made again)");
+    assert!(
+        v.create_snapshot(more, &SnapshotOptions::default()).is_ok(),
+        "a reserved id is still creatable (its map is made again)"
+    );
 }
 
 #[test]

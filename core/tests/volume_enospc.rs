@@ -10,7 +10,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 
-use freezeframe_core::volume::{InvalidCause, Invalidation, SnapshotOptions, SnapshotState, Volume};
+use freezeframe_core::volume::{
+    InvalidCause, Invalidation, SnapshotOptions, SnapshotState, Volume,
+};
 
 const BS: u32 = 4096;
 const SIZE: u64 = 12 << 20;
@@ -168,7 +170,11 @@ fn run(state: &Path, vol_path: &Path) {
     assert!(err.to_string().contains("full"), "{err}");
     // Another process agrees.
     let other = Volume::open(vol_path).expect("open");
-    assert!(other.snapshot(id).expect("handle").read_at(&mut [0u8; 16], 0).is_err());
+    assert!(other
+        .snapshot(id)
+        .expect("handle")
+        .read_at(&mut [0u8; 16], 0)
+        .is_err());
 
     // Free the space: delete the invalid snapshot; a new one works.
     v.delete_snapshot(id).expect("delete");
@@ -179,5 +185,8 @@ fn run(state: &Path, vol_path: &Path) {
     let s = v.snapshot(id2).expect("handle");
     let mut img = vec![0u8; 64 * BS as usize];
     s.read_at(&mut img, 0).expect("new snapshot reads");
-    assert!(img == after[..64 * BS as usize], "the new snapshot holds the data as of its creation");
+    assert!(
+        img == after[..64 * BS as usize],
+        "the new snapshot holds the data as of its creation"
+    );
 }

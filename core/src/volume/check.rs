@@ -159,7 +159,10 @@ pub fn check(volume: &Path, repair: bool) -> Result<CheckReport> {
         for s in &report.slots {
             if let (Some(p), None) = (&s.problem, s.generation) {
                 if p != "not written yet" {
-                    tracing::info!("{}: {p} (an unacknowledged change torn by a crash; harmless)", s.file.display());
+                    tracing::info!(
+                        "{}: {p} (an unacknowledged change torn by a crash; harmless)",
+                        s.file.display()
+                    );
                 }
             }
         }
@@ -168,9 +171,10 @@ pub fn check(volume: &Path, repair: bool) -> Result<CheckReport> {
     let gen_len = std::fs::metadata(&gen_path).map(|m| m.len()).unwrap_or(0);
     let gen_short = gen_len < 9;
     if gen_short {
-        report
-            .problems
-            .push(format!("{} is {gen_len} bytes, expected 9", gen_path.display()));
+        report.problems.push(format!(
+            "{} is {gen_len} bytes, expected 9",
+            gen_path.display()
+        ));
     }
 
     // --- maps ---

@@ -658,7 +658,11 @@ mod tests {
         for i in 0..b.len() {
             let mut d = b;
             d[i] ^= 0x10;
-            assert_eq!(classify(&d), Slot::Damaged, "flip at byte {i} went unnoticed");
+            assert_eq!(
+                classify(&d),
+                Slot::Damaged,
+                "flip at byte {i} went unnoticed"
+            );
         }
         assert_eq!(Record::decode(&b[..63]), None);
         assert_eq!(classify(&[0u8; 64]), Slot::Blank);

@@ -93,15 +93,21 @@ pub mod decode {
 
     /// Decodes a catalog slot's bytes; returns its generation and snapshot count.
     pub fn catalog_slot(bytes: &[u8]) -> Result<(u64, usize)> {
-        let (c, _): (super::catalog::Catalog, usize) =
-            crate::format::decode_json(super::catalog::CATALOG_KIND, bytes, Path::new("<catalog>"))?;
+        let (c, _): (super::catalog::Catalog, usize) = crate::format::decode_json(
+            super::catalog::CATALOG_KIND,
+            bytes,
+            Path::new("<catalog>"),
+        )?;
         Ok((c.generation, c.snapshots.len()))
     }
 
     /// Decodes a catalog slot's bytes and re-encodes them (round-trip property).
     pub fn catalog_reencode(bytes: &[u8]) -> Result<Vec<u8>> {
-        let (c, _): (super::catalog::Catalog, usize) =
-            crate::format::decode_json(super::catalog::CATALOG_KIND, bytes, Path::new("<catalog>"))?;
+        let (c, _): (super::catalog::Catalog, usize) = crate::format::decode_json(
+            super::catalog::CATALOG_KIND,
+            bytes,
+            Path::new("<catalog>"),
+        )?;
         Ok(crate::format::encode_json(super::catalog::CATALOG_KIND, &c))
     }
 
@@ -145,8 +151,11 @@ pub mod decode {
 
     /// Decodes a catalog slot's bytes into a printable form (for round-trip properties).
     pub fn catalog_debug(bytes: &[u8]) -> Result<String> {
-        let (c, _): (super::catalog::Catalog, usize) =
-            crate::format::decode_json(super::catalog::CATALOG_KIND, bytes, Path::new("<catalog>"))?;
+        let (c, _): (super::catalog::Catalog, usize) = crate::format::decode_json(
+            super::catalog::CATALOG_KIND,
+            bytes,
+            Path::new("<catalog>"),
+        )?;
         Ok(format!("{c:?}"))
     }
 
@@ -1093,11 +1102,7 @@ impl Inner {
                 inv.id
             ),
         }
-        let hook = self
-            .hook
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
+        let hook = self.hook.lock().unwrap_or_else(|p| p.into_inner()).clone();
         if let Some(h) = hook {
             h(&inv);
         }
@@ -1286,7 +1291,13 @@ impl Inner {
     /// volume's `diff_max` reached); the slots taken are given back.
     fn store_copies(&self, data: &[u8], n: u64) -> Result<std::result::Result<u64, String>> {
         let bs = self.bs();
-        if let Some(max) = self.cache.lock().unwrap_or_else(|p| p.into_inner()).catalog.diff_max {
+        if let Some(max) = self
+            .cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .catalog
+            .diff_max
+        {
             let used = self.diff_used()?;
             if used + n * bs > max {
                 return Ok(Err(format!(
