@@ -82,10 +82,11 @@ fn a_damaged_catalog_is_explained_by_check_and_recovered_only_by_repair() {
 
     let list = ff_json(&["volume", "snapshots", v, "--json"]);
     let state_of = |id: &str| {
+        let id: u64 = id.parse().expect("id");
         list.as_array()
             .expect("array")
             .iter()
-            .find(|s| s["id"].to_string() == id)
+            .find(|s| s["id"].as_u64() == Some(id))
             .map(|s| s["state"]["state"].as_str().unwrap_or("").to_string())
     };
     assert_eq!(state_of(&first).as_deref(), Some("sealed"));
