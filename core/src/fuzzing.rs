@@ -131,6 +131,41 @@ pub fn replica_wire(bytes: &[u8]) -> Result<String> {
     }
 }
 
+/// The checksummed formats [`seal`] can wrap an arbitrary payload for.
+pub const SEALABLE: &[&str] = &[
+    "state_envelope",
+    "catalog",
+    "map",
+    "backup_envelope",
+    "backup_index",
+    "backup_manifest",
+];
+
+/// `payload` wrapped in format `name` with a valid checksum, so that the
+/// payload parser (not only the checksum) sees arbitrary input. For `map`,
+/// the payload is a sequence of 48-byte record bodies.
+pub fn seal(name: &str, payload: &[u8]) -> Option<Vec<u8>> {
+    use crate::backup::envelope;
+    Some(match name {
+        "state_envelope" => crate::format::encode(STATE_KIND, payload),
+        "catalog" => crate::volume::decode::seal_catalog(payload),
+        "map" => crate::volume::decode::seal_map_records(payload),
+        "backup_envelope" => envelope::seal(BACKUP_MAGIC, 1, payload),
+        "backup_index" => envelope::seal(b"FFBKINDX", 1, payload),
+        "backup_manifest" => envelope::seal(b"FFBKMANI", 1, payload),
+        _ => return None,
+    })
+}
+
+/// The decoder of format `name`.
+pub fn decoder(name: &str) -> Option<Decoder> {
+    CHECKSUMMED
+        .iter()
+        .chain(UNCHECKSUMMED)
+        .find(|(n, _)| *n == name)
+        .map(|(_, d)| *d)
+}
+
 /// A valid encoding of each checksummed format, by decoder name.
 pub fn samples() -> Vec<(&'static str, Vec<u8>)> {
     use crate::backup::hash::BlockHash;

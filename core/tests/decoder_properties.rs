@@ -131,14 +131,10 @@ proptest! {
         json_like in "\\{\"[a-z_]{1,12}\":[0-9]{1,20}(,\"[a-z_]{1,12}\":(\\[\\]|[0-9]{1,20}|\"[a-z]{0,8}\"))*\\}",
     ) {
         // The same checksum the real files carry, around payloads no writer made.
-        let seal_state = |magic: &[u8; 8], p: &[u8]| freezeframe_core::format::encode(
-            freezeframe_core::format::Kind { magic: *magic, version: 1 }, p);
         for p in [payload.as_slice(), json_like.as_bytes()] {
-            let cases: [(&str, Vec<u8>, Decoder); 2] = [
-                ("catalog", seal_state(b"FFCATALG", p), fuzzing::catalog),
-                ("state_envelope", seal_state(b"FFSTATE1", p), fuzzing::state_envelope),
-            ];
-            for (name, bytes, decode) in cases {
+            for name in fuzzing::SEALABLE {
+                let bytes = fuzzing::seal(name, p).expect("sealable");
+                let decode = fuzzing::decoder(name).expect("decoder");
                 let big = largest_allocation(|| { let _ = decode(&bytes); });
                 prop_assert!(big <= ALLOC_LIMIT, "{name}: allocated {big} bytes");
             }
