@@ -120,7 +120,7 @@ fn rows(benches: &serde_json::Map<String, Value>) -> Vec<Row> {
     let first = num(&vol, &["ours", "first_write_ratio"]);
     let xfs_first = num(&vol, &["xfs_reflink", "first_write_ratio"]);
     rows.push(Row {
-        measure: "first write after a snapshot (1 MiB writes, flush per pass), speed relative to no snapshot",
+        measure: "first writes after a snapshot, speed vs no snapshot",
         unit: "x",
         ours: first,
         peer: "XFS reflink copy, same pattern",
@@ -133,7 +133,7 @@ fn rows(benches: &serde_json::Map<String, Value>) -> Vec<Row> {
     let rewrite = num(&vol, &["ours", "rewrite_ratio"]);
     let xfs_rewrite = num(&vol, &["xfs_reflink", "rewrite_ratio"]);
     rows.push(Row {
-        measure: "rewrite of already-copied blocks, speed relative to no snapshot",
+        measure: "rewrites of copied blocks, speed vs no snapshot",
         unit: "x",
         ours: rewrite,
         peer: "XFS rewrite after its copy-on-write",
@@ -198,8 +198,14 @@ fn rows(benches: &serde_json::Map<String, Value>) -> Vec<Row> {
         met: div(f_ff, f_bf).map(|r| r >= 2.0),
     });
     for (mode, measure) in [
-        ("cold_storage", "random 4 KiB snapshot reads, page cache dropped"),
-        ("cold_fuse_cache", "random 4 KiB snapshot reads, FUSE cache cold"),
+        (
+            "cold_storage",
+            "random 4 KiB snapshot reads, page cache dropped",
+        ),
+        (
+            "cold_fuse_cache",
+            "random 4 KiB snapshot reads, FUSE cache cold",
+        ),
     ] {
         let ff = num(&mnt, &[mode, "random_4KiB", "freezeframe_iops"]);
         let bf = num(&mnt, &[mode, "random_4KiB", "bindfs_iops"]);
@@ -314,7 +320,11 @@ fn rows(benches: &serde_json::Map<String, Value>) -> Vec<Row> {
             measure,
             unit: "ms",
             ours: p99,
-            peer: if n == "3" || n == "8" { "" } else { "(see benches)" },
+            peer: if n == "3" || n == "8" {
+                ""
+            } else {
+                "(see benches)"
+            },
             peer_value: None,
             ratio: None,
             ratio_means: "",
@@ -396,25 +406,61 @@ pub fn run(args: BenchAllArgs) -> Result<()> {
     let mut plan: Vec<(String, Vec<String>)> = vec![
         (
             "volume".into(),
-            vec!["volume".into(), "--size".into(), size.clone(), "--creates".into(), args.creates.to_string(), "--dir".into(), dir.clone()],
+            vec![
+                "volume".into(),
+                "--size".into(),
+                size.clone(),
+                "--creates".into(),
+                args.creates.to_string(),
+                "--dir".into(),
+                dir.clone(),
+            ],
         ),
         (
             "mount".into(),
-            vec!["mount".into(), "--size".into(), size.clone(), "--random-reads".into(), args.random_reads.to_string(), "--dir".into(), dir.clone()],
+            vec![
+                "mount".into(),
+                "--size".into(),
+                size.clone(),
+                "--random-reads".into(),
+                args.random_reads.to_string(),
+                "--dir".into(),
+                dir.clone(),
+            ],
         ),
         (
             "backup".into(),
-            vec!["backup".into(), "--size".into(), size.clone(), "--dir".into(), dir.clone()],
+            vec![
+                "backup".into(),
+                "--size".into(),
+                size.clone(),
+                "--dir".into(),
+                dir.clone(),
+            ],
         ),
         (
             "replica".into(),
-            vec!["replica".into(), "--size".into(), size.clone(), "--dir".into(), dir.clone()],
+            vec![
+                "replica".into(),
+                "--size".into(),
+                size.clone(),
+                "--dir".into(),
+                dir.clone(),
+            ],
         ),
     ];
     for n in &args.nodes {
         plan.push((
             format!("snapshot_{n}"),
-            vec!["snapshot".into(), "--nodes".into(), n.to_string(), "--rounds".into(), args.rounds.to_string(), "--dir".into(), dir.clone()],
+            vec![
+                "snapshot".into(),
+                "--nodes".into(),
+                n.to_string(),
+                "--rounds".into(),
+                args.rounds.to_string(),
+                "--dir".into(),
+                dir.clone(),
+            ],
         ));
     }
     let mut benches = serde_json::Map::new();
@@ -430,13 +476,18 @@ pub fn run(args: BenchAllArgs) -> Result<()> {
     let mut passed = 0usize;
     for (name, b) in &benches {
         if b["exit_ok"] != true || b["report"].is_null() {
-            failed.push(format!("{name}: {}", b["error"].as_str().unwrap_or("printed no JSON")));
+            failed.push(format!(
+                "{name}: {}",
+                b["error"].as_str().unwrap_or("printed no JSON")
+            ));
         }
         for c in b["report"]["checks"].as_array().into_iter().flatten() {
             let who = format!("{name}/{}", c["peer"].as_str().unwrap_or("?"));
             match c["status"].as_str() {
                 Some("passed") => passed += 1,
-                Some("unavailable") => unavailable.push(format!("{who}: {}", c["detail"].as_str().unwrap_or(""))),
+                Some("unavailable") => {
+                    unavailable.push(format!("{who}: {}", c["detail"].as_str().unwrap_or("")))
+                }
                 _ => failed.push(format!("{who}: {}", c["detail"])),
             }
         }

@@ -223,7 +223,11 @@ fn bench(
     let exact = checks.record(
         "ours",
         "the express-full backup, restored, hashes like its snapshot",
-        peers::same(&hash_file(&restored)?, &hash_snapshot(&vol, snap2)?, "our restore"),
+        peers::same(
+            &hash_file(&restored)?,
+            &hash_snapshot(&vol, snap2)?,
+            "our restore",
+        ),
     );
 
     for (t, name) in [(&restic, "restic"), (&borg, "borg")] {
@@ -256,9 +260,7 @@ fn bench(
     let inc_vs_restic = ratio(&restic_inc, &inc);
     let inc_vs_borg = ratio(&borg_inc, &inc);
     // Ours relative to the durable plain copy: 2.0 = twice the copy's time.
-    let full_to_copy = dd_step
-        .filter(|_| ours_ok)
-        .map(|d| full.secs / d.secs);
+    let full_to_copy = dd_step.filter(|_| ours_ok).map(|d| full.secs / d.secs);
     let growth_ratio = inc.growth as f64 / changed_bytes.max(1) as f64;
     let report = json!({
         "volume": { "size": size, "block_size": bs, "changed_blocks": n_change, "changed_bytes": changed_bytes, "change_pct": pct },
@@ -320,7 +322,11 @@ fn dd_copy_file(src: &Path, dst: &Path) -> Result<()> {
         .output()
         .context("run dd")?;
     if !out.status.success() {
-        bail!("dd to {}: {}", dst.display(), String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "dd to {}: {}",
+            dst.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(())
 }
@@ -514,7 +520,11 @@ impl Tool {
             }
         };
         let outcome = self.read_back(r).and_then(|got| {
-            peers::same(&got, source, &format!("{}'s {label} backup, read back", self.name))
+            peers::same(
+                &got,
+                source,
+                &format!("{}'s {label} backup, read back", self.name),
+            )
         });
         let ok = checks.record(
             self.name,

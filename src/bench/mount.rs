@@ -14,8 +14,8 @@
 //!    - `cold_fuse_cache`: the files under the mounts (volume, copy) are in the page
 //!      cache, the mounted files are not (`POSIX_FADV_DONTNEED` on them before each
 //!      pass): what the FUSE layer itself costs.
-//!    Both are plain snapshot reads: no block was overwritten yet, so every read goes
-//!    to the volume after a diff-area lookup;
+//!      Both are plain snapshot reads: no block was overwritten yet, so every read goes
+//!      to the volume after a diff-area lookup;
 //! 4. a quarter of the volume is overwritten through the mount (live write with
 //!    copy-before-overwrite), and the snapshot is read sequentially again, cold: the
 //!    mixed figure, a quarter of it from the diff area.
@@ -241,7 +241,9 @@ impl Side {
     fn json(&self) -> serde_json::Value {
         match self {
             Side::NotRun => serde_json::Value::Null,
-            Side::Failed => serde_json::json!({"error": "result check failed: the bytes read differ from the source; no figure"}),
+            Side::Failed => {
+                serde_json::json!({"error": "result check failed: the bytes read differ from the source; no figure"})
+            }
             Side::Measured(x) => serde_json::json!(x),
         }
     }
@@ -316,7 +318,11 @@ impl Pair<'_> {
             &format!("sequential 1 MiB read(2), {mode}: blake3 of the bytes read equals the plain copy's"),
             outcome,
         );
-        Ok(if ok { Side::Measured(gbps(bytes, secs)) } else { Side::Failed })
+        Ok(if ok {
+            Side::Measured(gbps(bytes, secs))
+        } else {
+            Side::Failed
+        })
     }
 
     /// The seeded random reads of `path` by `peer`, checked against the plain copy.
@@ -427,7 +433,7 @@ fn paged_in(len: usize) -> Vec<u8> {
 
 /// Runs the benchmark: its JSON and the result checks.
 pub fn measure(args: &Args) -> Result<(serde_json::Value, Checks)> {
-    if args.size < 16 * MIB || args.size % MIB != 0 {
+    if args.size < 16 * MIB || !args.size.is_multiple_of(MIB) {
         bail!(
             "--size must be a whole number of MiB, at least 16MiB (got {})",
             args.size

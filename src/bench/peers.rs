@@ -137,3 +137,46 @@ pub fn is_root() -> bool {
     // SAFETY: geteuid has no arguments and cannot fail.
     unsafe { libc::geteuid() == 0 }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_result_check_replaces_the_figures_with_an_error_and_fails_the_run() {
+        let mut checks = Checks::default();
+        let src = blake3::hash(b"source bytes");
+        assert!(checks.record("tcp copy", "hash", same(&src, &src, "copy")));
+        let ok = checks.record(
+            "rsync",
+            "hash",
+            same(&blake3::hash(b"stale copy"), &src, "rsync's copy"),
+        );
+        assert!(!ok);
+        let fig = figures(ok, json!({"seconds": 0.047}), "rsync's copy differs");
+        assert!(
+            fig.get("seconds").is_none(),
+            "a time survived a failed check: {fig}"
+        );
+        let error = fig["error"]
+            .as_str()
+            .expect("an error in place of the figures");
+        assert!(error.contains("rsync's copy differs"), "{error}");
+        let err = checks
+            .verdict()
+            .expect_err("a failed check fails the run")
+            .to_string();
+        assert!(err.contains("rsync"), "{err}");
+        assert!(!err.contains("tcp copy"), "{err}");
+    }
+
+    #[test]
+    fn an_unavailable_peer_is_not_a_failure_and_names_its_package() {
+        let mut checks = Checks::default();
+        let why = tool("surely-not-a-real-tool-xyz", "some-package").expect_err("not on PATH");
+        assert!(why.contains("apt-get install some-package"), "{why}");
+        checks.unavailable("borg", &why);
+        assert!(checks.verdict().is_ok());
+        assert_eq!(checks.json()[0]["status"], "unavailable");
+    }
+}

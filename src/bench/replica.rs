@@ -31,8 +31,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use freezeframe_core::units::{parse_block_size, parse_size};
 use freezeframe_core::replica::store::{ReplicaStore, ReplicaVolume};
+use freezeframe_core::units::{parse_block_size, parse_size};
 use freezeframe_core::volume::{SnapshotOptions, Volume};
 use rand::{Rng, RngCore, SeedableRng};
 use serde_json::json;
@@ -300,7 +300,11 @@ pub fn measure(args: &BenchReplicaArgs) -> Result<(serde_json::Value, Checks)> {
             let initial_ok = checks.record(
                 "rsync",
                 "initial copy: blake3 of the destination equals the source's",
-                peers::same(&peers::hash_file(&rsync_dst)?, &src1, "rsync's initial copy"),
+                peers::same(
+                    &peers::hash_file(&rsync_dst)?,
+                    &src1,
+                    "rsync's initial copy",
+                ),
             );
             let f = std::fs::OpenOptions::new().write(true).open(&image)?;
             for (b, data) in &changes {
@@ -330,9 +334,12 @@ pub fn measure(args: &BenchReplicaArgs) -> Result<(serde_json::Value, Checks)> {
     let rsync_update = rsync_runs.and_then(|(_, (ok, s))| ok.then_some(s));
     let tcp = tcp_ok.then_some(tcp_mb_s);
     let ours = |x: f64| ours_ok.then_some(x);
-    let incremental_speedup = rsync_update.zip(ours(inc.seconds)).map(|(r, i)| ratio(r, i));
+    let incremental_speedup = rsync_update
+        .zip(ours(inc.seconds))
+        .map(|(r, i)| ratio(r, i));
     let full_to_tcp = ours(full_mb_s).zip(tcp).map(|(f, t)| ratio(f, t));
-    let failed = |what: &str| json!({ "error": format!("result check failed: {what}; no time reported") });
+    let failed =
+        |what: &str| json!({ "error": format!("result check failed: {what}; no time reported") });
     let rsync_json = match rsync_runs {
         None => json!({ "skipped": "rsync is not installed (Debian: apt-get install rsync)" }),
         Some(_) => json!({
@@ -414,4 +421,53 @@ fn replica_hash(store: &ReplicaVolume, id: u64, size: u64) -> Result<blake3::Has
         block += 1;
     }
     Ok(h.finalize())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The fault of issue 17: rsync's quick check (same size and modification time)
+    /// skipped a changed image, so its timed "update" did no work. The benchmark's
+    /// rsync forces the delta transfer: the change arrives even when size and mtime
+    /// are the same on both sides.
+    #[test]
+    fn rsync_update_copies_a_change_that_keeps_size_and_mtime() {
+        if let Err(why) = peers::tool("rsync", "rsync") {
+            eprintln!("SKIPPED: {why}");
+            return;
+        }
+        let t = tempfile::tempdir().expect("temp dir");
+        let (src_dir, dst_dir) = (t.path().join("src"), t.path().join("dst"));
+        std::fs::create_dir_all(&src_dir).expect("mkdir");
+        std::fs::create_dir_all(&dst_dir).expect("mkdir");
+        let src = src_dir.join("volume.img");
+        let dst = dst_dir.join("volume.img");
+        let mut data = vec![0u8; 1 << 20];
+        rand::rngs::StdRng::seed_from_u64(7).fill_bytes(&mut data);
+        std::fs::write(&src, &data).expect("write source");
+        rsync(&src, &dst_dir).expect("initial rsync");
+        assert_eq!(
+            peers::hash_file(&dst).expect("hash destination"),
+            blake3::hash(&data)
+        );
+
+        // Change 4 bytes in place; give both files the same modification time.
+        let when = std::fs::metadata(&dst)
+            .and_then(|m| m.modified())
+            .expect("mtime");
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&src)
+            .expect("open source");
+        f.write_all_at(b"XXXX", 100).expect("change source");
+        f.set_modified(when).expect("set mtime");
+        drop(f);
+        rsync(&src, &dst_dir).expect("update rsync");
+        assert_eq!(
+            peers::hash_file(&dst).expect("hash destination"),
+            peers::hash_file(&src).expect("hash source"),
+            "rsync skipped the changed file (quick check on size and mtime)"
+        );
+    }
 }

@@ -171,23 +171,40 @@ fn mount_xfs(work: &Path, size: u64) -> Result<XfsMount, String> {
     File::create(&image)
         .and_then(|f| f.set_len(image_size))
         .map_err(|e| format!("create {}: {e}", image.display()))?;
-    run_tool(Command::new(mkfs).args(["-q", "-m", "reflink=1"]).arg(&image))
-        .map_err(|e| format!("mkfs.xfs cannot make a reflink file system: {e}"))?;
+    run_tool(
+        Command::new(mkfs)
+            .args(["-q", "-m", "reflink=1"])
+            .arg(&image),
+    )
+    .map_err(|e| format!("mkfs.xfs cannot make a reflink file system: {e}"))?;
     let at = work.join("xfs");
     std::fs::create_dir_all(&at).map_err(|e| format!("create {}: {e}", at.display()))?;
-    run_tool(Command::new("mount").args(["-t", "xfs", "-o", "loop"]).arg(&image).arg(&at))
-        .map_err(|e| {
-            format!(
-                "cannot mount the XFS image{}: {e}",
-                if fs_supported { "" } else { " (the kernel lists no xfs in /proc/filesystems)" }
-            )
-        })?;
+    run_tool(
+        Command::new("mount")
+            .args(["-t", "xfs", "-o", "loop"])
+            .arg(&image)
+            .arg(&at),
+    )
+    .map_err(|e| {
+        format!(
+            "cannot mount the XFS image{}: {e}",
+            if fs_supported {
+                ""
+            } else {
+                " (the kernel lists no xfs in /proc/filesystems)"
+            }
+        )
+    })?;
     Ok(XfsMount(at))
 }
 
 /// The XFS reflink peer: the same passes on a file, `cp --reflink=always` in place of
 /// the snapshot. Err(reason) when XFS reflink is unavailable; the figures are checked.
-fn xfs_reflink(work: &Path, size: u64, checks: &mut Checks) -> anyhow::Result<Result<Value, String>> {
+fn xfs_reflink(
+    work: &Path,
+    size: u64,
+    checks: &mut Checks,
+) -> anyhow::Result<Result<Value, String>> {
     let mnt = match mount_xfs(work, size) {
         Ok(m) => m,
         Err(why) => return Ok(Err(why)),
@@ -214,8 +231,10 @@ fn xfs_reflink(work: &Path, size: u64, checks: &mut Checks) -> anyhow::Result<Re
     let first = file_pass(&f, size, 3)?;
     let rewrite = file_pass(&f, size, 4)?;
     let copy_f = File::open(&copy).with_context(|| format!("open {}", copy.display()))?;
-    let outcome = expect_fill(size, 2, "the reflink copy", |b, at| Ok(copy_f.read_at(b, at)?))
-        .and_then(|()| expect_fill(size, 4, "the rewritten file", |b, at| Ok(f.read_at(b, at)?)));
+    let outcome = expect_fill(size, 2, "the reflink copy", |b, at| {
+        Ok(copy_f.read_at(b, at)?)
+    })
+    .and_then(|()| expect_fill(size, 4, "the rewritten file", |b, at| Ok(f.read_at(b, at)?)));
     let passed = checks.record(
         "xfs reflink",
         "the reflink copy holds exactly the bytes written before it was made (so every first write copied), the file those of the last pass",
@@ -242,7 +261,7 @@ fn xfs_reflink(work: &Path, size: u64, checks: &mut Checks) -> anyhow::Result<Re
 pub fn measure(args: &BenchVolumeArgs) -> anyhow::Result<(Value, Checks)> {
     let size = parse_size(&args.size)?;
     let bs = parse_block_size(&args.block_size)?;
-    if size < (1 << 20) || size % WRITE as u64 != 0 {
+    if size < (1 << 20) || !size.is_multiple_of(WRITE as u64) {
         bail!("--size must be a whole number of MiB (got {})", args.size);
     }
     let tmp = tempfile::Builder::new()
