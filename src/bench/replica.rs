@@ -84,6 +84,22 @@ fn snapshot(v: &Volume) -> Result<u64> {
     Ok(id)
 }
 
+/// Waits until the secondary has bound its UDP port (it can take connections from
+/// then on; early packets wait in the socket), or fails if it exits first.
+fn wait_bound(addr: SocketAddr, child: &mut Child, wait: Duration) -> Result<()> {
+    let deadline = Instant::now() + wait;
+    while UdpSocket::bind(addr).is_ok() {
+        if let Some(status) = child.try_wait()? {
+            bail!("the secondary exited ({status}) before listening on {addr}");
+        }
+        if Instant::now() > deadline {
+            bail!("the secondary did not listen on {addr} within {wait:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(())
+}
+
 fn free_udp() -> Result<SocketAddr> {
     Ok(UdpSocket::bind("127.0.0.1:0")?.local_addr()?)
 }
@@ -207,7 +223,7 @@ pub fn measure(args: &BenchReplicaArgs) -> Result<(serde_json::Value, Checks)> {
     )?;
     let exe = std::env::current_exe()?;
     let log = std::fs::File::create(root.join("r/serve.log"))?;
-    let _secondary = Secondary(
+    let mut secondary = Secondary(
         Command::new(&exe)
             .arg("--config")
             .arg(&rcfg)
@@ -219,7 +235,7 @@ pub fn measure(args: &BenchReplicaArgs) -> Result<(serde_json::Value, Checks)> {
             .spawn()
             .context("starting the secondary")?,
     );
-    std::thread::sleep(Duration::from_millis(300));
+    wait_bound(listen, &mut secondary.0, Duration::from_secs(30))?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -256,7 +272,7 @@ pub fn measure(args: &BenchReplicaArgs) -> Result<(serde_json::Value, Checks)> {
         false,
     ))?;
 
-    drop(_secondary);
+    drop(secondary);
 
     // Ours: both replica snapshots, read back from the secondary's store.
     let mut checks = Checks::default();

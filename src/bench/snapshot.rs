@@ -89,6 +89,31 @@ fn noop_writer(cfg: &NodeConfig) -> Result<()> {
     Ok(())
 }
 
+/// Waits until every node reports its no-op writer registered (bounded).
+fn wait_writers(configs: &[NodeConfig], wait: Duration) -> Result<()> {
+    let deadline = Instant::now() + wait;
+    for cfg in configs {
+        let name = format!("noop-{}", cfg.name());
+        loop {
+            let v = crate::client::call_blocking(cfg, &ControlRequest::Status)?;
+            if v["writers"]
+                .as_array()
+                .is_some_and(|a| a.iter().any(|w| w["name"] == name.as_str()))
+            {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "the no-op writer on {} did not register within {wait:?}",
+                    cfg.name()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    Ok(())
+}
+
 fn percentiles(mut v: Vec<f64>) -> Value {
     if v.is_empty() {
         return Value::Null;
@@ -133,7 +158,7 @@ pub fn measure(args: &BenchSnapshotArgs) -> Result<(Value, Checks)> {
     for c in &configs {
         noop_writer(c)?;
     }
-    std::thread::sleep(Duration::from_millis(300));
+    wait_writers(&configs, Duration::from_secs(30))?;
 
     let (mut total, mut window, mut hold) = (Vec::new(), Vec::new(), Vec::new());
     let mut phases: BTreeMap<String, Vec<f64>> = BTreeMap::new();
