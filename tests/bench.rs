@@ -55,6 +55,7 @@ fn bench_all_runs_every_peer_and_every_peer_result_matches_its_source() {
         "200",
         "--creates",
         "3",
+        "--no-faults",
         "--dir",
         d,
     ]);

@@ -8,6 +8,9 @@
 //! A benchmark whose peer result check failed exits non-zero after printing its JSON:
 //! its figures for that peer are errors, and `bench all` ends with an error too. The
 //! targets are those of issue 17's table (and the earlier ones still standing).
+//!
+//! The fault matrix (`bench faults`, its seeded subset) runs too when this binary has
+//! it (asked at run time with `bench faults --help`), unless `--no-faults`.
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -40,9 +43,27 @@ pub struct BenchAllArgs {
     /// Where every benchmark puts its files (a real disk, not tmpfs).
     #[arg(long, default_value = "/var/tmp")]
     dir: PathBuf,
+    /// Leave out the fault matrix (`bench faults`) even when this binary has it.
+    #[arg(long)]
+    no_faults: bool,
     /// Print one JSON object instead of the table.
     #[arg(long)]
     json: bool,
+}
+
+/// Whether this binary has `bench faults` (added by another branch of the project).
+fn has_faults_bench() -> bool {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| {
+            Command::new(exe)
+                .args(["bench", "faults", "--help"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .ok()
+        })
+        .is_some_and(|s| s.success())
 }
 
 /// One benchmark run as a child process: its JSON (if it printed any) and how it ended.
@@ -350,6 +371,23 @@ fn rows(benches: &serde_json::Map<String, Value>) -> Vec<Row> {
             met: hold.map(|h| h <= 5.0),
         });
     }
+    if let Some(f) = benches.get("faults") {
+        let r = &f["report"];
+        let pass = num(r, &["summary", "pass"]);
+        let run = num(r, &["summary", "run"]);
+        let fail = num(r, &["summary", "fail"]);
+        rows.push(Row {
+            measure: "fault-matrix cells passing (seeded subset)",
+            unit: "cells",
+            ours: pass,
+            peer: "cells run",
+            peer_value: run,
+            ratio: div(pass, run),
+            ratio_means: "passing / run",
+            target: "no cell fails (skipped cells are listed in benches.faults)",
+            met: pass.zip(fail).map(|(p, f)| p > 0.0 && f == 0.0),
+        });
+    }
     rows
 }
 
@@ -458,6 +496,18 @@ pub fn run(args: BenchAllArgs) -> Result<()> {
                 n.to_string(),
                 "--rounds".into(),
                 args.rounds.to_string(),
+                "--dir".into(),
+                dir.clone(),
+            ],
+        ));
+    }
+    if !args.no_faults && has_faults_bench() {
+        plan.push((
+            "faults".into(),
+            vec![
+                "faults".into(),
+                "--seed".into(),
+                "1".into(),
                 "--dir".into(),
                 dir.clone(),
             ],
