@@ -929,13 +929,15 @@ impl ClusterService {
         if run.failed || now < run.deadline_ms {
             return;
         }
-        // Blame a node that never froze before one that froze and waits for
-        // post-snapshot: the first is why the snapshot could not be taken.
+        // Blame a node that never froze before one that has not reported
+        // done after post-snapshot. A node that froze and waits for our
+        // post-snapshot is not late: we are (the coordinator's own deadline
+        // names our phase then).
         let late = run
             .peers
             .iter()
             .find(|(_, s)| **s == PeerState::Notified)
-            .or_else(|| run.peers.iter().find(|(_, s)| s.active()))
+            .or_else(|| run.peers.iter().find(|(_, s)| **s == PeerState::PostSent))
             .map(|(n, s)| (n.clone(), *s));
         if let Some((node, state)) = late {
             let waited = if state == PeerState::Notified {
@@ -949,7 +951,14 @@ impl ClusterService {
                 phase: state.phase(),
                 reason: format!("node {node} did not report {waited} before the lease expired"),
             };
-            self.peer_failed(&node, failure, None);
+            // The late node is still in the snapshot as far as we know: it
+            // stays active so that the abort reaches it (its own lease may
+            // end later than ours in true time).
+            let snapshot = run.snapshot;
+            if let Role::Initiator(run) = &mut self.role {
+                run.failed = true;
+            }
+            self.out.push_back(CsOut::Failed { snapshot, failure });
         }
     }
 
@@ -1070,6 +1079,59 @@ mod tests {
         assert_eq!(
             failure.reason,
             "node n2 did not report frozen before the lease expired"
+        );
+    }
+
+    #[test]
+    fn at_the_lease_a_frozen_node_waiting_for_post_snapshot_is_not_blamed_and_hears_the_abort() {
+        let members: Vec<String> = ["n1", "n2"].iter().map(|m| m.to_string()).collect();
+        let mut cs = ClusterService::new("n1", &members, 1_000);
+        cs.peer_up("n2");
+        cs.prepare_initiator(4, 1_000);
+        cs.writer_freeze(4, 0);
+        cs.poll();
+        let frozen = PeerMessage::Frozen {
+            snapshot: 4,
+            node: "n2".into(),
+            granted_ms: 1_000,
+        };
+        cs.peer_message("n2", frozen, 10, None);
+        cs.poll();
+        // Our own create is slow: the lease runs out while n2 waits for us.
+        cs.handle_timeout(1_000);
+        assert_eq!(cs.poll(), None, "n2 is not late; our coordinator is");
+        cs.writer_abort(4, "the lease of 1000 ms expired in committing");
+        assert_eq!(
+            cs.poll(),
+            Some(CsOut::Send {
+                to: "n2".into(),
+                msg: PeerMessage::Abort {
+                    snapshot: 4,
+                    reason: "the lease of 1000 ms expired in committing".into()
+                }
+            })
+        );
+    }
+
+    #[test]
+    fn a_node_blamed_at_the_lease_is_still_sent_the_abort() {
+        let mut cs = ClusterService::new("n1", &["n1".into(), "n2".into()], 1_000);
+        cs.peer_up("n2");
+        cs.prepare_initiator(4, 1_000);
+        cs.writer_freeze(4, 0);
+        cs.poll();
+        cs.handle_timeout(1_000);
+        assert!(matches!(cs.poll(), Some(CsOut::Failed { .. })));
+        cs.writer_abort(4, "n2 did not report frozen");
+        assert!(
+            matches!(
+                cs.poll(),
+                Some(CsOut::Send {
+                    msg: PeerMessage::Abort { .. },
+                    ..
+                })
+            ),
+            "a late node may be frozen still: it must hear the abort"
         );
     }
 
