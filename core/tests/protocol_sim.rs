@@ -582,6 +582,37 @@ fn thousands_of_random_seeds_keep_every_promise() {
     );
 }
 
+/// Back-to-back snapshots driven to the edges the guards protect (hooks
+/// freezing close to the lease, slow creates, shorter remote leases, skewed
+/// and drifting clocks, duplicated and replayed messages) with no fault that
+/// excuses an unclean create: every create the initiator accepts is clean.
+#[test]
+fn seeds_near_the_deadline_never_accept_an_unclean_create() {
+    let seeds: u64 = std::env::var("FREEZEFRAME_SIM_NEAR_SEEDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(2_000);
+    let (mut accepted, mut refused) = (0, 0);
+    for seed in 0..seeds {
+        let mut sim = Sim::near_the_deadline(seed);
+        sim.run();
+        assert!(
+            sim.violations().is_empty(),
+            "near-the-deadline seed {seed}: {:#?}\n{}",
+            sim.violations(),
+            sim.describe()
+        );
+        accepted += sim.commits().iter().filter(|c| c.accepted).count();
+        refused += sim.commits().iter().filter(|c| !c.accepted).count();
+    }
+    eprintln!("{seeds} near-the-deadline seeds: {accepted} creates accepted, {refused} refused");
+    assert!(
+        accepted > seeds as usize / 2,
+        "too few accepted creates to prove anything"
+    );
+    assert!(refused > seeds as usize / 20, "the guards never had to refuse a create");
+}
+
 #[test]
 fn same_seed_same_run() {
     let run = |seed| {

@@ -172,6 +172,8 @@ pub struct SimConfig {
     /// … or, with this chance, in this one (a slow disk, a long fsync).
     pub slow_engine_per_mille: u32,
     pub slow_engine_ms: (u64, u64),
+    /// Creates take a time in this range instead (a slow storage snapshot).
+    pub create_ms: Option<(u64, u64)>,
     /// Chance that a flush, create or seal fails.
     pub engine_fail_per_mille: u32,
     /// Every CreateSnapshot fails (a storage provider error).
@@ -216,6 +218,7 @@ impl SimConfig {
             engine_ms: (0, 3),
             slow_engine_per_mille: 0,
             slow_engine_ms: (0, 0),
+            create_ms: None,
             engine_fail_per_mille: 0,
             create_fails: false,
             seal_fails: false,
@@ -280,8 +283,8 @@ struct SimWriter {
     span: BTreeMap<SnapshotId, usize>,
     /// Every snapshot it was sent freeze for → outcomes received.
     outcomes: BTreeMap<SnapshotId, u32>,
-    /// Every event received, in order.
-    events: Vec<(SnapshotId, EventKind)>,
+    /// Every event received, in order, with the true time.
+    events: Vec<(SnapshotId, EventKind, u64)>,
     /// Disconnected (by the application, or its node died).
     gone: bool,
     /// Disconnected by the application itself (not recreated on restart).
@@ -712,6 +715,63 @@ impl Sim {
         sim
     }
 
+    /// A cluster driven to the edges the guards protect, with none of the
+    /// faults that excuse an unclean create (no crash, partition, pause or
+    /// disconnection): hook-like writers that freeze close to the lease,
+    /// creates that take a good part of it, skewed and drifting clocks, and
+    /// many duplicated and replayed messages over back-to-back snapshots.
+    /// Every accepted create must be clean here.
+    pub fn near_the_deadline(seed: u64) -> Sim {
+        let mut rng = Rng::new(seed.wrapping_mul(131).wrapping_add(17));
+        let n = rng.range(2, 4) as usize;
+        let mut config = SimConfig::cluster(n, 0);
+        let lease = config.lease_ms;
+        for (i, node) in config.nodes.iter_mut().enumerate() {
+            for w in 0..rng.range(1, 2) {
+                let hook = rng.chance(400);
+                node.push(WriterSpec {
+                    name: format!("app{}-{}", i + 1, w + 1),
+                    on_error: OnError::Fail,
+                    behaviour: if hook {
+                        Behaviour::Hook(rng.range(lease / 2, lease * 19 / 20))
+                    } else {
+                        Behaviour::Good
+                    },
+                    freeze_timeout_ms: hook.then_some(lease),
+                });
+            }
+        }
+        config.delay_ms = (0, rng.range(1, 30));
+        config.writer_delay_ms = (0, rng.range(1, 40));
+        config.clocks = (0..n)
+            .map(|_| Clock {
+                offset_ms: rng.range(0, 1 << 40),
+                drift_ppm: rng.range(0, 10_000) as i64 - 5_000,
+            })
+            .collect();
+        config.slow_engine_per_mille = rng.range(100, 500) as u32;
+        config.slow_engine_ms = (lease / 20, lease * 3 / 4);
+        config.dup_per_mille = rng.range(0, 200) as u32;
+        config.replay_per_mille = rng.range(100, 400) as u32;
+        if rng.chance(500) {
+            config.create_ms = Some((lease / 20, rng.range(lease / 10, lease / 2)));
+        }
+        if rng.chance(600) {
+            let node = rng.range(0, n as u64 - 1) as usize;
+            config
+                .node_lease_ms
+                .insert(node, rng.range(lease / 2, lease));
+        }
+        let mut sim = Sim::new(config, seed);
+        let mut at = rng.range(0, 100);
+        for _ in 0..rng.range(3, 6) {
+            let node = rng.range(0, n as u64 - 1) as usize;
+            sim.request_at(node, at);
+            at += rng.range(lease / 2, 3 * lease / 2);
+        }
+        sim
+    }
+
     /// A short description of the cluster and the fault plan, enough to
     /// see what a failing seed did.
     pub fn describe(&self) -> String {
@@ -919,8 +979,9 @@ impl Sim {
         self.nodes.get(node).map(|n| n.machine.status())
     }
 
-    /// The events writer `name` received (every connection of it), in order.
-    pub fn writer_events(&self, name: &str) -> Vec<(SnapshotId, EventKind)> {
+    /// The events writer `name` received (every connection of it), in
+    /// order, each with the true time it came.
+    pub fn writer_events(&self, name: &str) -> Vec<(SnapshotId, EventKind, u64)> {
         self.nodes
             .iter()
             .flat_map(|n| n.writers.iter())
@@ -1522,7 +1583,9 @@ impl Sim {
 
     /// Queue a job on node `i`'s engine worker; returns when it starts.
     fn engine(&mut self, i: usize, job: Job) -> u64 {
-        let d = if self.rng.chance(self.config.slow_engine_per_mille) {
+        let d = if let (Job::Create(..), Some((lo, hi))) = (&job, self.config.create_ms) {
+            self.rng.range(lo, hi)
+        } else if self.rng.chance(self.config.slow_engine_per_mille) {
             self.rng
                 .range(self.config.slow_engine_ms.0, self.config.slow_engine_ms.1)
         } else {
@@ -1758,12 +1821,19 @@ impl Sim {
             self.deliver(from, j, msg);
         }
         if self.rng.chance(self.config.replay_per_mille) {
-            let old = self.link_history.get(&(from, j)).and_then(|h| {
-                let k = self.rng.range(0, h.len().saturating_sub(1) as u64) as usize;
-                h.get(k).cloned()
-            });
+            // An old message of this link, or of the way back, arrives
+            // again now: often one of an earlier snapshot, just when the
+            // new one waits for its like.
+            let (a, b) = if self.rng.chance(500) {
+                (from, j)
+            } else {
+                (j, from)
+            };
+            let n = self.link_history.get(&(a, b)).map_or(0, Vec::len) as u64;
+            let k = self.rng.range(0, n.saturating_sub(1)) as usize;
+            let old = self.link_history.get(&(a, b)).and_then(|h| h.get(k).cloned());
             if let Some(old) = old {
-                self.deliver(from, j, old);
+                self.deliver(a, b, old);
             }
         }
     }
@@ -1822,7 +1892,7 @@ impl Sim {
         let mut lease_end = None;
         {
             let w = &mut self.nodes[i].writers[idx];
-            w.events.push((snapshot, kind));
+            w.events.push((snapshot, kind, now));
             if w.registered_seq.is_none() {
                 problems.push(format!(
                     "{} on {} got {kind} for {snapshot} before it was told registered",
