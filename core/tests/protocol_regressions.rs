@@ -389,6 +389,22 @@ fn the_request_timeout_is_named_in_the_failure() {
     );
 }
 
+#[test]
+fn the_request_timeout_is_named_when_a_remote_node_is_late() {
+    let config =
+        SimConfig::cluster(2, 1).writer(1, 0, Behaviour::Silent(EventKind::Freeze), OnError::Fail);
+    let mut sim = Sim::new(config, 15);
+    let req = sim.request_with_timeout_at(0, 0, 400);
+    sim.run();
+    assert_clean(&sim);
+    let error = sim.report(req).and_then(|r| r.error.clone()).expect("failed");
+    assert_eq!(error.node, "n2");
+    assert_eq!(
+        error.reason,
+        "node n2 did not report frozen before the request's timeout of 400 ms expired"
+    );
+}
+
 // ---- membership and the wire -------------------------------------------------------
 
 #[test]

@@ -414,7 +414,7 @@ fn lost_messages_end_in_abort_by_lease_with_nothing_left_frozen() {
     assert!(
         error
             .reason
-            .contains("did not report frozen before the lease expired"),
+            .contains("did not report frozen before the lease of 2000 ms expired"),
         "{error:?}"
     );
     assert_eq!(error.phase, Phase::Freezing);

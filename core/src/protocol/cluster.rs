@@ -252,6 +252,8 @@ impl PeerState {
 struct InitRun {
     snapshot: SnapshotId,
     deadline_ms: u64,
+    /// What the deadline is, for failure reasons.
+    limit: String,
     /// When the freeze notices went out.
     notified_ms: u64,
     peers: BTreeMap<String, PeerState>,
@@ -371,11 +373,14 @@ impl ClusterService {
 
     // ---- initiator side ---------------------------------------------------
 
-    /// This node initiates `snapshot`, which must end by `deadline_ms`.
-    pub fn prepare_initiator(&mut self, snapshot: SnapshotId, deadline_ms: u64) {
+    /// This node initiates `snapshot`, which must end by `deadline_ms`;
+    /// `limit` says what that deadline is ("lease of 10000 ms", "request's
+    /// timeout of 1000 ms"), for failure reasons.
+    pub fn prepare_initiator(&mut self, snapshot: SnapshotId, deadline_ms: u64, limit: &str) {
         self.role = Role::Initiator(InitRun {
             snapshot,
             deadline_ms,
+            limit: limit.to_string(),
             notified_ms: 0,
             peers: BTreeMap::new(),
             holds: BTreeMap::new(),
@@ -949,7 +954,10 @@ impl ClusterService {
                 node: node.clone(),
                 writer: None,
                 phase: state.phase(),
-                reason: format!("node {node} did not report {waited} before the lease expired"),
+                reason: format!(
+                    "node {node} did not report {waited} before the {} expired",
+                    run.limit
+                ),
             };
             // The late node is still in the snapshot as far as we know: it
             // stays active so that the abort reaches it (its own lease may
@@ -1052,7 +1060,7 @@ mod tests {
     fn cluster_service_tells_a_late_node_it_missed_the_lease() {
         let mut cs = ClusterService::new("n1", &["n1".into(), "n2".into()], 1_000);
         cs.peer_up("n2");
-        cs.prepare_initiator(4, 1_000);
+        cs.prepare_initiator(4, 1_000, "lease of 1000 ms");
         cs.writer_freeze(4, 100);
         let notice = PeerMessage::FreezeNotice {
             snapshot: 4,
@@ -1078,7 +1086,7 @@ mod tests {
         );
         assert_eq!(
             failure.reason,
-            "node n2 did not report frozen before the lease expired"
+            "node n2 did not report frozen before the lease of 1000 ms expired"
         );
     }
 
@@ -1087,7 +1095,7 @@ mod tests {
         let members: Vec<String> = ["n1", "n2"].iter().map(|m| m.to_string()).collect();
         let mut cs = ClusterService::new("n1", &members, 1_000);
         cs.peer_up("n2");
-        cs.prepare_initiator(4, 1_000);
+        cs.prepare_initiator(4, 1_000, "lease of 1000 ms");
         cs.writer_freeze(4, 0);
         cs.poll();
         let frozen = PeerMessage::Frozen {
@@ -1117,7 +1125,7 @@ mod tests {
     fn a_node_blamed_at_the_lease_is_still_sent_the_abort() {
         let mut cs = ClusterService::new("n1", &["n1".into(), "n2".into()], 1_000);
         cs.peer_up("n2");
-        cs.prepare_initiator(4, 1_000);
+        cs.prepare_initiator(4, 1_000, "lease of 1000 ms");
         cs.writer_freeze(4, 0);
         cs.poll();
         cs.handle_timeout(1_000);
@@ -1182,7 +1190,7 @@ mod tests {
         let members: Vec<String> = ["n1", "n2"].iter().map(|m| m.to_string()).collect();
         let mut cs = ClusterService::new("n1", &members, 10_000);
         cs.peer_up("n2");
-        cs.prepare_initiator(4, 10_000);
+        cs.prepare_initiator(4, 10_000, "lease of 10000 ms");
         cs.writer_freeze(4, 0);
         cs.poll();
         let frozen = PeerMessage::Frozen {
