@@ -859,7 +859,8 @@ impl Sim {
     /// A crashed node `node` starts again at `at`: a new machine, startup
     /// cleanup, reconnection, its writers register again.
     pub fn restart_at(&mut self, node: usize, at: u64) {
-        self.plan.push(format!("t={at} restart {}", node_name(node)));
+        self.plan
+            .push(format!("t={at} restart {}", node_name(node)));
         self.schedule(at, Ev::Restart(node));
     }
 
@@ -1229,8 +1230,7 @@ impl Sim {
                     return;
                 }
                 // `writer` indexes the configured writers; find its live connection.
-                let Some(name) = self.config.nodes[node].get(writer).map(|w| w.name.clone())
-                else {
+                let Some(name) = self.config.nodes[node].get(writer).map(|w| w.name.clone()) else {
                     return;
                 };
                 let Some(idx) = self.nodes[node]
@@ -1556,7 +1556,10 @@ impl Sim {
             *self.epoch.entry((j, i)).or_insert(0) += 1;
             let d = self.rng.range(1, self.config.delay_ms.1 + 2);
             // The daemon ends the old connection before it takes the new one.
-            self.schedule(now + d, Ev::Input(j, Input::PeerDown { node: node_name(i) }));
+            self.schedule(
+                now + d,
+                Ev::Input(j, Input::PeerDown { node: node_name(i) }),
+            );
             self.schedule(now + d, Ev::Input(j, Input::PeerUp { node: node_name(i) }));
             self.schedule(now + d, Ev::Input(i, Input::PeerUp { node: node_name(j) }));
         }
@@ -1589,7 +1592,8 @@ impl Sim {
             self.rng
                 .range(self.config.slow_engine_ms.0, self.config.slow_engine_ms.1)
         } else {
-            self.rng.range(self.config.engine_ms.0, self.config.engine_ms.1)
+            self.rng
+                .range(self.config.engine_ms.0, self.config.engine_ms.1)
         };
         let start = self.now.max(self.nodes[i].engine_free_at);
         let end = start + d;
@@ -1759,9 +1763,10 @@ impl Sim {
                 self.phase_events.push(e);
             }
             Output::Report { req, report } => {
-                if self.lock.is_some_and(|(n, g, r)| {
-                    n == i && g == self.nodes[i].gen && r == req
-                }) {
+                if self
+                    .lock
+                    .is_some_and(|(n, g, r)| n == i && g == self.nodes[i].gen && r == req)
+                {
                     self.lock = None;
                 }
                 let now = self.now;
@@ -1831,7 +1836,10 @@ impl Sim {
             };
             let n = self.link_history.get(&(a, b)).map_or(0, Vec::len) as u64;
             let k = self.rng.range(0, n.saturating_sub(1)) as usize;
-            let old = self.link_history.get(&(a, b)).and_then(|h| h.get(k).cloned());
+            let old = self
+                .link_history
+                .get(&(a, b))
+                .and_then(|h| h.get(k).cloned());
             if let Some(old) = old {
                 self.deliver(a, b, old);
             }
@@ -2016,14 +2024,20 @@ impl Sim {
             let mut unfrozen = vec![];
             // Every writer that was sent freeze for it (and may not continue).
             for (i, node) in self.nodes.iter().enumerate() {
-                for w in node.writers.iter().filter(|w| w.outcomes.contains_key(&snapshot)) {
+                for w in node
+                    .writers
+                    .iter()
+                    .filter(|w| w.outcomes.contains_key(&snapshot))
+                {
                     if w.spec.on_error != OnError::Fail {
                         continue;
                     }
-                    let ok = self
-                        .spans
-                        .iter()
-                        .any(|s| s.node == i && s.snapshot == snapshot && s.writer == w.spec.name && covers(s.from, s.to));
+                    let ok = self.spans.iter().any(|s| {
+                        s.node == i
+                            && s.snapshot == snapshot
+                            && s.writer == w.spec.name
+                            && covers(s.from, s.to)
+                    });
                     if !ok {
                         unfrozen.push(w.spec.name.clone());
                     }
@@ -2075,7 +2089,10 @@ impl Sim {
                     Some(r) => {
                         // It takes part in every run its node started after.
                         for (node, gen, s, seq) in &self.run_starts {
-                            if *node == i && *gen == w.gen && *seq > r && !w.outcomes.contains_key(s)
+                            if *node == i
+                                && *gen == w.gen
+                                && *seq > r
+                                && !w.outcomes.contains_key(s)
                             {
                                 v.push(format!(
                                     "{} on {} was registered but not frozen for snapshot {s}",
@@ -2104,8 +2121,9 @@ impl Sim {
             }
             if r.reports.len() > 1 || (alive && r.reports.len() != 1) {
                 v.push(format!(
-                    "request {h} on {} got {} reports",
+                    "request {h} on {} at {} got {} reports",
                     node_name(r.node),
+                    r.at,
                     r.reports.len()
                 ));
             }
