@@ -465,7 +465,8 @@ impl NodeMachine {
         };
         let deadline = now.saturating_add(lease);
         self.request = Some((req, snapshot, now));
-        self.cluster_service.prepare_initiator(snapshot, deadline, &limit);
+        self.cluster_service
+            .prepare_initiator(snapshot, deadline, &limit);
         self.coordinator.start(
             Requester::Client(req),
             snapshot,
