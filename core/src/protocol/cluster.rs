@@ -261,6 +261,8 @@ struct InitRun {
     holds: BTreeMap<String, u64>,
     /// Reports of nodes that finished (done or failed), for the final report.
     reports: Vec<NodeReport>,
+    /// Members left out by the driver's safety rule (fenced, not attached).
+    excluded: Vec<Excluded>,
     /// A failure was passed on; nothing more is waited for.
     failed: bool,
     /// The cluster writer event waiting for every node.
@@ -285,6 +287,9 @@ struct RemoteRun {
     granted_ms: u64,
     deadline_ms: u64,
     step: RemoteStep,
+    /// We reported frozen: from now on only the initiator's word moves us on,
+    /// so a lease that runs out is the initiator's silence.
+    frozen_sent: bool,
     /// The initiator told us to abort: it needs no failure report back and
     /// deletes what it made itself.
     aborted_by_initiator: bool,
@@ -375,8 +380,15 @@ impl ClusterService {
 
     /// This node initiates `snapshot`, which must end by `deadline_ms`;
     /// `limit` says what that deadline is ("lease of 10000 ms", "request's
-    /// timeout of 1000 ms"), for failure reasons.
-    pub fn prepare_initiator(&mut self, snapshot: SnapshotId, deadline_ms: u64, limit: &str) {
+    /// timeout of 1000 ms"), for failure reasons; `excluded` members are not
+    /// asked (the driver's safety rule decided).
+    pub fn prepare_initiator(
+        &mut self,
+        snapshot: SnapshotId,
+        deadline_ms: u64,
+        limit: &str,
+        excluded: Vec<Excluded>,
+    ) {
         self.role = Role::Initiator(InitRun {
             snapshot,
             deadline_ms,
@@ -385,6 +397,7 @@ impl ClusterService {
             peers: BTreeMap::new(),
             holds: BTreeMap::new(),
             reports: vec![],
+            excluded,
             failed: false,
             waiting: None,
         });
@@ -399,7 +412,8 @@ impl ClusterService {
         if run.snapshot != snapshot {
             return;
         }
-        if let Some((down, _)) = self.peers.iter().find(|(_, up)| !**up) {
+        let left_out = |p: &String| run.excluded.iter().any(|e| &e.node == p);
+        if let Some((down, _)) = self.peers.iter().find(|(p, up)| !**up && !left_out(p)) {
             let failure = Failure {
                 node: down.clone(),
                 writer: None,
@@ -413,7 +427,8 @@ impl ClusterService {
         let lease_ms = run.deadline_ms.saturating_sub(now);
         run.waiting = Some(EventKind::Freeze);
         run.notified_ms = now;
-        for peer in self.peers.keys() {
+        let excluded: Vec<String> = run.excluded.iter().map(|e| e.node.clone()).collect();
+        for peer in self.peers.keys().filter(|p| !excluded.contains(p)) {
             run.peers.insert(peer.clone(), PeerState::Notified);
             let msg = PeerMessage::FreezeNotice {
                 snapshot,
@@ -493,13 +508,13 @@ impl ClusterService {
     }
 
     /// The coordinator finished the initiator's run: hand over the other
-    /// nodes' reports and become idle.
-    pub fn finish_initiator(&mut self, snapshot: SnapshotId) -> Vec<NodeReport> {
+    /// nodes' reports and the members left out, and become idle.
+    pub fn finish_initiator(&mut self, snapshot: SnapshotId) -> (Vec<NodeReport>, Vec<Excluded>) {
         match std::mem::replace(&mut self.role, Role::Idle) {
-            Role::Initiator(run) if run.snapshot == snapshot => run.reports,
+            Role::Initiator(run) if run.snapshot == snapshot => (run.reports, run.excluded),
             other => {
                 self.role = other;
-                vec![]
+                (vec![], vec![])
             }
         }
     }
@@ -720,6 +735,7 @@ impl ClusterService {
             granted_ms,
             deadline_ms,
             step: RemoteStep::Running,
+            frozen_sent: false,
             aborted_by_initiator: false,
         });
         self.out.push_back(CsOut::StartLocal {
@@ -815,8 +831,9 @@ impl ClusterService {
     /// Helper provider: the local coordinator committed; tell the initiator
     /// this node is frozen and flushed, and how long it holds.
     pub fn committed(&mut self, snapshot: SnapshotId) {
-        if let Role::Remote(r) = &self.role {
+        if let Role::Remote(r) = &mut self.role {
             if r.snapshot == snapshot && r.step == RemoteStep::Running {
+                r.frozen_sent = true;
                 let msg = PeerMessage::Frozen {
                     snapshot,
                     node: self.node.clone(),
@@ -910,6 +927,9 @@ impl ClusterService {
             Role::Remote(r) if r.step == RemoteStep::AwaitingOutcome => {
                 Some(r.deadline_ms.saturating_add(OUTCOME_GRACE_MS))
             }
+            Role::Remote(r) if r.step == RemoteStep::Running && r.frozen_sent => {
+                Some(r.deadline_ms)
+            }
             _ => None,
         }
     }
@@ -925,6 +945,23 @@ impl ClusterService {
                 r.step = RemoteStep::Resolving;
                 let snapshot = r.snapshot;
                 self.out.push_back(CsOut::Resolve { snapshot });
+            } else if r.step == RemoteStep::Running && r.frozen_sent && now >= r.deadline_ms {
+                // Frozen and waiting for the initiator when the lease ran out:
+                // the initiator went silent (stopped, hung, cut off), not us.
+                // Runs before the coordinator's own deadline, so the abort
+                // names the right node.
+                r.frozen_sent = false;
+                let initiator = r.initiator.clone();
+                let reason = format!(
+                    "initiator {initiator} sent no post-snapshot within the lease ({} ms)",
+                    r.granted_ms
+                );
+                let snapshot = r.snapshot;
+                self.out.push_back(CsOut::AbortLocal {
+                    snapshot,
+                    node: initiator,
+                    reason,
+                });
             }
             return;
         }
@@ -1060,7 +1097,7 @@ mod tests {
     fn cluster_service_tells_a_late_node_it_missed_the_lease() {
         let mut cs = ClusterService::new("n1", &["n1".into(), "n2".into()], 1_000);
         cs.peer_up("n2");
-        cs.prepare_initiator(4, 1_000, "lease of 1000 ms");
+        cs.prepare_initiator(4, 1_000, "lease of 1000 ms", vec![]);
         cs.writer_freeze(4, 100);
         let notice = PeerMessage::FreezeNotice {
             snapshot: 4,
@@ -1095,7 +1132,7 @@ mod tests {
         let members: Vec<String> = ["n1", "n2"].iter().map(|m| m.to_string()).collect();
         let mut cs = ClusterService::new("n1", &members, 1_000);
         cs.peer_up("n2");
-        cs.prepare_initiator(4, 1_000, "lease of 1000 ms");
+        cs.prepare_initiator(4, 1_000, "lease of 1000 ms", vec![]);
         cs.writer_freeze(4, 0);
         cs.poll();
         let frozen = PeerMessage::Frozen {
@@ -1125,7 +1162,7 @@ mod tests {
     fn a_node_blamed_at_the_lease_is_still_sent_the_abort() {
         let mut cs = ClusterService::new("n1", &["n1".into(), "n2".into()], 1_000);
         cs.peer_up("n2");
-        cs.prepare_initiator(4, 1_000, "lease of 1000 ms");
+        cs.prepare_initiator(4, 1_000, "lease of 1000 ms", vec![]);
         cs.writer_freeze(4, 0);
         cs.poll();
         cs.handle_timeout(1_000);
@@ -1190,7 +1227,7 @@ mod tests {
         let members: Vec<String> = ["n1", "n2"].iter().map(|m| m.to_string()).collect();
         let mut cs = ClusterService::new("n1", &members, 10_000);
         cs.peer_up("n2");
-        cs.prepare_initiator(4, 10_000, "lease of 10000 ms");
+        cs.prepare_initiator(4, 10_000, "lease of 10000 ms", vec![]);
         cs.writer_freeze(4, 0);
         cs.poll();
         let frozen = PeerMessage::Frozen {

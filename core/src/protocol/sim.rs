@@ -1405,6 +1405,7 @@ impl Sim {
                 requested_ms: local,
                 finished_ms: local,
                 nodes: vec![],
+                excluded: vec![],
                 freeze_window_ms: None,
                 io_hold_ms: None,
             };
@@ -1426,6 +1427,7 @@ impl Sim {
             req: handle as RequestId,
             snapshot,
             timeout_ms,
+            excluded: vec![],
         };
         self.feed(node, input);
     }
