@@ -322,6 +322,11 @@ pub struct ClusterService {
     /// Every other member and whether the mesh connects us now.
     peers: BTreeMap<String, bool>,
     role: Role,
+    /// The highest snapshot this node took part in as a remote (ids grow
+    /// cluster-wide): a notice for it or an older one is a duplicate or a
+    /// replay, and running it again would freeze writers for a snapshot
+    /// that is over.
+    last_taken: SnapshotId,
     out: VecDeque<CsOut>,
 }
 
@@ -344,6 +349,7 @@ impl ClusterService {
             members: all,
             peers,
             role: Role::Idle,
+            last_taken: 0,
             out: VecDeque::new(),
         }
     }
@@ -693,6 +699,11 @@ impl ClusterService {
             });
             return;
         }
+        if snapshot <= self.last_taken {
+            // A duplicate, or a replay of an earlier snapshot's notice:
+            // that snapshot is over here.
+            return;
+        }
         if !members.is_empty() && members != self.members {
             // Nodes that disagree on who is in the cluster cannot promise
             // that everyone attached froze: refuse, naming both lists.
@@ -729,6 +740,7 @@ impl ClusterService {
             format!("lease of {granted_ms} ms from {from}'s notice")
         };
         let deadline_ms = now.saturating_add(granted_ms);
+        self.last_taken = snapshot;
         self.role = Role::Remote(RemoteRun {
             snapshot,
             initiator: from.to_string(),
@@ -1156,6 +1168,41 @@ mod tests {
                 }
             })
         );
+    }
+
+    #[test]
+    fn a_notice_heard_again_after_its_run_ended_is_ignored() {
+        let mut cs = remote(5_000);
+        cs.peer_message("n1", notice(5_000, &["n1", "n2"]), 0, None);
+        assert!(matches!(cs.poll(), Some(CsOut::StartLocal { .. })));
+        cs.peer_message(
+            "n1",
+            PeerMessage::Abort {
+                snapshot: 4,
+                reason: "veto".into(),
+            },
+            10,
+            Some(4),
+        );
+        cs.poll();
+        let report = NodeReport {
+            node: "n2".into(),
+            phases: vec![],
+            writers: vec![],
+        };
+        cs.local_finished(
+            4,
+            report,
+            Some(Failure {
+                node: "n1".into(),
+                writer: None,
+                phase: Phase::Freezing,
+                reason: "veto".into(),
+            }),
+        );
+        assert_eq!(cs.engaged(), None);
+        cs.peer_message("n1", notice(5_000, &["n1", "n2"]), 20, None);
+        assert_eq!(cs.poll(), None, "snapshot 4 is over: not run again");
     }
 
     #[test]
