@@ -38,10 +38,10 @@
 //!    scenarios here on their outcomes.
 //!
 //! # Limitations
-//! - A freeze notice is never duplicated or replayed: a node that already
-//!   ended snapshot N and hears N's notice again would run it again (its
-//!   writers would get a second freeze for N). QUIC streams never replay,
-//!   so the machines do not guard against it.
+//! - A node remembers the last snapshot it took part in only while it runs:
+//!   after a restart, a replayed notice of an earlier snapshot runs again
+//!   there until its lease (nothing else is harmed: the initiator is not in
+//!   it any more). QUIC never replays.
 //! - A node whose member list names no other real member snapshots alone;
 //!   no message can tell it otherwise (configuration validation must).
 

@@ -1810,21 +1810,15 @@ impl Sim {
         if !connected {
             return;
         }
-        // A freeze notice is never replayed: a node that took part in a
-        // snapshot and hears its notice again would run it again (QUIC
-        // does not replay; see the test module's limitations).
-        let replayable = !matches!(msg, PeerMessage::FreezeNotice { .. });
-        if replayable {
-            let h = self.link_history.entry((from, j)).or_default();
-            h.push(msg.clone());
-            if h.len() > 24 {
-                h.remove(0);
-            }
+        let h = self.link_history.entry((from, j)).or_default();
+        h.push(msg.clone());
+        if h.len() > 24 {
+            h.remove(0);
         }
         if !self.rng.chance(self.config.drop_per_mille) {
             self.deliver(from, j, msg.clone());
         }
-        if replayable && self.rng.chance(self.config.dup_per_mille) {
+        if self.rng.chance(self.config.dup_per_mille) {
             self.deliver(from, j, msg);
         }
         if self.rng.chance(self.config.replay_per_mille) {
