@@ -51,15 +51,24 @@ pub fn preflight(cfg: &NodeConfig) -> Result<RunChecks> {
         ("run_dir", &cfg.raw.node.run_dir),
         ("mount", &cfg.raw.node.mount),
     ] {
-        // A dead FUSE mount makes create_dir fail with ENOTCONN; the mount code clears it.
-        if std::fs::symlink_metadata(dir).is_err() {
-            std::fs::create_dir(dir).with_context(|| {
-                format!(
-                    "node {}: creating [node] {key} {}",
-                    cfg.name(),
-                    dir.display()
-                )
-            })?;
+        // A dead FUSE mount left by a killed daemon fails stat with ENOTCONN yet
+        // exists (create_dir says EEXIST): the mount code clears it.
+        match std::fs::symlink_metadata(dir) {
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {}
+            Err(_) => match std::fs::create_dir(dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => {
+                    return Err(e).with_context(|| {
+                        format!(
+                            "node {}: creating [node] {key} {}",
+                            cfg.name(),
+                            dir.display()
+                        )
+                    })
+                }
+            },
         }
     }
     // Everything the daemon creates from here on (pid file, sockets, state files) is
