@@ -261,7 +261,8 @@ pub fn node_unfence(cfg: &NodeConfig, node: &str, json: bool) -> Result<()> {
 /// compares it with the hash recorded at seal time (recording one only when none
 /// exists); with `progress` prints `{"progress":{…}}` lines on stderr for the console.
 pub fn snapshot_verify(cfg: &NodeConfig, id: u64, json: bool, progress: bool) -> Result<()> {
-    let volume = freezeframe_core::volume::Volume::open(&cfg.raw.volume.path)
+    let volume = cfg
+        .open_volume()
         .with_context(|| format!("node {}: opening the shared volume", cfg.name()))?;
     let mut last = std::time::Instant::now();
     let v = crate::node::verify_snapshot(&volume, id, &mut |done, total| {

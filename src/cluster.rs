@@ -37,6 +37,8 @@ pub struct ClusterFile {
 
 pub struct InitOptions {
     pub nodes: usize,
+    /// Node names (`--names db1,db2,db3`); `None`: n1..nN.
+    pub names: Option<Vec<String>>,
     pub size: u64,
     pub block_size: u32,
     pub lease: String,
@@ -46,6 +48,18 @@ pub struct InitOptions {
 pub fn init(dir: &Path, opts: &InitOptions) -> Result<Vec<PathBuf>> {
     if opts.nodes == 0 || opts.nodes > 64 {
         bail!("--nodes must be between 1 and 64, not {}", opts.nodes);
+    }
+    if let Some(names) = &opts.names {
+        if names.is_empty() || names.len() > 64 {
+            bail!("--names must list 1 to 64 node names");
+        }
+        for (i, n) in names.iter().enumerate() {
+            freezeframe_netproto::pki::validate_node_name(n)
+                .with_context(|| format!("--names: {n:?} cannot be a node name"))?;
+            if names[..i].contains(n) {
+                bail!("--names lists {n} twice");
+            }
+        }
     }
     if dir.join("cluster.toml").exists() {
         bail!(
@@ -68,7 +82,10 @@ pub fn init(dir: &Path, opts: &InitOptions) -> Result<Vec<PathBuf>> {
     let ca = freezeframe_netproto::pki::ClusterCa::generate(&cluster_name)?;
     ca.save(&dir.join("ca.pem"), &dir.join("ca.key"))?;
 
-    let names: Vec<String> = (1..=opts.nodes).map(|i| format!("n{i}")).collect();
+    let names: Vec<String> = match &opts.names {
+        Some(names) => names.clone(),
+        None => (1..=opts.nodes).map(|i| format!("n{i}")).collect(),
+    };
     let members: Vec<Member> = names
         .iter()
         .map(|n| {
@@ -100,6 +117,7 @@ pub fn init(dir: &Path, opts: &InitOptions) -> Result<Vec<PathBuf>> {
             volume: VolumeSection {
                 path: "../../shared/volume.img".into(),
                 diff_limit: None,
+                state: Some("../../shared/volume.img.ffstate".into()),
             },
             cluster: ClusterSection {
                 name: cluster_name.clone(),
@@ -266,4 +284,34 @@ pub fn down(dir: &Path, wait: Duration) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// `cluster issue`: a certificate for a new node from an existing cluster CA.
+pub fn issue(
+    ca_dir: &Path,
+    name: &str,
+    addr: std::net::SocketAddr,
+    out: &Path,
+) -> Result<(PathBuf, PathBuf)> {
+    freezeframe_netproto::pki::validate_node_name(name)
+        .with_context(|| format!("{name:?} cannot be a node name"))?;
+    let (cert, key) = (ca_dir.join("ca.pem"), ca_dir.join("ca.key"));
+    let ca = freezeframe_netproto::pki::ClusterCa::load(&cert, &key).with_context(|| {
+        format!(
+            "loading the cluster CA from {} and {} (the key stays where the cluster was initialised)",
+            cert.display(),
+            key.display()
+        )
+    })?;
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let (pem, keyf) = (out.join("node.pem"), out.join("node.key"));
+    if pem.exists() || keyf.exists() {
+        bail!(
+            "{} already holds a node identity; remove it or pick another --out",
+            out.display()
+        );
+    }
+    let id = ca.issue_node(name, &[addr.ip().to_string()])?;
+    id.save(&pem, &keyf)?;
+    Ok((pem, keyf))
 }

@@ -54,6 +54,12 @@ pub struct VolumeSection {
     /// Largest diff area a snapshot may grow to before it is marked invalid.
     #[serde(default)]
     pub diff_limit: Option<String>,
+    /// The volume's state directory on shared storage. Needed for a block
+    /// device used from several hosts (a device has nothing beside it, and
+    /// only the host that created the state has a local pointer to it);
+    /// otherwise found where `volume create` recorded it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -138,6 +144,9 @@ impl NodeConfig {
             abs(h);
         }
         abs(&mut raw.volume.path);
+        if let Some(st) = raw.volume.state.as_mut() {
+            abs(st);
+        }
         abs(&mut raw.cluster.ca_cert);
         abs(&mut raw.tls.cert);
         abs(&mut raw.tls.key);
@@ -245,6 +254,9 @@ impl NodeConfig {
         must_exist("[tls] cert", &self.raw.tls.cert)?;
         must_exist("[tls] key", &self.raw.tls.key)?;
         must_exist("[volume] path", &self.raw.volume.path)?;
+        if let Some(st) = &self.raw.volume.state {
+            must_exist("[volume] state", st)?;
+        }
         for (key, p) in [("[node] mount", &n.mount), ("[node] run_dir", &n.run_dir)] {
             if !p.exists() && !p.parent().is_some_and(Path::is_dir) {
                 bail!(
@@ -289,6 +301,14 @@ impl NodeConfig {
     pub fn log_file(&self) -> PathBuf {
         self.raw.node.run_dir.join("node.log")
     }
+    /// Opens the shared volume with its state where this config says.
+    pub fn open_volume(&self) -> freezeframe_core::Result<freezeframe_core::volume::Volume> {
+        freezeframe_core::volume::Volume::open_in(
+            &self.raw.volume.path,
+            self.raw.volume.state.as_deref(),
+        )
+    }
+
     pub fn peers(&self) -> impl Iterator<Item = &Member> {
         self.raw
             .cluster
@@ -370,6 +390,7 @@ mod tests {
         crate::cluster::init(
             &c,
             &crate::cluster::InitOptions {
+                names: None,
                 nodes: 3,
                 size: 1 << 20,
                 block_size: 65536,

@@ -190,6 +190,7 @@ fn story(
     let configs = cluster::init(
         dir,
         &cluster::InitOptions {
+            names: None,
             nodes: opts.nodes,
             size: 256 << 20,
             block_size: 64 << 10,
@@ -346,7 +347,7 @@ fn backups(dir: &Path, cfg: &NodeConfig, ids: &[u64]) -> Result<bool> {
     };
     let repo_path = dir.join("backups");
     let repo = Repository::init(&repo_path, DEFAULT_PACK_SIZE)?;
-    let volume = freezeframe_core::volume::Volume::open(&cfg.raw.volume.path)?;
+    let volume = cfg.open_volume()?;
     println!(
         "{:<9} {:<14} {:>12} {:>12} {:>10}",
         "SNAPSHOT", "BACKUP", "BLOCKS READ", "STORED", "TIME"

@@ -140,9 +140,14 @@ enum NodeCmd {
 enum ClusterCmd {
     /// Create a cluster on this host: shared volume, CA, one folder per node.
     Init {
+        /// Folder to create the cluster in (must not hold one).
         dir: PathBuf,
-        #[arg(long, default_value_t = 3)]
+        /// Number of nodes, named n1..nN.
+        #[arg(long, default_value_t = 3, conflicts_with = "names")]
         nodes: usize,
+        /// Node names instead of n1..nN, comma-separated (DNS-style labels).
+        #[arg(long, value_delimiter = ',')]
+        names: Option<Vec<String>>,
         #[arg(long, default_value = "1GiB")]
         size: String,
         #[arg(long, default_value = "64KiB")]
@@ -152,6 +157,23 @@ enum ClusterCmd {
         lease: String,
         #[command(flatten)]
         out: Out,
+    },
+    /// Issue a certificate for a new node from an existing cluster CA; then add
+    /// the node to every node's member list and run `freezeframe node reload`.
+    Issue {
+        /// The cluster folder holding ca.pem and ca.key.
+        #[arg(long)]
+        ca_dir: PathBuf,
+        /// The new node's name (DNS-style label; its certificate's CN and SAN).
+        name: String,
+        /// Address the node will listen on (also a SAN of its certificate).
+        #[arg(long)]
+        addr: std::net::SocketAddr,
+        /// Where to write node.pem and node.key (default CA_DIR/nodes/NAME).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        #[command(flatten)]
+        out_fmt: Out,
     },
     /// Start every node of DIR in the background and wait until the mesh is connected.
     Up {
@@ -295,16 +317,38 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Volume(args) => cli::volume::run(args)?,
         Command::Bench(cmd) => bench::run(cmd)?,
         Command::Replica(args) => replica::run(args, cli.config.as_deref())?,
+        Command::Cluster(ClusterCmd::Issue {
+            ca_dir,
+            name,
+            addr,
+            out,
+            out_fmt: Out { json },
+        }) => {
+            let out = out.unwrap_or_else(|| ca_dir.join("nodes").join(&name));
+            let (pem, key) = cluster::issue(&ca_dir, &name, addr, &out)?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"node": name, "addr": addr, "cert": pem, "key": key})
+                );
+            } else {
+                println!("issued {} and {}", pem.display(), key.display());
+                println!("add to [cluster] members on every node, then `freezeframe node reload`:");
+                println!("  {{ name = \"{name}\", addr = \"{addr}\" }}");
+            }
+        }
         Command::Cluster(ClusterCmd::Init {
             dir,
             nodes,
+            names,
             size,
             block_size,
             lease,
             out: Out { json },
         }) => {
             let opts = cluster::InitOptions {
-                nodes,
+                nodes: names.as_ref().map_or(nodes, Vec::len),
+                names,
                 size: freezeframe_core::units::parse_size(&size)?,
                 block_size: u32::try_from(freezeframe_core::units::parse_size(&block_size)?)?,
                 lease,

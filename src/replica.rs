@@ -586,7 +586,7 @@ pub async fn push(
     full_hash: bool,
 ) -> Result<PushReport> {
     let started = Instant::now();
-    let volume = Volume::open(&cfg.raw.volume.path)?;
+    let volume = cfg.open_volume()?;
     let (ep, conn) = dial(cfg, to, name).await?;
     let res = push_on(cfg, &conn, name, want, full_hash, &volume, started).await;
     // Close politely either way, so the secondary does not wait out an idle timeout.

@@ -163,3 +163,117 @@ fn a_member_stopped_cleanly_is_left_out_and_named() {
         .unwrap_or_default()
         .contains("not attached"));
 }
+
+#[test]
+fn a_volume_whose_state_was_made_on_another_host_is_attached_from_the_shared_state() {
+    let d = tempfile::tempdir().expect("tempdir");
+    let (img, state) = (d.path().join("lun.img"), d.path().join("shared-state"));
+    let out = ff(&[
+        "volume",
+        "create",
+        img.to_str().expect("utf-8"),
+        "--size",
+        "4MiB",
+        "--state",
+        state.to_str().expect("utf-8"),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let snap = ff(&["volume", "snapshot", img.to_str().expect("utf-8")]);
+    assert!(snap.status.success());
+    // Host B: the storage is shared, the local pointer to the state is not.
+    std::fs::remove_file(d.path().join("lun.img.ffstate")).expect("pointer");
+    let out = ff(&["volume", "snapshots", img.to_str().expect("utf-8")]);
+    assert!(!out.status.success(), "no state known on this host yet");
+    let out = ff(&[
+        "volume",
+        "attach",
+        img.to_str().expect("utf-8"),
+        "--state",
+        state.to_str().expect("utf-8"),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v = ff_json(&[
+        "volume",
+        "snapshots",
+        img.to_str().expect("utf-8"),
+        "--json",
+    ]);
+    assert_eq!(v.as_array().map(Vec::len), Some(1), "{v}");
+    // A state that is not this volume's is refused.
+    let other = d.path().join("elsewhere");
+    std::fs::create_dir(&other).expect("dir");
+    let out = ff(&[
+        "volume",
+        "attach",
+        img.to_str().expect("utf-8"),
+        "--state",
+        other.to_str().expect("utf-8"),
+    ]);
+    assert!(!out.status.success());
+}
+
+#[test]
+fn cluster_init_takes_names_and_a_new_node_gets_a_certificate_from_the_existing_ca() {
+    let d = tempfile::tempdir().expect("tempdir");
+    let dir = d.path().join("c");
+    let out = ff(&[
+        "cluster",
+        "init",
+        dir.to_str().expect("utf-8"),
+        "--names",
+        "db1,db2",
+        "--size",
+        "16MiB",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(dir.join("nodes/db1/node.toml").is_file());
+    assert!(dir.join("nodes/db2/node.toml").is_file());
+    let v = ff_json(&[
+        "cluster",
+        "issue",
+        "--ca-dir",
+        dir.to_str().expect("utf-8"),
+        "db3",
+        "--addr",
+        "127.0.0.1:7203",
+        "--json",
+    ]);
+    let id = freezeframe_netproto::pki::NodeIdentity::load(
+        std::path::Path::new(v["cert"].as_str().expect("cert")),
+        std::path::Path::new(v["key"].as_str().expect("key")),
+    )
+    .expect("the issued identity loads");
+    let name = freezeframe_netproto::pki::node_name_of(&id.cert_der().expect("der")).expect("name");
+    assert_eq!(name, "db3");
+    let again = ff(&[
+        "cluster",
+        "issue",
+        "--ca-dir",
+        dir.to_str().expect("utf-8"),
+        "db3",
+        "--addr",
+        "127.0.0.1:7203",
+    ]);
+    assert!(!again.status.success(), "an identity is never overwritten");
+    let bad = ff(&[
+        "cluster",
+        "init",
+        d.path().join("c2").to_str().expect("utf-8"),
+        "--names",
+        "db1,db1",
+    ]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("twice"));
+}

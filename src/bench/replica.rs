@@ -192,6 +192,7 @@ pub fn measure(args: &BenchReplicaArgs) -> Result<(serde_json::Value, Checks)> {
     let configs = crate::cluster::init(
         &root.join("c"),
         &crate::cluster::InitOptions {
+            names: None,
             nodes: 1,
             size,
             block_size: bs,
@@ -199,7 +200,7 @@ pub fn measure(args: &BenchReplicaArgs) -> Result<(serde_json::Value, Checks)> {
         },
     )?;
     let cfg = crate::config::NodeConfig::load(&configs[0])?;
-    let v = Volume::open(&cfg.raw.volume.path)?;
+    let v = cfg.open_volume()?;
 
     let mut rng = rand::rngs::StdRng::seed_from_u64(0x5eed_0004);
     let mut buf = vec![0u8; 8 << 20];

@@ -136,6 +136,7 @@ pub fn measure(args: &BenchSnapshotArgs) -> Result<(Value, Checks)> {
     let paths = cluster::init(
         &dir,
         &cluster::InitOptions {
+            names: None,
             nodes: args.nodes,
             size: 64 << 20,
             block_size: 64 << 10,

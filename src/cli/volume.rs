@@ -33,6 +33,15 @@ enum VolumeCommand {
         #[arg(long)]
         state: Option<PathBuf>,
     },
+    /// Use on this host a volume whose state was created on another host (a
+    /// shared block device): checks that the state opens with the volume and
+    /// records where it is, so every command here finds it.
+    Attach {
+        path: PathBuf,
+        /// The volume's state directory on the shared storage.
+        #[arg(long)]
+        state: PathBuf,
+    },
     /// Write stdin to the live volume at --offset, through the engine.
     Write {
         path: PathBuf,
@@ -117,6 +126,15 @@ pub fn run(args: VolumeArgs) -> anyhow::Result<()> {
                 format_size(size),
                 format_size(bs as u64),
                 v.state_dir().display()
+            );
+        }
+        VolumeCommand::Attach { path, state } => {
+            let v = Volume::attach(&path, &state)?;
+            println!(
+                "attached {} on this host: state in {}, {} snapshots",
+                path.display(),
+                v.state_dir().display(),
+                v.snapshots()?.len()
             );
         }
         VolumeCommand::Write { path, offset } => {

@@ -130,7 +130,8 @@ pub async fn run_node(cfg: NodeConfig) -> Result<()> {
             super::failpoints::ENV
         );
     }
-    let volume = Volume::open(&cfg.raw.volume.path)
+    let volume = cfg
+        .open_volume()
         .with_context(|| format!("node {}: opening the shared volume", cfg.name()))?;
     volume.set_node(cfg.name());
     std::fs::write(cfg.pid_file(), std::process::id().to_string())?;

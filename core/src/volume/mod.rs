@@ -509,15 +509,37 @@ impl Volume {
     /// Opens a volume, finding its state directory by itself. Map files left
     /// by interrupted attempts are removed when no snapshot is in flight.
     pub fn open(path: &Path) -> Result<Volume> {
-        let v = Volume::open_only(path)?;
+        Volume::open_in(path, None)
+    }
+
+    /// Opens `path` with its state in `state_dir` when given (a node config's
+    /// `[volume] state`, on shared storage: a block device has nothing beside
+    /// it, and another host has no local pointer), else where it is recorded.
+    pub fn open_in(path: &Path, state_dir: Option<&Path>) -> Result<Volume> {
+        let v = Volume::open_only(path, state_dir)?;
         if let Some(_in_flight) = v.inner.locks.try_in_flight()? {
             v.inner.remove_debris()?;
         }
         Ok(v)
     }
 
-    fn open_only(path: &Path) -> Result<Volume> {
-        let state_dir = location::find(path)?;
+    /// Records on this host that `path`'s state is `state_dir` (for a shared
+    /// device first created on another host), after checking that the state
+    /// opens with this volume. Every command on this host then finds it.
+    pub fn attach(path: &Path, state_dir: &Path) -> Result<Volume> {
+        let v = Volume::open_only(path, Some(state_dir))?;
+        location::record(path, &v.inner.state_dir)?;
+        Ok(v)
+    }
+
+    fn open_only(path: &Path, state_dir: Option<&Path>) -> Result<Volume> {
+        let state_dir = match state_dir {
+            Some(d) => d.canonicalize().map_err(|_| Error::NoState {
+                volume: path.to_path_buf(),
+                looked: d.to_path_buf(),
+            })?,
+            None => location::find(path)?,
+        };
         crate::perms::secure_volume(path, &state_dir)?;
         let cat = catalog::load(&state_dir)?;
         let vol = open_rw(path, "open volume")?;
