@@ -55,6 +55,7 @@ fn request_name(req: &ControlRequest) -> &'static str {
         ControlRequest::Events => "events",
         ControlRequest::NodeFence { .. } => "node fence",
         ControlRequest::NodeUnfence { .. } => "node unfence",
+        ControlRequest::NodeReload => "node reload",
     }
 }
 
@@ -237,6 +238,20 @@ pub fn node_fence(cfg: &NodeConfig, node: &str, reason: Option<String>, json: bo
         format!(
             "node {node} is fenced ({}); its live writes fail and snapshots go on without it\n",
             v["reason"].as_str().unwrap_or("")
+        )
+    });
+    Ok(())
+}
+
+pub fn node_reload(cfg: &NodeConfig, json: bool) -> Result<()> {
+    let v = call_blocking(cfg, &ControlRequest::NodeReload)?;
+    print(json, &v, |v| {
+        format!(
+            "node {} reloaded its member list: {} (added {}, removed {})\n",
+            cfg.name(),
+            v["members"],
+            v["added"],
+            v["removed"]
         )
     });
     Ok(())

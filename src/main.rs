@@ -127,6 +127,13 @@ enum NodeCmd {
         #[command(flatten)]
         out: Out,
     },
+    /// Re-read node.toml and apply its member list without a restart (also on
+    /// SIGHUP): adding a node is issue its certificate, add it to every node's
+    /// list, reload every node.
+    Reload {
+        #[command(flatten)]
+        out: Out,
+    },
     /// Lift a fence: the node writes again and takes part in the next snapshot.
     Unfence {
         /// The node to unfence.
@@ -293,6 +300,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             reason,
             out: Out { json },
         }) => client::node_fence(&cfg()?, &name, reason, json)?,
+        Command::Node(NodeCmd::Reload { out: Out { json } }) => client::node_reload(&cfg()?, json)?,
         Command::Node(NodeCmd::Unfence {
             name,
             out: Out { json },

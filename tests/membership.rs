@@ -277,3 +277,81 @@ fn cluster_init_takes_names_and_a_new_node_gets_a_certificate_from_the_existing_
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("twice"));
 }
+
+/// Adds `member` to the `[cluster] members` of the node.toml at `path`.
+fn add_member(path: &std::path::Path, name: &str, addr: &str) {
+    let mut doc: toml::Value =
+        toml::from_str(&std::fs::read_to_string(path).expect("read")).expect("node.toml parses");
+    let members = doc["cluster"]["members"].as_array_mut().expect("members");
+    let mut m = toml::map::Map::new();
+    m.insert("name".into(), toml::Value::String(name.into()));
+    m.insert("addr".into(), toml::Value::String(addr.into()));
+    members.push(toml::Value::Table(m));
+    std::fs::write(path, toml::to_string(&doc).expect("toml")).expect("write");
+}
+
+#[test]
+fn a_member_list_reload_adds_a_fourth_node_without_restarting_the_others() {
+    if skip_without_fuse() {
+        return;
+    }
+    let mut c = Cluster::start(ClusterOptions::default());
+    let cdir = c.cluster_dir();
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .expect("a free port")
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    ff_json(&[
+        "cluster",
+        "issue",
+        "--ca-dir",
+        cdir.to_str().expect("utf-8"),
+        "n4",
+        "--addr",
+        &addr,
+        "--json",
+    ]);
+    let n4 = cdir.join("nodes/n4");
+    for sub in ["run", "mnt", "hooks.d"] {
+        std::fs::create_dir_all(n4.join(sub)).expect("dirs");
+    }
+    let mut doc: toml::Value =
+        toml::from_str(&std::fs::read_to_string(cdir.join("nodes/n3/node.toml")).expect("read"))
+            .expect("parses");
+    doc["node"]["name"] = toml::Value::String("n4".into());
+    doc["node"]["listen"] = toml::Value::String(addr.clone());
+    std::fs::write(n4.join("node.toml"), toml::to_string(&doc).expect("toml")).expect("write");
+    add_member(&n4.join("node.toml"), "n4", &addr);
+    let pids: Vec<u32> = c
+        .nodes
+        .iter()
+        .map(|n| n.child.as_ref().expect("running").id())
+        .collect();
+    for n in &c.nodes {
+        add_member(&n.config, "n4", &addr);
+        let v = ff_json(&["node", "reload", "--json", "--config", n.cfg()]);
+        assert_eq!(v["added"][0], "n4", "{v}");
+    }
+    c.nodes.push(Node {
+        name: "n4".into(),
+        config: n4.join("node.toml"),
+        child: None,
+    });
+    c.start_node(3);
+    c.wait_connected(Duration::from_secs(30));
+    let (ok, r) = c.create(0, &[]);
+    assert!(ok, "{r}");
+    let nodes: Vec<&str> = r["nodes"]
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .filter_map(|n| n["node"].as_str())
+        .collect();
+    assert!(nodes.contains(&"n4"), "the new node froze too: {r}");
+    let same: Vec<u32> = c.nodes[..3]
+        .iter()
+        .map(|n| n.child.as_ref().expect("running").id())
+        .collect();
+    assert_eq!(same, pids, "no node was restarted");
+}

@@ -53,6 +53,8 @@ pub enum ControlRequest {
     NodeUnfence {
         node: String,
     },
+    /// Re-read the node's config file and apply a new member list.
+    NodeReload,
 }
 
 /// One answer line.

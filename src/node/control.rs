@@ -138,6 +138,13 @@ async fn answer(
             let s = shared.clone();
             Ok(tokio::task::spawn_blocking(move || s.fence(&node, reason)).await??)
         }
+        ControlRequest::NodeReload => {
+            let (tx, rx) = oneshot::channel();
+            driver
+                .send(DriverEvent::Reload { reply: Some(tx) })
+                .map_err(|_| anyhow::anyhow!("node is shutting down"))?;
+            rx.await?
+        }
         ControlRequest::NodeUnfence { node } => {
             let s = shared.clone();
             Ok(tokio::task::spawn_blocking(move || s.unfence(&node)).await??)

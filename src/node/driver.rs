@@ -116,6 +116,9 @@ struct Driver {
     hold: HoldSlot,
     /// The hooks task, awaited on shutdown so its undo scripts finish.
     hooks_task: Option<tokio::task::JoinHandle<()>>,
+    /// The member list in force (from the config, then from `node reload`).
+    members: Vec<crate::config::Member>,
+    mesh: Option<peers::Mesh>,
     mounted: bool,
 }
 
@@ -182,7 +185,7 @@ pub async fn run_node(cfg: NodeConfig) -> Result<()> {
     control::serve(&cfg.control_socket(), tx.clone(), shared.clone()).await?;
     writers::serve(&cfg.writer_socket(), tx.clone()).await?;
     super::startup::secure_writer_socket(&cfg.writer_socket(), checks.writer_gid)?;
-    let _mesh = peers::start(&cfg, tx.clone())?;
+    let mesh = peers::start(&cfg, tx.clone())?;
     let renewals = tokio::spawn(renew_attachment(
         shared.clone(),
         attachment,
@@ -200,9 +203,22 @@ pub async fn run_node(cfg: NodeConfig) -> Result<()> {
                         return;
                     }
                 };
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
+            let mut hup =
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::error!("cannot watch SIGHUP: {e}");
+                        return;
+                    }
+                };
+            loop {
+                tokio::select! {
+                    _ = term.recv() => break,
+                    _ = tokio::signal::ctrl_c() => break,
+                    _ = hup.recv() => {
+                        let _ = tx.send(DriverEvent::Reload { reply: None });
+                    }
+                }
             }
             let _ = tx.send(DriverEvent::Shutdown);
         });
@@ -236,6 +252,8 @@ pub async fn run_node(cfg: NodeConfig) -> Result<()> {
         in_flight: None,
         hold: HoldSlot::default(),
         hooks_task: None,
+        members: cfg.raw.cluster.members.clone(),
+        mesh: Some(mesh),
         mounted: true,
     };
     if let Some(dir) = cfg.raw.node.hooks_dir.clone() {
@@ -293,7 +311,7 @@ pub async fn run_node(cfg: NodeConfig) -> Result<()> {
     tracing::info!(node = %cfg.name(), "shutting down");
     d.shutdown().await;
     renewals.abort();
-    drop(_mesh);
+    drop(d.mesh.take());
     super::startup::unmount_bounded(mount, &cfg.raw.node.mount, super::startup::UNMOUNT_GRACE);
     // A clean stop: this node no longer writes, so snapshots need not wait for it.
     if let Err(e) = membership::remove(shared.volume.state_dir(), cfg.name()) {
@@ -415,6 +433,16 @@ impl Driver {
             }
             DriverEvent::Engine(done) => self.engine_done(done),
             DriverEvent::Fenced { reason } => self.fenced(reason),
+            DriverEvent::Reload { reply } => {
+                let r = self.reload();
+                match (&r, reply) {
+                    (_, Some(tx)) => {
+                        let _ = tx.send(r);
+                    }
+                    (Ok(v), None) => tracing::info!("reloaded on SIGHUP: {v}"),
+                    (Err(e), None) => tracing::error!("reload on SIGHUP refused: {e:#}"),
+                }
+            }
             DriverEvent::Shutdown => {}
         }
     }
@@ -526,6 +554,62 @@ impl Driver {
         });
     }
 
+    /// `node reload` / SIGHUP: re-reads the config file and applies its member
+    /// list (new members are admitted and dialed, removed ones dropped).
+    /// Anything else that changed needs a restart and is refused, naming it.
+    fn reload(&mut self) -> Result<Value> {
+        let cfg = &self.shared.cfg;
+        let new = NodeConfig::load(&cfg.file)?;
+        let same = |what: &str, a: String, b: String| -> Result<()> {
+            if a != b {
+                anyhow::bail!("{what} changed ({a} → {b}); that needs a restart, not a reload");
+            }
+            Ok(())
+        };
+        same("[node] name", cfg.name().into(), new.name().into())?;
+        same(
+            "[node] listen",
+            cfg.raw.node.listen.to_string(),
+            new.raw.node.listen.to_string(),
+        )?;
+        same(
+            "[volume] path",
+            cfg.raw.volume.path.display().to_string(),
+            new.raw.volume.path.display().to_string(),
+        )?;
+        same(
+            "[cluster] ca_cert",
+            cfg.raw.cluster.ca_cert.display().to_string(),
+            new.raw.cluster.ca_cert.display().to_string(),
+        )?;
+        let names: Vec<String> = new
+            .raw
+            .cluster
+            .members
+            .iter()
+            .map(|m| m.name.clone())
+            .collect();
+        self.machine
+            .set_members(&names)
+            .map_err(|e| anyhow::anyhow!(e))?;
+        let old: Vec<String> = self.members.iter().map(|m| m.name.clone()).collect();
+        let added: Vec<&String> = names.iter().filter(|n| !old.contains(n)).collect();
+        let removed: Vec<String> = old.iter().filter(|n| !names.contains(n)).cloned().collect();
+        if let Some(mesh) = self.mesh.as_mut() {
+            mesh.set_members(&new.raw.cluster.members, cfg.name());
+        }
+        for node in &removed {
+            // Forget its connection: no more traffic to or from a non-member.
+            self.peer_conn.remove(node);
+            self.peers.senders.remove(node);
+            self.peers.status.remove(node);
+        }
+        self.members = new.raw.cluster.members.clone();
+        tracing::info!(?added, ?removed, "member list reloaded");
+        self.gossip_status();
+        Ok(json!({"members": names, "added": added, "removed": removed}))
+    }
+
     /// The safety rule for a snapshot this node initiates: who is left out
     /// (fenced, not attached), or which attached node makes it impossible.
     /// Auto-fences expired attachments first when `[cluster] auto_fence`.
@@ -541,13 +625,7 @@ impl Driver {
         let attached =
             membership::list(volume.state_dir()).map_err(|e| io("the attachment records", &e))?;
         let fenced = volume.fences().map_err(|e| io("the fences", &e))?;
-        let members: Vec<String> = cfg
-            .raw
-            .cluster
-            .members
-            .iter()
-            .map(|m| m.name.clone())
-            .collect();
+        let members: Vec<String> = self.members.iter().map(|m| m.name.clone()).collect();
         let connected = self.peers.senders.keys().cloned().collect();
         let plan = membership::plan(
             cfg.name(),
@@ -803,7 +881,7 @@ impl Driver {
             o
         }];
         let mut peers = Vec::new();
-        for m in cfg.peers() {
+        for m in self.members.iter().filter(|m| m.name != cfg.name()) {
             let connected = self.peers.senders.contains_key(&m.name);
             peers.push(json!({"node": m.name, "addr": m.addr.to_string(), "connected": connected}));
             let mut s = self

@@ -97,6 +97,10 @@ pub enum DriverEvent {
     },
     /// The result of an engine action the driver ran off the async threads.
     Engine(driver::EngineDone),
+    /// `node reload` or SIGHUP: re-read the member list.
+    Reload {
+        reply: Option<oneshot::Sender<Result<Value>>>,
+    },
     /// This node found itself fenced (or self-fenced); tell the writers.
     Fenced {
         reason: String,

@@ -33,7 +33,34 @@ pub enum PeerWire {
 
 /// Keeps the endpoint alive; dropping it closes every peer connection.
 pub struct Mesh {
-    _endpoint: Arc<PeerEndpoint>,
+    endpoint: Arc<PeerEndpoint>,
+    driver: DriverTx,
+    /// The members this node dials, with their addresses.
+    dialing: HashMap<String, std::net::SocketAddr>,
+}
+
+impl Mesh {
+    /// A new member list (`node reload`): the TLS verifiers admit exactly the
+    /// new names from the next handshake on; new peers this node dials get a
+    /// dial loop; a removed peer's loop ends at its next attempt.
+    pub fn set_members(&mut self, members: &[crate::config::Member], me: &str) {
+        self.endpoint
+            .members()
+            .set(members.iter().map(|m| m.name.clone()));
+        self.dialing
+            .retain(|name, _| members.iter().any(|m| &m.name == name));
+        for m in members.iter().filter(|m| m.name != me) {
+            if self.endpoint.dials(&m.name) && !self.dialing.contains_key(&m.name) {
+                self.dialing.insert(m.name.clone(), m.addr);
+                tokio::spawn(dial_loop(
+                    self.endpoint.clone(),
+                    m.name.clone(),
+                    m.addr,
+                    self.driver.clone(),
+                ));
+            }
+        }
+    }
 }
 
 pub fn start(cfg: &NodeConfig, driver: DriverTx) -> Result<Mesh> {
@@ -45,8 +72,10 @@ pub fn start(cfg: &NodeConfig, driver: DriverTx) -> Result<Mesh> {
             format!("binding the QUIC peer endpoint on {}", cfg.raw.node.listen)
         })?,
     );
+    let mut dialing = HashMap::new();
     for m in cfg.peers() {
         if endpoint.dials(&m.name) {
+            dialing.insert(m.name.clone(), m.addr);
             tokio::spawn(dial_loop(
                 endpoint.clone(),
                 m.name.clone(),
@@ -55,9 +84,11 @@ pub fn start(cfg: &NodeConfig, driver: DriverTx) -> Result<Mesh> {
             ));
         }
     }
-    tokio::spawn(accept_loop(endpoint.clone(), driver));
+    tokio::spawn(accept_loop(endpoint.clone(), driver.clone()));
     Ok(Mesh {
-        _endpoint: endpoint,
+        endpoint,
+        driver,
+        dialing,
     })
 }
 
@@ -86,8 +117,8 @@ async fn dial_loop(
                 }
             }
         }
-        if driver.is_closed() {
-            return;
+        if driver.is_closed() || !ep.members().contains(&name) {
+            return; // shutting down, or no longer a member (node reload)
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
     }

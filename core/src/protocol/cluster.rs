@@ -354,6 +354,24 @@ impl ClusterService {
         }
     }
 
+    /// A new member list (`node reload`), applied between snapshots: new
+    /// peers start disconnected, removed ones are forgotten.
+    pub fn set_members(&mut self, members: &[String]) {
+        let old = std::mem::take(&mut self.peers);
+        self.peers = members
+            .iter()
+            .filter(|p| **p != self.node)
+            .map(|p| (p.clone(), old.get(p).copied().unwrap_or(false)))
+            .collect();
+        let mut all: Vec<String> = members.to_vec();
+        if !all.iter().any(|m| *m == self.node) {
+            all.push(self.node.clone());
+        }
+        all.sort();
+        all.dedup();
+        self.members = all;
+    }
+
     pub fn is_member(&self, node: &str) -> bool {
         self.peers.contains_key(node)
     }

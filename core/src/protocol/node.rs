@@ -283,6 +283,21 @@ impl NodeMachine {
         &self.config
     }
 
+    /// A new member list (`node reload`). Refused while a snapshot is in
+    /// flight or its outcome awaited: the set of nodes that froze for it
+    /// must not change under it.
+    pub fn set_members(&mut self, members: &[String]) -> Result<(), String> {
+        if let Some(s) = self.engaged() {
+            return Err(format!(
+                "snapshot {s} is in flight on node {}; reload after it",
+                self.config.node
+            ));
+        }
+        self.config.members = members.to_vec();
+        self.cluster_service.set_members(members);
+        Ok(())
+    }
+
     /// Feed one event from the world.
     pub fn handle(&mut self, input: Input, now_ms: u64) {
         let now = self.tick(now_ms);
