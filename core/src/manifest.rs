@@ -75,6 +75,21 @@ pub struct SnapshotManifest {
     /// Members left out of the snapshot (fenced, not attached), with why.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub excluded: Vec<crate::protocol::Excluded>,
+    /// blake3 of this manifest's compact JSON without this field: a damaged
+    /// manifest is refused, never served. Absent in manifests written before
+    /// it existed (those are read as they are).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checksum: Option<String>,
+}
+
+/// The checksum [`SnapshotManifest::checksum`] holds for `m`.
+fn content_sum(m: &SnapshotManifest) -> String {
+    let mut bare = m.clone();
+    bare.checksum = None;
+    // Our own plain struct (maps are ordered): serializing cannot fail and is
+    // the same bytes every time.
+    let bytes = serde_json::to_vec(&bare).unwrap_or_default();
+    blake3::hash(&bytes).to_hex().to_string()
 }
 
 impl SnapshotManifest {
@@ -98,6 +113,7 @@ impl SnapshotManifest {
             io_hold_ms: None,
             blake3: None,
             excluded: Vec::new(),
+            checksum: None,
         }
     }
 }
@@ -125,7 +141,9 @@ pub fn store(state_dir: &Path, m: &SnapshotManifest) -> Result<PathBuf> {
     crate::perms::create_private_dir(&dir)?;
     let path = manifest_path(state_dir, m.id);
     let tmp = dir.join(format!(".{}.json.tmp.{}", m.id, std::process::id()));
-    let bytes = serde_json::to_vec_pretty(m).map_err(|e| Error::ManifestCorrupt {
+    let mut m = m.clone();
+    m.checksum = Some(content_sum(&m));
+    let bytes = serde_json::to_vec_pretty(&m).map_err(|e| Error::ManifestCorrupt {
         path: path.clone(),
         reason: format!("cannot encode: {e}"),
     })?;
@@ -177,10 +195,23 @@ pub fn parse(path: &Path, bytes: &[u8]) -> Result<SnapshotManifest> {
             ),
         });
     }
-    serde_json::from_slice(bytes).map_err(|e| Error::ManifestCorrupt {
-        path: path.to_path_buf(),
-        reason: e.to_string(),
-    })
+    let mut m: SnapshotManifest =
+        serde_json::from_slice(bytes).map_err(|e| Error::ManifestCorrupt {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+    if let Some(sum) = &m.checksum {
+        let want = content_sum(&m);
+        if *sum != want {
+            return Err(Error::ManifestCorrupt {
+                path: path.to_path_buf(),
+                reason: format!("checksum mismatch (recorded {sum}, content hashes to {want}): the file is damaged"),
+            });
+        }
+    }
+    // Checked; the in-memory manifest carries none (store computes it anew).
+    m.checksum = None;
+    Ok(m)
 }
 
 /// The manifest of snapshot `id`, or `None` if none was stored. A file whose `id` field
@@ -350,7 +381,29 @@ mod tests {
             io_hold_ms: Some(3),
             blake3: None,
             excluded: Vec::new(),
+            checksum: None,
         }
+    }
+
+    #[test]
+    fn a_flipped_byte_in_a_stored_manifest_is_refused_or_harmless() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = store(dir.path(), &sample(4)).expect("store");
+        let good = std::fs::read(&path).expect("read");
+        let mut refused = 0;
+        for i in 0..good.len() {
+            let mut bad = good.clone();
+            bad[i] ^= 0x04;
+            match parse(&path, &bad) {
+                Err(_) => refused += 1,
+                Ok(m) => assert_eq!(m, sample(4), "byte {i}: damage served as data"),
+            }
+        }
+        assert!(
+            refused > good.len() / 2,
+            "only {refused} of {} flips refused",
+            good.len()
+        );
     }
 
     #[test]

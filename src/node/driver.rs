@@ -824,6 +824,7 @@ impl Driver {
                 io_hold_ms: report.io_hold_ms,
                 blake3: None,
                 excluded: report.excluded.clone(),
+                checksum: None,
             };
             if let Some(created) = self
                 .shared
