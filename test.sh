@@ -13,6 +13,7 @@ command -v tar         >/dev/null 2>&1 || need+=(tar)
 command -v python3     >/dev/null 2>&1 || need+=(python3)
 command -v fsfreeze    >/dev/null 2>&1 || need+=(util-linux)
 command -v restic      >/dev/null 2>&1 || need+=(restic)
+command -v nft         >/dev/null 2>&1 || need+=(nftables)
 if ((${#need[@]})); then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "test.sh: installing ${need[*]}" >&2
