@@ -44,6 +44,13 @@ class App:
         self.deadline = None          # monotonic time the hold ends by itself
 
     def flush(self):
+        try:
+            self._flush()
+        except OSError:                # a mount from before the node restarted?
+            self.reopen()
+            self._flush()
+
+    def _flush(self):
         with self.lock:
             data = b"".join(self.records[self.written:])
             if data:
@@ -68,10 +75,9 @@ class App:
             if n % 16 == 0:
                 try:
                     self.flush()
-                except OSError as e:   # the node's mount went away: keep the records
+                except OSError as e:   # the node's mount is away: keep the records
                     log(state="write_error", error=str(e))
                     time.sleep(0.5)
-                    self.reopen()
             time.sleep(0.002)
 
     def reopen(self):
@@ -81,7 +87,10 @@ class App:
         except OSError:
             return
         with self.lock:
-            os.close(self.fd)
+            try:
+                os.close(self.fd)
+            except OSError:
+                pass                   # the old mount is gone; its fd is closed anyway
             self.fd = fd
 
     def hold(self, snapshot, lease_ms):

@@ -464,3 +464,57 @@ fn the_example_python_writer_takes_part_in_snapshots() {
         .expect("py-n2");
     assert_eq!(w["outcome"], "thawed", "{report}");
 }
+
+#[test]
+fn the_example_python_writer_outlives_its_node_and_registers_again_when_it_returns() {
+    if !fuse_available() {
+        eprintln!("SKIPPED: no FUSE");
+        return;
+    }
+    let mut c = Cluster::start(ClusterOptions::default());
+    let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/example-writer.py");
+    let out = c.dir.path().join("py-n2.out");
+    let n2 = &c.nodes[1];
+    let mut child = std::process::Command::new("python3")
+        .arg(&example)
+        .arg("--socket")
+        .arg(n2.run_dir().join("writer.sock"))
+        .arg("--volume")
+        .arg(n2.live())
+        .args(["--offset", "0", "--name", "py-n2", "--retry", "0.2"])
+        .stdout(std::fs::File::create(&out).expect("out"))
+        .spawn()
+        .expect("python3");
+    let registered = |c: &Cluster| {
+        let v = ff_json(&["status", "--json", "--config", c.nodes[1].cfg()]);
+        v["writers"]
+            .as_array()
+            .is_some_and(|ws| ws.iter().any(|w| w["name"] == "py-n2"))
+    };
+    wait_for(Duration::from_secs(10), || registered(&c));
+    c.kill(1);
+    // It notices, stays alive and keeps trying.
+    wait_for(Duration::from_secs(5), || {
+        std::fs::read_to_string(&out).is_ok_and(|s| s.contains(r#""state": "disconnected""#))
+    });
+    assert!(child.try_wait().expect("wait").is_none(), "the example writer exited with its node");
+    c.start_node(1);
+    c.wait_connected(Duration::from_secs(30));
+    wait_for(Duration::from_secs(10), || registered(&c));
+    let (ok, report) = c.create(0, &[]);
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(ok, "{report}");
+    let log = std::fs::read_to_string(&out).expect("out");
+    let id = report["id"].as_u64().expect("id");
+    let events: Vec<serde_json::Value> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    for kind in ["freeze", "thaw"] {
+        assert!(
+            events.iter().any(|e| e["event"] == kind && e["snapshot"] == id),
+            "no {kind} for snapshot {id} after re-registering:\n{log}"
+        );
+    }
+}
