@@ -497,7 +497,10 @@ fn the_example_python_writer_outlives_its_node_and_registers_again_when_it_retur
     wait_for(Duration::from_secs(5), || {
         std::fs::read_to_string(&out).is_ok_and(|s| s.contains(r#""state": "disconnected""#))
     });
-    assert!(child.try_wait().expect("wait").is_none(), "the example writer exited with its node");
+    assert!(
+        child.try_wait().expect("wait").is_none(),
+        "the example writer exited with its node"
+    );
     c.start_node(1);
     c.wait_connected(Duration::from_secs(30));
     wait_for(Duration::from_secs(10), || registered(&c));
@@ -513,7 +516,9 @@ fn the_example_python_writer_outlives_its_node_and_registers_again_when_it_retur
         .collect();
     for kind in ["freeze", "thaw"] {
         assert!(
-            events.iter().any(|e| e["event"] == kind && e["snapshot"] == id),
+            events
+                .iter()
+                .any(|e| e["event"] == kind && e["snapshot"] == id),
             "no {kind} for snapshot {id} after re-registering:\n{log}"
         );
     }

@@ -49,20 +49,30 @@ fn no_fault_in_any_phase_leaves_a_writer_or_filesystem_frozen_or_a_snapshot_half
         )
     });
     let cells = doc["cells"].as_array().expect("cells");
-    let run: Vec<&Value> = cells
-        .iter()
-        .filter(|c| c["result"] != "n/a")
-        .collect();
+    let run: Vec<&Value> = cells.iter().filter(|c| c["result"] != "n/a").collect();
     // The subset covers every fault and every phase (the bench's contract with CI).
     for fault in ["kill", "stop", "cut", "veto", "slow_hook"] {
-        assert!(run.iter().any(|c| c["fault"] == fault), "no cell for {fault}");
+        assert!(
+            run.iter().any(|c| c["fault"] == fault),
+            "no cell for {fault}"
+        );
     }
-    for phase in ["freezing", "frozen", "committing", "post_snapshot", "thawing"] {
-        assert!(run.iter().any(|c| c["phase"] == phase), "no cell in {phase}");
+    for phase in [
+        "freezing",
+        "frozen",
+        "committing",
+        "post_snapshot",
+        "thawing",
+    ] {
+        assert!(
+            run.iter().any(|c| c["phase"] == phase),
+            "no cell in {phase}"
+        );
     }
     let mut table = format!(
         "fault matrix, seed {seed}, lease {} ms, {:.0} s\n\n",
-        doc["lease_ms"], doc["seconds"].as_f64().unwrap_or(0.0)
+        doc["lease_ms"],
+        doc["seconds"].as_f64().unwrap_or(0.0)
     );
     table += "| role | phase | fault | result | seconds | reason |\n|---|---|---|---|---|---|\n";
     for c in &run {

@@ -75,20 +75,38 @@ pub struct LogLine {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "what", rename_all = "snake_case")]
 pub enum What {
-    Started { name: String },
+    Started {
+        name: String,
+    },
     Connected,
     /// The connection ended: `eof`, `asked` (SIGUSR1) or the I/O error.
-    Disconnected { reason: String },
+    Disconnected {
+        reason: String,
+    },
     /// A line the node sent, as received.
-    Event { event: Value },
+    Event {
+        event: Value,
+    },
     /// What it answered: `ack` or `veto`.
-    Reply { op: String, event: String, snapshot: u64 },
+    Reply {
+        op: String,
+        event: String,
+        snapshot: u64,
+    },
     /// It holds writes for `snapshot`.
-    Hold { snapshot: u64, lease_ms: Option<u64> },
+    Hold {
+        snapshot: u64,
+        lease_ms: Option<u64>,
+    },
     /// It resumed writes: `thaw`, `abort`, `complete`, `lease` or `disconnect`.
-    Resume { snapshot: u64, why: String },
+    Resume {
+        snapshot: u64,
+        why: String,
+    },
     /// A write or fsync of the data file failed (logged when the error changes).
-    WriteError { error: String },
+    WriteError {
+        error: String,
+    },
 }
 
 /// CLOCK_MONOTONIC in milliseconds.
@@ -233,7 +251,12 @@ pub fn run(args: Args) -> Result<()> {
         file: Mutex::new(file),
     });
     // SAFETY: the handler only stores into an atomic.
-    unsafe { libc::signal(libc::SIGUSR1, on_usr1 as extern "C" fn(libc::c_int) as libc::sighandler_t) };
+    unsafe {
+        libc::signal(
+            libc::SIGUSR1,
+            on_usr1 as extern "C" fn(libc::c_int) as libc::sighandler_t,
+        )
+    };
     log.put(
         0,
         What::Started {
@@ -410,6 +433,7 @@ fn session(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -417,12 +441,20 @@ mod tests {
     fn a_hold_ends_on_its_own_outcome_its_lease_or_a_disconnect() {
         let mut h = Hold::default();
         h.freeze(3, Some(1000), 0.0);
-        assert_eq!(h.release(2), None, "another snapshot's thaw does not resume");
+        assert_eq!(
+            h.release(2),
+            None,
+            "another snapshot's thaw does not resume"
+        );
         assert_eq!(h.expire(999.0), None);
         assert_eq!(h.expire(1000.0), Some(3));
         assert_eq!(h, Hold::default());
         h.freeze(4, None, 0.0);
-        assert_eq!(h.expire(1e9), None, "no lease_ms: only an outcome or a disconnect");
+        assert_eq!(
+            h.expire(1e9),
+            None,
+            "no lease_ms: only an outcome or a disconnect"
+        );
         assert_eq!(h.drop_all(), Some(4));
         h.freeze(5, Some(10), 0.0);
         assert_eq!(h.release(5), Some(5));

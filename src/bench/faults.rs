@@ -136,12 +136,15 @@ fn name<T: Serialize>(v: T) -> String {
 }
 
 fn parse<T: Serialize + Copy>(all: &[T], s: &str, what: &str) -> Result<T> {
-    all.iter().copied().find(|v| name(*v) == s).with_context(|| {
-        format!(
-            "unknown {what} {s:?}; one of {}",
-            all.iter().map(|v| name(*v)).collect::<Vec<_>>().join(", ")
-        )
-    })
+    all.iter()
+        .copied()
+        .find(|v| name(*v) == s)
+        .with_context(|| {
+            format!(
+                "unknown {what} {s:?}; one of {}",
+                all.iter().map(|v| name(*v)).collect::<Vec<_>>().join(", ")
+            )
+        })
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -169,7 +172,12 @@ impl Cell {
     }
 
     fn label(&self) -> String {
-        format!("{}:{}:{}", name(self.role), name(self.phase), name(self.fault))
+        format!(
+            "{}:{}:{}",
+            name(self.role),
+            name(self.phase),
+            name(self.fault)
+        )
     }
 
     /// Why this cell cannot exist, if it cannot.
@@ -276,7 +284,9 @@ impl Plan {
             (Role::Initiator, Phase::Frozen) | (Role::Other, Phase::Committing) => {}
         }
         match (cell.fault, cell.phase) {
-            (Fault::Veto, Phase::Freezing) => p.writer[t].extend(["--veto".into(), "freeze".into()]),
+            (Fault::Veto, Phase::Freezing) => {
+                p.writer[t].extend(["--veto".into(), "freeze".into()])
+            }
             (Fault::Veto, Phase::PostSnapshot) => {
                 p.writer[t].extend(["--veto".into(), "post_snapshot".into()])
             }
@@ -430,7 +440,9 @@ pub fn table(rows: &[CellResult]) -> String {
                     None => "·".to_string(),
                     Some(r) if r.result == "n/a" => {
                         let n = notes.len() + 1;
-                        let n = *notes.entry(r.reason.clone().unwrap_or_default()).or_insert(n);
+                        let n = *notes
+                            .entry(r.reason.clone().unwrap_or_default())
+                            .or_insert(n);
                         format!("n/a ({n})")
                     }
                     Some(r) if r.result == "fail" => {
@@ -451,7 +463,11 @@ pub fn table(rows: &[CellResult]) -> String {
         s += &format!("({n}) {why}\n");
     }
     for r in rows.iter().filter(|r| r.result == "skipped") {
-        s += &format!("{}: skipped: {}\n", r.cell.label(), r.reason.as_deref().unwrap_or(""));
+        s += &format!(
+            "{}: skipped: {}\n",
+            r.cell.label(),
+            r.reason.as_deref().unwrap_or("")
+        );
     }
     for r in fails {
         s += &format!("{}: {}\n", r.cell.label(), r.problems.join("; "));
@@ -476,7 +492,9 @@ pub fn preflight() -> Result<()> {
     }
     for cmd in ["mkfs.ext4", "fsfreeze", "mount", "umount", "sync"] {
         if !which(cmd) {
-            bail!("bench faults needs {cmd} (apt-get install e2fsprogs util-linux mount coreutils)");
+            bail!(
+                "bench faults needs {cmd} (apt-get install e2fsprogs util-linux mount coreutils)"
+            );
         }
     }
     Ok(())
@@ -496,7 +514,12 @@ fn run_cell(cell: Cell, lease_ms: u64, dir: &Path) -> CellResult {
         Ok(problems) => out.problems = problems,
         Err(e) => out.problems = vec![format!("harness: {e:#}")],
     }
-    out.result = if out.problems.is_empty() { "pass" } else { "fail" }.into();
+    out.result = if out.problems.is_empty() {
+        "pass"
+    } else {
+        "fail"
+    }
+    .into();
     out.reason = out.problems.first().cloned();
     out
 }
@@ -833,7 +856,10 @@ impl Rig {
                     break;
                 }
                 if Instant::now() > deadline {
-                    bail!("writer {want} did not register with n{} within {wait:?}", i + 1);
+                    bail!(
+                        "writer {want} did not register with n{} within {wait:?}",
+                        i + 1
+                    );
                 }
                 std::thread::sleep(Duration::from_millis(50));
             }
@@ -1342,6 +1368,7 @@ impl Drop for Rig {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::fault_writer::LogLine;
     use super::*;
@@ -1484,6 +1511,9 @@ mod tests {
         }];
         let t = table(&rows);
         assert!(t.contains("| other | frozen | **fail** | · |"), "{t}");
-        assert!(t.contains("other:frozen:kill: writer w-n2 still holds writes"), "{t}");
+        assert!(
+            t.contains("other:frozen:kill: writer w-n2 still holds writes"),
+            "{t}"
+        );
     }
 }
