@@ -124,3 +124,148 @@ fn no_fault_in_any_phase_leaves_a_writer_or_filesystem_frozen_or_a_snapshot_half
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Runs the shipped hook with `args`, configured by environment only.
+fn hook(
+    mountpoint: &std::path::Path,
+    state: &std::path::Path,
+    lease_ms: u64,
+    args: &[&str],
+) -> std::process::Output {
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/hooks.d/10-fsfreeze");
+    std::process::Command::new(script)
+        .args(args)
+        .env("FREEZEFRAME_FSFREEZE_MOUNTPOINT", mountpoint)
+        .env("FREEZEFRAME_FSFREEZE_STATE", state)
+        .env("FREEZEFRAME_LEASE_MS", lease_ms.to_string())
+        .output()
+        .expect("run 10-fsfreeze")
+}
+
+/// A write + fsync in a child; `false` if it has not returned within `bound`.
+fn write_returns(dir: &std::path::Path, bound: std::time::Duration) -> bool {
+    let mut c = std::process::Command::new("sh")
+        .arg("-c")
+        .arg("printf x >> \"$1\" && sync \"$1\"")
+        .arg("probe")
+        .arg(dir.join("probe"))
+        .spawn()
+        .expect("sh");
+    let deadline = std::time::Instant::now() + bound;
+    while std::time::Instant::now() < deadline {
+        if let Ok(Some(st)) = c.try_wait() {
+            return st.success();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    // Left to finish when the filesystem thaws (the test thaws it before it ends).
+    false
+}
+
+struct Mounted(std::path::PathBuf);
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("fsfreeze")
+            .arg("-u")
+            .arg(&self.0)
+            .output();
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn the_sample_fsfreeze_hook_is_idempotent_and_thaws_by_itself_when_the_lease_passes() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 || !which("mkfs.ext4") || !which("fsfreeze") {
+        eprintln!("SKIPPED: needs root, mkfs.ext4 and fsfreeze");
+        return;
+    }
+    let dir = tempfile::Builder::new()
+        .prefix("ff-hook-")
+        .tempdir_in("/var/tmp")
+        .expect("tmp");
+    let img = dir.path().join("fs.img");
+    std::fs::File::create(&img)
+        .expect("img")
+        .set_len(32 << 20)
+        .expect("size");
+    let ok = |o: std::process::Output, what: &str| {
+        assert!(
+            o.status.success(),
+            "{what}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    };
+    ok(
+        std::process::Command::new("mkfs.ext4")
+            .args(["-q", "-F"])
+            .arg(&img)
+            .output()
+            .expect("mkfs"),
+        "mkfs",
+    );
+    let mnt = dir.path().join("mnt");
+    std::fs::create_dir(&mnt).expect("mkdir");
+    ok(
+        std::process::Command::new("mount")
+            .args(["-o", "loop"])
+            .arg(&img)
+            .arg(&mnt)
+            .output()
+            .expect("mount"),
+        "mount",
+    );
+    let _m = Mounted(mnt.clone());
+    let state = dir.path().join("state");
+    let short = std::time::Duration::from_millis(700);
+
+    // Thaw and abort of a filesystem that is not frozen succeed (an abort may come first).
+    ok(hook(&mnt, &state, 60_000, &["abort"]), "abort while thawed");
+    ok(hook(&mnt, &state, 60_000, &["thaw"]), "thaw while thawed");
+    // Freeze blocks writes; a second freeze is still success; post-snapshot changes nothing.
+    ok(hook(&mnt, &state, 60_000, &["freeze"]), "freeze");
+    assert!(!write_returns(&mnt, short), "a write returned while frozen");
+    ok(hook(&mnt, &state, 60_000, &["freeze"]), "freeze again");
+    ok(
+        hook(&mnt, &state, 60_000, &["post-snapshot", "/x/volume.img"]),
+        "post-snapshot",
+    );
+    ok(hook(&mnt, &state, 60_000, &["thaw"]), "thaw");
+    assert!(
+        write_returns(&mnt, std::time::Duration::from_secs(5)),
+        "a write after thaw hung"
+    );
+    ok(hook(&mnt, &state, 60_000, &["abort"]), "abort after thaw");
+    assert!(
+        std::fs::read_dir(&state).map(|d| d.count()).unwrap_or(0) == 0,
+        "thaw/abort leave no watchdog behind"
+    );
+
+    // Nobody thaws (the daemon died): the watchdog does, once the lease passed.
+    ok(
+        hook(&mnt, &state, 1_000, &["freeze"]),
+        "freeze with a 1 s lease",
+    );
+    assert!(!write_returns(&mnt, short), "a write returned while frozen");
+    assert!(
+        write_returns(&mnt, std::time::Duration::from_secs(4)),
+        "the filesystem stayed frozen after the lease"
+    );
+    // The usual undo afterwards is still success.
+    ok(
+        hook(&mnt, &state, 1_000, &["abort"]),
+        "abort after the watchdog",
+    );
+
+    // No mount point configured: a clear error, a veto.
+    let o = std::process::Command::new(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/hooks.d/10-fsfreeze"),
+    )
+    .arg("freeze")
+    .env_remove("FREEZEFRAME_FSFREEZE_MOUNTPOINT")
+    .output()
+    .expect("run");
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("no mount point"));
+}
