@@ -158,6 +158,9 @@ struct State {
     taken: u64,
     written: u64,
     frozen: bool,
+    /// The freeze's lease: past it the writer resumes by itself (the node is
+    /// gone or hung; the writer protocol says so).
+    frozen_until: Option<std::time::Instant>,
 }
 
 /// Runs until the node closes the writer socket.
@@ -174,6 +177,7 @@ pub fn run(opts: Options) -> Result<()> {
             taken: 0,
             written: 0,
             frozen: false,
+            frozen_until: None,
         }),
         Condvar::new(),
     ));
@@ -206,7 +210,20 @@ pub fn run(opts: Options) -> Result<()> {
             loop {
                 let mut st = m.lock().unwrap_or_else(|e| e.into_inner());
                 while st.frozen {
-                    st = cv.wait(st).unwrap_or_else(|e| e.into_inner());
+                    match st.frozen_until {
+                        Some(t) if std::time::Instant::now() >= t => {
+                            eprintln!("demo writer: the freeze lease passed without thaw; resuming");
+                            st.frozen = false;
+                        }
+                        Some(t) => {
+                            let left = t.saturating_duration_since(std::time::Instant::now());
+                            st = cv
+                                .wait_timeout(st, left)
+                                .map(|(g, _)| g)
+                                .unwrap_or_else(|e| e.into_inner().0);
+                        }
+                        None => st = cv.wait(st).unwrap_or_else(|e| e.into_inner()),
+                    }
                 }
                 if st.taken < capacity {
                     st.taken += 1;
@@ -263,6 +280,9 @@ pub fn run(opts: Options) -> Result<()> {
                 }
                 let mut st = m.lock().unwrap_or_else(|e| e.into_inner());
                 st.frozen = true;
+                st.frozen_until = ev["lease_ms"].as_u64().map(|ms| {
+                    std::time::Instant::now() + std::time::Duration::from_millis(ms)
+                });
                 let n = flush(&mut st)?;
                 writeln!(log, "{}", serde_json::json!({"snapshot": s, "records": n}))?;
                 log.sync_data()?;
@@ -270,8 +290,14 @@ pub fn run(opts: Options) -> Result<()> {
             ("thaw" | "abort", Some(_)) => {
                 let mut st = m.lock().unwrap_or_else(|e| e.into_inner());
                 st.frozen = false;
+                st.frozen_until = None;
                 cv.notify_all();
+                if kind == "abort" {
+                    continue; // an outcome: no answer
+                }
             }
+            // The outcome of a snapshot that was kept: no answer.
+            ("complete", Some(_)) => continue,
             ("post_snapshot", Some(s)) => {
                 if opts.post_mark {
                     let path = ev["path"].as_str().unwrap_or_default();

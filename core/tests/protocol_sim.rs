@@ -209,7 +209,9 @@ fn writer_disconnecting_while_it_owes_an_answer_fails_the_snapshot_at_once() {
 }
 
 #[test]
-fn writer_disconnecting_while_frozen_is_recorded_and_the_snapshot_completes() {
+fn writer_disconnecting_while_frozen_before_commit_fails_the_snapshot_naming_it() {
+    // A writer that loses its node resumes by itself (writer protocol), so
+    // the snapshot can no longer promise its data.
     let mut config = SimConfig::cluster(2, 2);
     config.writer_delay_ms = (10, 10);
     let mut sim = Sim::new(config, 20);
@@ -219,6 +221,37 @@ fn writer_disconnecting_while_frozen_is_recorded_and_the_snapshot_completes() {
     sim.run();
     assert_clean(&sim);
     let report = sim.report(req).expect("one report");
+    assert_eq!(report.status, ReportStatus::Failed, "{report:#?}");
+    let error = report.error.clone().expect("error");
+    assert_eq!(
+        (error.node.as_str(), error.writer.as_deref(), error.phase),
+        ("n2", Some("app2-2"), Phase::Frozen)
+    );
+    assert_eq!(error.reason, "writer disconnected while frozen");
+    assert!(sim.catalog().is_empty(), "nothing kept");
+}
+
+#[test]
+fn writer_disconnecting_after_the_commit_is_recorded_and_the_snapshot_completes() {
+    let mut config = SimConfig::cluster(2, 2);
+    config.writer_delay_ms = (10, 10);
+    let mut sim = Sim::new(config, 20);
+    let req = sim.request_at(0, 0);
+    sim.run();
+    let post = sim
+        .phase_events()
+        .iter()
+        .find(|e| e.node == "n2" && e.phase == Phase::PostSnapshot && e.writer.is_none())
+        .map(|e| e.at_ms)
+        .expect("n2 reached post-snapshot");
+    let mut sim = Sim::new(sim.config.clone(), 20);
+    let req2 = sim.request_at(0, 0);
+    assert_eq!(req, req2);
+    // Its post-snapshot ack at +10, thaw sent then, its thaw ack due at +20.
+    sim.writer_gone_at(1, 1, post + 15);
+    sim.run();
+    assert_clean(&sim);
+    let report = sim.report(req2).expect("one report");
     assert_eq!(report.status, ReportStatus::Complete, "{report:#?}");
     let n2 = report.nodes.iter().find(|n| n.node == "n2").expect("n2");
     assert_eq!(
@@ -467,11 +500,12 @@ fn peer_messages_round_trip_as_json() {
         snapshot: 4,
         initiator: "n1".into(),
         lease_ms: 10_000,
+        members: vec!["n1".into(), "n2".into()],
     };
     let text = serde_json::to_string(&msg).expect("serialize");
     assert_eq!(
         text,
-        r#"{"type":"freeze_notice","snapshot":4,"initiator":"n1","lease_ms":10000}"#
+        r#"{"type":"freeze_notice","snapshot":4,"initiator":"n1","lease_ms":10000,"members":["n1","n2"]}"#
     );
     assert_eq!(
         serde_json::from_str::<PeerMessage>(&text).expect("parse"),

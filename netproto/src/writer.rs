@@ -8,13 +8,17 @@
 //! ```text
 //! app  → node  {"op":"register","name":"db","on_error":"fail","freeze_timeout_ms":5000}
 //! node → app   {"event":"registered","writer":"db"}
-//! node → app   {"event":"freeze","snapshot":7}
+//! node → app   {"event":"freeze","snapshot":7,"lease_ms":9980}
 //! app  → node  {"op":"ack","event":"freeze","snapshot":7}
 //! node → app   {"event":"post_snapshot","snapshot":7,"path":"/mnt/ff/snapshots/7/volume.img"}
 //! app  → node  {"op":"ack","event":"post_snapshot","snapshot":7}
 //! node → app   {"event":"thaw","snapshot":7}
 //! app  → node  {"op":"ack","event":"thaw","snapshot":7}
+//! node → app   {"event":"complete","snapshot":7}
 //! ```
+//! Every `freeze` is followed by exactly one outcome: `complete` or `abort`.
+//! A writer that hears nothing within `lease_ms`, or loses its connection,
+//! resumes writes by itself.
 
 use serde::{Deserialize, Serialize};
 
@@ -52,9 +56,13 @@ pub enum WriterEvent {
     Registered {
         writer: String,
     },
+    /// Flush and hold writes; resume by yourself after `lease_ms` (from
+    /// receipt) if neither `thaw` nor `abort` came.
     Freeze {
         snapshot: u64,
+        lease_ms: u64,
     },
+    /// Resume writes (not the outcome).
     Thaw {
         snapshot: u64,
     },
@@ -62,9 +70,14 @@ pub enum WriterEvent {
         snapshot: u64,
         path: String,
     },
+    /// Outcome: the snapshot failed or was deleted; resume writes.
     Abort {
         snapshot: u64,
         reason: String,
+    },
+    /// Outcome: the snapshot is sealed and kept.
+    Complete {
+        snapshot: u64,
     },
     /// The last line was not understood; the connection stays open.
     Error {
@@ -130,6 +143,23 @@ mod tests {
         assert_eq!(
             serde_json::to_string(&e).unwrap(),
             r#"{"event":"post_snapshot","snapshot":7,"path":"/m/snapshots/7/volume.img"}"#
+        );
+    }
+
+    #[test]
+    fn freeze_carries_the_lease_and_outcomes_need_no_ack() {
+        let e = WriterEvent::Freeze {
+            snapshot: 7,
+            lease_ms: 9_980,
+        };
+        assert_eq!(
+            serde_json::to_string(&e).unwrap(),
+            r#"{"event":"freeze","snapshot":7,"lease_ms":9980}"#
+        );
+        let c = WriterEvent::Complete { snapshot: 7 };
+        assert_eq!(
+            serde_json::to_string(&c).unwrap(),
+            r#"{"event":"complete","snapshot":7}"#
         );
     }
 }

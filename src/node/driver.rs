@@ -13,15 +13,17 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result};
 use freezeframe_core::manifest::{self, ManifestStatus, SnapshotManifest};
 use freezeframe_core::protocol::{
-    self, EventKind, Failure, Input, NodeMachine, Output, Phase, Report, ReportStatus,
-    WriterEvent as MEvent, WriterReply,
+    self, Failure, Input, NodeMachine, Output, Phase, Report, ReportStatus, WriterEvent as MEvent,
+    WriterReply,
 };
-use freezeframe_core::volume::{HoldGuard, InFlightGuard, SnapshotOptions, Volume};
+use freezeframe_core::volume::{HoldGuard, InFlightGuard, Resolution, SnapshotOptions, Volume};
 use freezeframe_netproto::writer::{WriterEvent, WriterRequest};
 use serde_json::{json, Value};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
-use super::hooks::{self, HookRun};
+use super::engine::EngineWorker;
+use super::failpoints::Failpoints;
+use super::hooks;
 use super::peers::{self, PeerTable, PeerWire};
 use super::{control, writers, DriverEvent, Shared};
 use crate::config::NodeConfig;
@@ -78,14 +80,20 @@ pub enum EngineDone {
         snapshot: u64,
         result: Result<(), String>,
     },
+    Resolved {
+        snapshot: u64,
+        kept: Result<bool, String>,
+    },
 }
 
-/// The writer id the `hooks.d` folder registers under.
-const HOOKS_WRITER: u64 = u64::MAX;
+/// The writer id of the `hooks.d` folder (application writers count from 1).
+const HOOKS_WRITER: u64 = 0;
 
 struct Writer {
     name: String,
-    tx: Option<mpsc::UnboundedSender<WriterEvent>>,
+    tx: mpsc::UnboundedSender<WriterEvent>,
+    /// `registered` was sent (it is held back while a snapshot runs).
+    told_registered: bool,
 }
 
 struct Driver {
@@ -93,6 +101,8 @@ struct Driver {
     clock: Clock,
     machine: NodeMachine,
     tx: super::DriverTx,
+    engine: EngineWorker,
+    failpoints: Failpoints,
     writers: HashMap<u64, Writer>,
     peers: PeerTable,
     peer_conn: HashMap<String, usize>,
@@ -101,12 +111,25 @@ struct Driver {
     next_req: u64,
     /// The cluster-wide one-in-flight lock while this node initiates.
     in_flight: Option<InFlightGuard>,
+    /// The snapshot whose I/O hold the machine asked for and did not release
+    /// yet: a hold that completes for anything else is released at once.
+    hold_wanted: Option<u64>,
     hold: Option<HoldGuard>,
+    /// The hooks task, awaited on shutdown so its undo scripts finish.
+    hooks_task: Option<tokio::task::JoinHandle<()>>,
     mounted: bool,
 }
 
 pub async fn run_node(cfg: NodeConfig) -> Result<()> {
     let clock = Clock::new();
+    let failpoints = Failpoints::from_env()?;
+    if failpoints.any() {
+        tracing::warn!(
+            ?failpoints,
+            "fault injection is on ({})",
+            super::failpoints::ENV
+        );
+    }
     std::fs::create_dir_all(&cfg.raw.node.run_dir)
         .with_context(|| format!("creating run dir {}", cfg.raw.node.run_dir.display()))?;
     let volume = Volume::open(&cfg.raw.volume.path)
@@ -133,6 +156,7 @@ pub async fn run_node(cfg: NodeConfig) -> Result<()> {
     })?;
 
     let (events, _) = broadcast::channel(4096);
+    let engine = EngineWorker::start(volume.clone()).context("starting the engine worker")?;
     let shared = Arc::new(Shared {
         cfg: cfg.clone(),
         volume,
@@ -179,31 +203,42 @@ pub async fn run_node(cfg: NodeConfig) -> Result<()> {
         shared: shared.clone(),
         clock,
         tx: tx.clone(),
+        engine,
+        failpoints,
         writers: HashMap::new(),
         peers: PeerTable::default(),
         peer_conn: HashMap::new(),
         waiting: HashMap::new(),
         next_req: 1,
         in_flight: None,
+        hold_wanted: None,
         hold: None,
+        hooks_task: None,
         mounted: true,
     };
-    if cfg.raw.node.hooks_dir.is_some() {
-        d.writers.insert(
-            HOOKS_WRITER,
-            Writer {
-                name: "hooks.d".into(),
-                tx: None,
-            },
-        );
-        let input = Input::WriterRegistered {
-            writer: HOOKS_WRITER,
-            name: "hooks.d".into(),
-            on_error: protocol::OnError::Fail,
-            // The hook timeout bounds each script; the whole folder gets the lease.
-            freeze_timeout_ms: Some(cfg.lease_ms),
+    if let Some(dir) = cfg.raw.node.hooks_dir.clone() {
+        // The hooks folder is one ordinary writer, served by its own task.
+        let hcfg = hooks::HookConfig {
+            dir,
+            node: cfg.name().to_string(),
+            hook_timeout: Duration::from_millis(cfg.hook_timeout_ms),
         };
-        d.feed(input);
+        let reply_tx = tx.clone();
+        let (htx, task) = hooks::spawn(hcfg, move |req| {
+            let _ = reply_tx.send(DriverEvent::WriterReply {
+                id: HOOKS_WRITER,
+                req,
+            });
+        });
+        d.hooks_task = Some(task);
+        d.register(
+            HOOKS_WRITER,
+            "hooks.d".into(),
+            protocol::OnError::Fail,
+            // The hook timeout bounds each script; the whole folder gets the lease.
+            Some(cfg.lease_ms),
+            htx,
+        );
     }
     if let Ok(Some(_guard)) = shared.volume.try_begin_snapshot() {
         delete_orphans(&shared.volume);
@@ -213,7 +248,10 @@ pub async fn run_node(cfg: NodeConfig) -> Result<()> {
     loop {
         let wake = d.machine.poll_timeout().map(|t| d.clock.instant_of(t));
         let ev = match wake {
+            // Events first: after a stall (SIGSTOP, overload) the answers that
+            // arrived meanwhile must be seen before the timers they beat.
             Some(at) => tokio::select! {
+                biased;
                 ev = rx.recv() => ev,
                 _ = tokio::time::sleep_until(at.into()) => {
                     let now = d.clock.now_ms();
@@ -251,6 +289,32 @@ impl Driver {
         self.drain();
     }
 
+    fn register(
+        &mut self,
+        id: u64,
+        name: String,
+        on_error: protocol::OnError,
+        freeze_timeout_ms: Option<u64>,
+        tx: mpsc::UnboundedSender<WriterEvent>,
+    ) {
+        self.writers.insert(
+            id,
+            Writer {
+                name: name.clone(),
+                tx,
+                told_registered: false,
+            },
+        );
+        tracing::info!(writer = %name, "writer registered");
+        self.feed(Input::WriterRegistered {
+            writer: id,
+            name,
+            on_error,
+            freeze_timeout_ms,
+        });
+        self.gossip_status();
+    }
+
     fn event(&mut self, ev: DriverEvent) {
         match ev {
             DriverEvent::Status { reply } => {
@@ -264,26 +328,7 @@ impl Driver {
                 on_error,
                 freeze_timeout_ms,
                 tx,
-            } => {
-                let _ = tx.send(WriterEvent::Registered {
-                    writer: name.clone(),
-                });
-                self.writers.insert(
-                    id,
-                    Writer {
-                        name: name.clone(),
-                        tx: Some(tx),
-                    },
-                );
-                tracing::info!(writer = %name, "writer registered");
-                self.feed(Input::WriterRegistered {
-                    writer: id,
-                    name,
-                    on_error,
-                    freeze_timeout_ms,
-                });
-                self.gossip_status();
-            }
+            } => self.register(id, name, on_error, freeze_timeout_ms, tx),
             DriverEvent::WriterReply { id, req } => {
                 let (event, snapshot, reply) = match req {
                     WriterRequest::Ack { event, snapshot } => (event, snapshot, WriterReply::Ack),
@@ -309,6 +354,13 @@ impl Driver {
                 self.gossip_status();
             }
             DriverEvent::PeerUp { node, conn, tx } => {
+                if self.peer_conn.contains_key(&node) {
+                    // A new connection of a peer we think is up: the old one
+                    // is dead (the peer restarted). Its loss must count now,
+                    // not when the old connection times out.
+                    tracing::info!(peer = %node, "peer reconnected; its old connection is gone");
+                    self.feed(Input::PeerDown { node: node.clone() });
+                }
                 self.peer_conn.insert(node.clone(), conn);
                 self.peers.senders.insert(node.clone(), tx);
                 self.feed(Input::PeerUp { node: node.clone() });
@@ -341,17 +393,18 @@ impl Driver {
 
     fn create(&mut self, timeout_ms: Option<u64>, reply: oneshot::Sender<Value>) {
         let now = self.clock.now_ms();
-        let busy = |reason: String| -> Value {
+        let name = self.name().to_string();
+        let refuse = |reason: String| -> Value {
             serde_json::to_value(Report {
                 id: 0,
                 status: ReportStatus::Failed,
                 error: Some(Failure {
-                    node: String::new(),
+                    node: name.clone(),
                     writer: None,
                     phase: Phase::Idle,
                     reason,
                 }),
-                initiator: String::new(),
+                initiator: name.clone(),
                 requested_ms: now,
                 finished_ms: now,
                 nodes: Vec::new(),
@@ -360,17 +413,15 @@ impl Driver {
             })
             .unwrap_or(Value::Null)
         };
-        let name = self.name().to_string();
-        let fail = |mut v: Value| {
-            v["error"]["node"] = json!(name);
-            v["initiator"] = json!(name);
-            v
-        };
-        if self.machine.status().in_flight {
-            let _ = reply.send(fail(busy(format!(
-                "{}another snapshot is in flight on node {name}",
+        let st = self.machine.status();
+        if st.in_flight {
+            let what = st
+                .snapshot
+                .map_or(String::new(), |s| format!(" (snapshot {s})"));
+            let _ = reply.send(refuse(format!(
+                "{} another snapshot{what} is in flight on node {name}",
                 protocol::BUSY_PREFIX
-            ))));
+            )));
             return;
         }
         let volume = self.shared.volume.clone();
@@ -378,25 +429,25 @@ impl Driver {
         let guard = match guard {
             Ok(Some(g)) => g,
             Ok(None) => {
-                let _ = reply.send(fail(busy(format!(
-                    "{}another snapshot of this volume is in flight in the cluster",
+                let _ = reply.send(refuse(format!(
+                    "{} another snapshot of this volume is in flight in the cluster",
                     protocol::BUSY_PREFIX
-                ))));
+                )));
                 return;
             }
             Err(e) => {
-                let _ = reply.send(fail(busy(format!(
+                let _ = reply.send(refuse(format!(
                     "cannot lock the volume's state directory: {e}"
-                ))));
+                )));
                 return;
             }
         };
         let id = match tokio::task::block_in_place(|| volume.reserve_snapshot_id()) {
             Ok(id) => id,
             Err(e) => {
-                let _ = reply.send(fail(busy(format!(
+                let _ = reply.send(refuse(format!(
                     "cannot reserve a snapshot id in the catalog: {e}"
-                ))));
+                )));
                 return;
             }
         };
@@ -454,14 +505,25 @@ impl Driver {
                 snapshot,
                 event,
             } => self.to_writer(writer, snapshot, event),
+            Output::WriterRegistered { writer } => {
+                if let Some(w) = self.writers.get_mut(&writer) {
+                    w.told_registered = true;
+                    let _ = w.tx.send(WriterEvent::Registered {
+                        writer: w.name.clone(),
+                    });
+                }
+            }
             Output::HoldIo { snapshot } => {
-                let (volume, tx) = (self.shared.volume.clone(), self.tx.clone());
-                tokio::task::spawn_blocking(move || {
-                    let guard = volume.hold();
+                self.hold_wanted = Some(snapshot);
+                let (tx, delay) = (self.tx.clone(), self.failpoints.hold_delay);
+                self.engine.run(move |v| {
+                    std::thread::sleep(delay);
+                    let guard = v.hold();
                     let _ = tx.send(DriverEvent::Engine(EngineDone::Held { snapshot, guard }));
                 });
             }
             Output::ReleaseIo { .. } => {
+                self.hold_wanted = None;
                 self.hold = None;
             }
             Output::FlushVolume { snapshot } => self.blocking(move |v| EngineDone::Flushed {
@@ -472,27 +534,51 @@ impl Driver {
                 let opts = SnapshotOptions {
                     diff_limit: self.shared.cfg.diff_limit,
                 };
-                self.blocking(move |v| EngineDone::Created {
-                    snapshot,
-                    result: v
-                        .create_snapshot(snapshot, &opts)
-                        .map(|_| ())
-                        .map_err(|e| e.to_string()),
+                let delay = self.failpoints.create_delay;
+                self.blocking(move |v| {
+                    std::thread::sleep(delay);
+                    EngineDone::Created {
+                        snapshot,
+                        result: v
+                            .create_snapshot(snapshot, &opts)
+                            .map(|_| ())
+                            .map_err(|e| e.to_string()),
+                    }
                 })
             }
-            Output::SealSnapshot { snapshot } => self.blocking(move |v| EngineDone::Sealed {
-                snapshot,
-                result: v.seal_snapshot(snapshot).map_err(|e| e.to_string()),
-            }),
-            Output::DeleteSnapshot { snapshot } => {
-                let v = self.shared.volume.clone();
-                tokio::task::spawn_blocking(move || {
-                    if let Err(e) = v.delete_snapshot(snapshot) {
-                        tracing::error!(snapshot, "could not delete the aborted snapshot: {e}");
+            Output::SealSnapshot { snapshot } => {
+                let delay = self.failpoints.seal_delay;
+                self.blocking(move |v| {
+                    std::thread::sleep(delay);
+                    EngineDone::Sealed {
+                        snapshot,
+                        result: v.seal_snapshot(snapshot).map_err(|e| e.to_string()),
                     }
-                    let _ = manifest::remove(v.state_dir(), snapshot);
-                });
+                })
             }
+            Output::DeleteSnapshot { snapshot } => self.engine.run(move |v| {
+                if let Err(e) = v.delete_snapshot(snapshot) {
+                    tracing::warn!(snapshot, "deleting the aborted snapshot: {e}");
+                }
+                let _ = manifest::remove(v.state_dir(), snapshot);
+            }),
+            Output::ResolveSnapshot { snapshot } => self.blocking(move |v| {
+                let kept = match v.delete_unless_sealed(snapshot) {
+                    Ok(Resolution::Sealed) => Ok(true),
+                    Ok(r) => {
+                        if r == Resolution::Deleted {
+                            tracing::warn!(
+                                snapshot,
+                                "deleted a snapshot its initiator left unsealed"
+                            );
+                        }
+                        let _ = manifest::remove(v.state_dir(), snapshot);
+                        Ok(false)
+                    }
+                    Err(e) => Err(e.to_string()),
+                };
+                EngineDone::Resolved { snapshot, kept }
+            }),
             Output::Phase(ev) => {
                 if let Ok(v) = serde_json::to_value(&ev) {
                     let _ = self.shared.events.send(v);
@@ -504,10 +590,11 @@ impl Driver {
         }
     }
 
+    /// Queues an engine action whose result goes back to the machine.
     fn blocking(&self, f: impl FnOnce(&Volume) -> EngineDone + Send + 'static) {
-        let (v, tx) = (self.shared.volume.clone(), self.tx.clone());
-        tokio::task::spawn_blocking(move || {
-            let done = f(&v);
+        let tx = self.tx.clone();
+        self.engine.run(move |v| {
+            let done = f(v);
             let _ = tx.send(DriverEvent::Engine(done));
         });
     }
@@ -515,63 +602,30 @@ impl Driver {
     fn engine_done(&mut self, done: EngineDone) {
         let input = match done {
             EngineDone::Held { snapshot, guard } => {
+                if self.hold_wanted != Some(snapshot) {
+                    // The run that asked for it ended while the hold was
+                    // being taken: let go at once, or live writes hang.
+                    tracing::info!(snapshot, "a late I/O hold released at once");
+                    drop(guard);
+                    return;
+                }
                 self.hold = Some(guard);
                 Input::HoldDone { snapshot }
             }
             EngineDone::Flushed { snapshot, result } => Input::FlushDone { snapshot, result },
             EngineDone::Created { snapshot, result } => Input::SnapshotCreated { snapshot, result },
             EngineDone::Sealed { snapshot, result } => Input::SnapshotSealed { snapshot, result },
+            EngineDone::Resolved { snapshot, kept } => Input::SnapshotResolved { snapshot, kept },
         };
         self.feed(input);
     }
 
-    fn to_writer(&mut self, writer: u64, snapshot: u64, event: MEvent) {
-        let kind = event.kind();
-        if writer == HOOKS_WRITER {
-            let Some(dir) = self.shared.cfg.raw.node.hooks_dir.clone() else {
-                return;
-            };
-            let run = HookRun {
-                node: self.name().to_string(),
-                snapshot,
-                timeout: Duration::from_millis(self.shared.cfg.hook_timeout_ms),
-                image_path: (kind == EventKind::PostSnapshot).then(|| {
-                    self.shared
-                        .cfg
-                        .snapshot_image_path(snapshot)
-                        .display()
-                        .to_string()
-                }),
-            };
-            let tx = self.tx.clone();
-            tokio::spawn(async move {
-                let result = hooks::run_event(&dir, kind, &run).await;
-                if kind == EventKind::Abort {
-                    return;
-                }
-                let req = match result {
-                    Ok(()) => WriterRequest::Ack {
-                        event: kind,
-                        snapshot,
-                    },
-                    Err(reason) => WriterRequest::Veto {
-                        event: kind,
-                        snapshot,
-                        reason,
-                    },
-                };
-                let _ = tx.send(DriverEvent::WriterReply {
-                    id: HOOKS_WRITER,
-                    req,
-                });
-            });
-            return;
-        }
+    fn to_writer(&self, writer: u64, snapshot: u64, event: MEvent) {
         let Some(w) = self.writers.get(&writer) else {
             return;
         };
         let line = match event {
-            MEvent::Freeze => WriterEvent::Freeze { snapshot },
+            MEvent::Freeze { lease_ms } => WriterEvent::Freeze { snapshot, lease_ms },
             MEvent::Thaw => WriterEvent::Thaw { snapshot },
             MEvent::PostSnapshot => WriterEvent::PostSnapshot {
                 snapshot,
@@ -583,10 +637,9 @@ impl Driver {
                     .to_string(),
             },
             MEvent::Abort { reason } => WriterEvent::Abort { snapshot, reason },
+            MEvent::Complete => WriterEvent::Complete { snapshot },
         };
-        if let Some(tx) = &w.tx {
-            let _ = tx.send(line);
-        }
+        let _ = w.tx.send(line);
     }
 
     fn report(&mut self, req: u64, report: Report) {
@@ -685,7 +738,8 @@ impl Driver {
     }
 
     /// Ends a snapshot in flight cleanly: the machine is told every peer and
-    /// writer is gone, which aborts the run and thaws local writers.
+    /// writer is gone, which aborts the run and tells local writers; the hooks
+    /// task then finishes its undo scripts before the daemon exits.
     async fn shutdown(&mut self) {
         let peers: Vec<String> = self.peer_conn.keys().cloned().collect();
         for node in peers {
@@ -700,9 +754,18 @@ impl Driver {
         for id in ids {
             self.feed(Input::WriterGone { writer: id });
         }
-        // Give abort lines and hook thaws a moment to leave.
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        self.hold_wanted = None;
         self.hold = None;
+        // Closing the hooks task's channel makes it undo what it holds and end.
+        self.writers.clear();
+        if let Some(task) = self.hooks_task.take() {
+            let grace = Duration::from_millis(self.shared.cfg.hook_timeout_ms) * 2;
+            if tokio::time::timeout(grace, task).await.is_err() {
+                tracing::warn!("hooks.d did not finish undoing within {grace:?}");
+            }
+        }
+        // Give the abort lines to application writers a moment to leave.
+        tokio::time::sleep(Duration::from_millis(50)).await;
         for (_, tx) in self.waiting.drain() {
             let _ = tx.send(json!({"status":"failed","error":{"reason":"node is shutting down"}}));
         }

@@ -19,6 +19,8 @@
 
 mod control;
 mod driver;
+mod engine;
+pub mod failpoints;
 pub use driver::verify_snapshot;
 pub mod hooks;
 mod peers;

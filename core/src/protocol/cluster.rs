@@ -1,21 +1,26 @@
 //! The two pieces that make one node's coordinator cluster-wide without it
-//! knowing (seed 001, figures 3 and 4, claims 1 and 8):
+//! knowing (seed 001, figures 3 and 4, claims 1, 8 and 14):
 //!
 //! - [`ClusterWriter`]: registered on the coordinator as just another writer.
-//!   On the initiator it carries freeze and post-snapshot to the cluster
-//!   service and blocks until every other node reported; on another node
-//!   (a snapshot its own cluster service started) it returns at once.
+//!   On the initiator it carries freeze, post-snapshot and the outcome to the
+//!   cluster service and blocks until every other node reported; on another
+//!   node (a snapshot its own cluster service started) it returns at once.
 //! - [`ClusterService`]: the node's peer on the mesh. On the initiator it
-//!   sends freeze-notice / post-snapshot / abort to every other node and
-//!   collects their answers; on another node it asks the local coordinator
-//!   for a snapshot with the helper provider, as if it were a backup
-//!   application, and enforces the lease by aborting it when the initiator
-//!   is lost.
+//!   sends freeze-notice / post-snapshot / abort / complete to every other
+//!   node and collects their answers; on another node it asks the local
+//!   coordinator for a snapshot with the helper provider, as if it were a
+//!   backup application, enforces the lease by aborting it when the
+//!   initiator is lost, and after its run waits for the initiator's outcome
+//!   (claim 14) — or, when the initiator is gone, has the catalog decide it.
 
 use super::coordinator::Answer;
 use super::message::PeerMessage;
 use super::types::*;
 use std::collections::{BTreeMap, VecDeque};
+
+/// How long past its lease a node waits for the initiator's outcome before it
+/// has the catalog decide (delete the snapshot unless the initiator sealed it).
+pub const OUTCOME_GRACE_MS: u64 = 1_000;
 
 /// What the cluster writer produces.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -25,6 +30,12 @@ pub enum CwOut {
         snapshot: SnapshotId,
         event: EventKind,
         answer: Answer,
+    },
+    /// A failure heard while the coordinator waited on nothing from us: the
+    /// snapshot cannot be kept (another node failed or was lost).
+    Failure {
+        snapshot: SnapshotId,
+        failure: Failure,
     },
     /// Tell the cluster service that the coordinator sent this event.
     Freeze {
@@ -37,6 +48,9 @@ pub enum CwOut {
         snapshot: SnapshotId,
         reason: String,
     },
+    Complete {
+        snapshot: SnapshotId,
+    },
 }
 
 /// See the module doc. Call [`ClusterWriter::set_remote`] before the
@@ -46,11 +60,11 @@ pub struct ClusterWriter {
     /// The snapshot this node's cluster service started for an initiator:
     /// for it, every event returns at once.
     remote: Option<SnapshotId>,
+    /// The initiator's snapshot this writer was sent freeze for and no
+    /// outcome yet.
+    active: Option<SnapshotId>,
     /// The event the coordinator waits on.
     pending: Option<(SnapshotId, EventKind)>,
-    /// A failure heard while nothing was pending; given as the answer to the
-    /// next event of that snapshot.
-    failure: Option<(SnapshotId, Failure)>,
     out: VecDeque<CwOut>,
 }
 
@@ -64,7 +78,7 @@ impl ClusterWriter {
     pub fn event(&mut self, snapshot: SnapshotId, event: &WriterEvent) {
         let kind = event.kind();
         if self.remote == Some(snapshot) {
-            if kind != EventKind::Abort {
+            if !event.is_outcome() {
                 self.out.push_back(CwOut::Answer {
                     snapshot,
                     event: kind,
@@ -74,16 +88,9 @@ impl ClusterWriter {
             return;
         }
         match event {
-            WriterEvent::Freeze | WriterEvent::PostSnapshot => {
-                if let Some((s, f)) = self.failure.take() {
-                    if s == snapshot {
-                        self.out.push_back(CwOut::Answer {
-                            snapshot,
-                            event: kind,
-                            answer: Answer::Failed(f),
-                        });
-                        return;
-                    }
+            WriterEvent::Freeze { .. } | WriterEvent::PostSnapshot => {
+                if kind == EventKind::Freeze {
+                    self.active = Some(snapshot);
                 }
                 self.pending = Some((snapshot, kind));
                 self.out.push_back(if kind == EventKind::Freeze {
@@ -100,26 +107,47 @@ impl ClusterWriter {
             }),
             WriterEvent::Abort { reason } => {
                 self.pending = None;
-                self.failure = None;
+                self.active = None;
                 self.out.push_back(CwOut::Abort {
                     snapshot,
                     reason: reason.clone(),
                 });
             }
+            WriterEvent::Complete => {
+                self.active = None;
+                self.out.push_back(CwOut::Complete { snapshot });
+            }
         }
     }
 
-    /// Cluster service: every other node is frozen and flushed.
-    pub fn all_frozen(&mut self, snapshot: SnapshotId) {
-        self.answer_if_pending(snapshot, EventKind::Freeze);
+    /// Cluster service: every other node is frozen and flushed, and holds
+    /// until `until_ms` at the earliest.
+    pub fn all_frozen(&mut self, snapshot: SnapshotId, until_ms: u64) {
+        if self.pending == Some((snapshot, EventKind::Freeze)) {
+            self.pending = None;
+            self.out.push_back(CwOut::Answer {
+                snapshot,
+                event: EventKind::Freeze,
+                answer: Answer::AckUntil(until_ms),
+            });
+        }
     }
 
     /// Cluster service: every other node finished post-snapshot and thawed.
     pub fn all_done(&mut self, snapshot: SnapshotId) {
-        self.answer_if_pending(snapshot, EventKind::PostSnapshot);
+        if self.pending == Some((snapshot, EventKind::PostSnapshot)) {
+            self.pending = None;
+            self.out.push_back(CwOut::Answer {
+                snapshot,
+                event: EventKind::PostSnapshot,
+                answer: Answer::Ack,
+            });
+        }
     }
 
     /// Cluster service: the snapshot failed on another node (or it was lost).
+    /// It is the answer to the event the coordinator waits on, or else a
+    /// failure reported at once.
     pub fn failed(&mut self, snapshot: SnapshotId, failure: Failure) {
         match self.pending {
             Some((s, event)) if s == snapshot => {
@@ -130,18 +158,10 @@ impl ClusterWriter {
                     answer: Answer::Failed(failure),
                 });
             }
-            _ => self.failure = Some((snapshot, failure)),
-        }
-    }
-
-    fn answer_if_pending(&mut self, snapshot: SnapshotId, event: EventKind) {
-        if self.pending == Some((snapshot, event)) {
-            self.pending = None;
-            self.out.push_back(CwOut::Answer {
-                snapshot,
-                event,
-                answer: Answer::Ack,
-            });
+            _ if self.active == Some(snapshot) => {
+                self.out.push_back(CwOut::Failure { snapshot, failure })
+            }
+            _ => {}
         }
     }
 
@@ -157,9 +177,11 @@ pub enum CsOut {
         to: String,
         msg: PeerMessage,
     },
-    /// To the cluster writer.
+    /// To the cluster writer: every other node is frozen, and holds until
+    /// `until_ms` (this node's clock) at the earliest.
     AllFrozen {
         snapshot: SnapshotId,
+        until_ms: u64,
     },
     AllDone {
         snapshot: SnapshotId,
@@ -173,6 +195,7 @@ pub enum CsOut {
     StartLocal {
         snapshot: SnapshotId,
         deadline_ms: u64,
+        limit: String,
     },
     /// Cancel the local snapshot started by `StartLocal`; `node` is whose
     /// fault it is.
@@ -183,6 +206,16 @@ pub enum CsOut {
     },
     /// Tell the helper provider to return from commit.
     ReleaseHelper {
+        snapshot: SnapshotId,
+    },
+    /// The snapshot's outcome for the local writers: `Ok` kept, `Err` not.
+    Outcome {
+        snapshot: SnapshotId,
+        outcome: Result<(), String>,
+    },
+    /// The initiator is gone: have the catalog decide the snapshot (delete it
+    /// unless it is sealed) and answer [`ClusterService::resolved`].
+    Resolve {
         snapshot: SnapshotId,
     },
 }
@@ -219,7 +252,11 @@ impl PeerState {
 struct InitRun {
     snapshot: SnapshotId,
     deadline_ms: u64,
+    /// When the freeze notices went out.
+    notified_ms: u64,
     peers: BTreeMap<String, PeerState>,
+    /// Until when each frozen node holds, in this node's clock (lower bound).
+    holds: BTreeMap<String, u64>,
     /// Reports of nodes that finished (done or failed), for the final report.
     reports: Vec<NodeReport>,
     /// A failure was passed on; nothing more is waited for.
@@ -228,11 +265,26 @@ struct InitRun {
     waiting: Option<EventKind>,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum RemoteStep {
+    /// The local coordinator runs the snapshot.
+    Running,
+    /// The run finished here; waiting for the initiator's outcome.
+    AwaitingOutcome,
+    /// The catalog is deciding the outcome (`Resolve` is out).
+    Resolving,
+}
+
 #[derive(Debug)]
 struct RemoteRun {
     snapshot: SnapshotId,
     initiator: String,
-    /// The initiator told us to abort: it needs no failure report back.
+    /// The lease this node granted (min of its own and the notice's).
+    granted_ms: u64,
+    deadline_ms: u64,
+    step: RemoteStep,
+    /// The initiator told us to abort: it needs no failure report back and
+    /// deletes what it made itself.
     aborted_by_initiator: bool,
 }
 
@@ -255,6 +307,11 @@ pub enum NodeRole {
 #[derive(Debug)]
 pub struct ClusterService {
     node: String,
+    /// This node's own lease: a remote node never holds longer.
+    lease_ms: u64,
+    /// Every member, this node included, sorted: sent in freeze notices so
+    /// that nodes with different member lists refuse to snapshot together.
+    members: Vec<String>,
     /// Every other member and whether the mesh connects us now.
     peers: BTreeMap<String, bool>,
     role: Role,
@@ -262,14 +319,22 @@ pub struct ClusterService {
 }
 
 impl ClusterService {
-    pub fn new(node: &str, peers: &[String]) -> ClusterService {
-        let peers = peers
+    pub fn new(node: &str, members: &[String], lease_ms: u64) -> ClusterService {
+        let peers = members
             .iter()
             .filter(|p| *p != node)
             .map(|p| (p.clone(), false))
             .collect();
+        let mut all: Vec<String> = members.to_vec();
+        if !all.iter().any(|m| m == node) {
+            all.push(node.to_string());
+        }
+        all.sort();
+        all.dedup();
         ClusterService {
             node: node.to_string(),
+            lease_ms,
+            members: all,
             peers,
             role: Role::Idle,
             out: VecDeque::new(),
@@ -284,7 +349,8 @@ impl ClusterService {
         self.peers.iter()
     }
 
-    /// The snapshot this service is engaged in, if any.
+    /// The snapshot this service is engaged in, if any (a remote node stays
+    /// engaged until it knows the outcome).
     pub fn engaged(&self) -> Option<SnapshotId> {
         match &self.role {
             Role::Idle => None,
@@ -310,7 +376,9 @@ impl ClusterService {
         self.role = Role::Initiator(InitRun {
             snapshot,
             deadline_ms,
+            notified_ms: 0,
             peers: BTreeMap::new(),
+            holds: BTreeMap::new(),
             reports: vec![],
             failed: false,
             waiting: None,
@@ -339,12 +407,14 @@ impl ClusterService {
         }
         let lease_ms = run.deadline_ms.saturating_sub(now);
         run.waiting = Some(EventKind::Freeze);
+        run.notified_ms = now;
         for peer in self.peers.keys() {
             run.peers.insert(peer.clone(), PeerState::Notified);
             let msg = PeerMessage::FreezeNotice {
                 snapshot,
                 initiator: self.node.clone(),
                 lease_ms,
+                members: self.members.clone(),
             };
             self.out.push_back(CsOut::Send {
                 to: peer.clone(),
@@ -374,7 +444,7 @@ impl ClusterService {
     }
 
     /// Cluster writer: the coordinator aborted. Every node still in the
-    /// snapshot is told.
+    /// snapshot, or done and waiting for the outcome, is told.
     pub fn writer_abort(&mut self, snapshot: SnapshotId, reason: &str) {
         let Role::Initiator(run) = &mut self.role else {
             return;
@@ -384,7 +454,7 @@ impl ClusterService {
         }
         run.failed = true;
         for (peer, state) in run.peers.iter_mut() {
-            if state.active() {
+            if state.active() || *state == PeerState::Done {
                 *state = PeerState::Failed;
                 let msg = PeerMessage::Abort {
                     snapshot,
@@ -393,6 +463,25 @@ impl ClusterService {
                 self.out.push_back(CsOut::Send {
                     to: peer.clone(),
                     msg,
+                });
+            }
+        }
+    }
+
+    /// Cluster writer: the snapshot is sealed. Every node is told the
+    /// outcome (seed 001, claim 14).
+    pub fn writer_complete(&mut self, snapshot: SnapshotId) {
+        let Role::Initiator(run) = &mut self.role else {
+            return;
+        };
+        if run.snapshot != snapshot {
+            return;
+        }
+        for (peer, state) in run.peers.iter() {
+            if *state == PeerState::Done {
+                self.out.push_back(CsOut::Send {
+                    to: peer.clone(),
+                    msg: PeerMessage::Complete { snapshot },
                 });
             }
         }
@@ -423,7 +512,14 @@ impl ClusterService {
         match run.waiting {
             Some(EventKind::Freeze) if all(PeerState::Frozen) => {
                 run.waiting = None;
-                self.out.push_back(CsOut::AllFrozen { snapshot });
+                let until_ms = run
+                    .holds
+                    .values()
+                    .copied()
+                    .min()
+                    .unwrap_or(run.deadline_ms)
+                    .min(run.deadline_ms);
+                self.out.push_back(CsOut::AllFrozen { snapshot, until_ms });
             }
             Some(EventKind::PostSnapshot) if all(PeerState::Done) => {
                 run.waiting = None;
@@ -454,7 +550,7 @@ impl ClusterService {
     // ---- both sides ---------------------------------------------------------
 
     /// A message from `from` (an authenticated member). `local_busy` is the
-    /// snapshot the local coordinator runs, if any.
+    /// snapshot the local coordinator runs or awaits the outcome of, if any.
     pub fn peer_message(
         &mut self,
         from: &str,
@@ -464,53 +560,65 @@ impl ClusterService {
     ) {
         let snapshot = msg.snapshot();
         match msg {
-            PeerMessage::FreezeNotice { lease_ms, .. } => {
-                if let Role::Remote(r) = &self.role {
-                    if r.snapshot == snapshot && r.initiator == from {
-                        return; // a duplicate
-                    }
-                }
-                if let Some(current) = local_busy.or(self.engaged()) {
-                    let msg = PeerMessage::Busy {
-                        snapshot,
-                        node: self.node.clone(),
-                        current,
-                    };
-                    self.out.push_back(CsOut::Send {
-                        to: from.to_string(),
-                        msg,
-                    });
-                    return;
-                }
-                self.role = Role::Remote(RemoteRun {
-                    snapshot,
-                    initiator: from.to_string(),
-                    aborted_by_initiator: false,
-                });
-                self.out.push_back(CsOut::StartLocal {
-                    snapshot,
-                    deadline_ms: now.saturating_add(lease_ms),
-                });
-            }
+            PeerMessage::FreezeNotice {
+                lease_ms, members, ..
+            } => self.freeze_notice(from, snapshot, lease_ms, members, now, local_busy),
             PeerMessage::PostSnapshot { .. } => {
-                if self.is_remote_from(snapshot, from) {
+                if self.is_remote_from(snapshot, from, RemoteStep::Running) {
                     self.out.push_back(CsOut::ReleaseHelper { snapshot });
                 }
             }
             PeerMessage::Abort { reason, .. } => {
-                if let Role::Remote(r) = &mut self.role {
-                    if r.snapshot == snapshot && r.initiator == from {
+                let Role::Remote(r) = &mut self.role else {
+                    return;
+                };
+                if r.snapshot != snapshot || r.initiator != from {
+                    return;
+                }
+                let reason = format!("aborted by initiator {from}: {reason}");
+                match r.step {
+                    RemoteStep::Running => {
                         r.aborted_by_initiator = true;
-                        let reason = format!("aborted by initiator {from}: {reason}");
                         self.out.push_back(CsOut::AbortLocal {
                             snapshot,
                             node: from.to_string(),
                             reason,
                         });
                     }
+                    RemoteStep::AwaitingOutcome => {
+                        self.role = Role::Idle;
+                        self.out.push_back(CsOut::Outcome {
+                            snapshot,
+                            outcome: Err(reason),
+                        });
+                    }
+                    // The catalog decides; the initiator's word changes nothing.
+                    RemoteStep::Resolving => {}
                 }
             }
-            PeerMessage::Frozen { .. } => {
+            PeerMessage::Complete { .. } => {
+                if self.is_remote_from(snapshot, from, RemoteStep::AwaitingOutcome) {
+                    self.role = Role::Idle;
+                    self.out.push_back(CsOut::Outcome {
+                        snapshot,
+                        outcome: Ok(()),
+                    });
+                }
+            }
+            PeerMessage::Frozen { granted_ms, .. } => {
+                if let Role::Initiator(run) = &mut self.role {
+                    if run.snapshot == snapshot && run.peers.get(from) == Some(&PeerState::Notified)
+                    {
+                        // The node's lease started when it received our
+                        // notice, which was after we sent it: a lower bound.
+                        let until = if granted_ms == 0 {
+                            run.deadline_ms
+                        } else {
+                            run.notified_ms.saturating_add(granted_ms)
+                        };
+                        run.holds.insert(from.to_string(), until);
+                    }
+                }
                 self.peer_advanced(from, snapshot, PeerState::Notified, PeerState::Frozen, None)
             }
             PeerMessage::Done { report, .. } => self.peer_advanced(
@@ -539,12 +647,89 @@ impl ClusterService {
         }
     }
 
+    fn freeze_notice(
+        &mut self,
+        from: &str,
+        snapshot: SnapshotId,
+        lease_ms: u64,
+        members: Vec<String>,
+        now: u64,
+        local_busy: Option<SnapshotId>,
+    ) {
+        if let Role::Remote(r) = &self.role {
+            if r.snapshot == snapshot && r.initiator == from {
+                return; // a duplicate
+            }
+        }
+        if let Some(current) = local_busy.or(self.engaged()) {
+            let msg = PeerMessage::Busy {
+                snapshot,
+                node: self.node.clone(),
+                current,
+            };
+            self.out.push_back(CsOut::Send {
+                to: from.to_string(),
+                msg,
+            });
+            return;
+        }
+        if !members.is_empty() && members != self.members {
+            // Nodes that disagree on who is in the cluster cannot promise
+            // that everyone attached froze: refuse, naming both lists.
+            let error = Failure {
+                node: self.node.clone(),
+                writer: None,
+                phase: Phase::Freezing,
+                reason: format!(
+                    "member lists differ: {from} has [{}], {} has [{}]",
+                    members.join(", "),
+                    self.node,
+                    self.members.join(", ")
+                ),
+            };
+            let report = NodeReport {
+                node: self.node.clone(),
+                phases: vec![],
+                writers: vec![],
+            };
+            self.out.push_back(CsOut::Send {
+                to: from.to_string(),
+                msg: PeerMessage::Failed {
+                    snapshot,
+                    error,
+                    report,
+                },
+            });
+            return;
+        }
+        let granted_ms = lease_ms.min(self.lease_ms);
+        let limit = if granted_ms < lease_ms {
+            format!("lease of {granted_ms} ms (this node's own, shorter than {from}'s)")
+        } else {
+            format!("lease of {granted_ms} ms from {from}'s notice")
+        };
+        let deadline_ms = now.saturating_add(granted_ms);
+        self.role = Role::Remote(RemoteRun {
+            snapshot,
+            initiator: from.to_string(),
+            granted_ms,
+            deadline_ms,
+            step: RemoteStep::Running,
+            aborted_by_initiator: false,
+        });
+        self.out.push_back(CsOut::StartLocal {
+            snapshot,
+            deadline_ms,
+            limit,
+        });
+    }
+
     fn is_initiator_of(&self, snapshot: SnapshotId) -> bool {
         matches!(&self.role, Role::Initiator(r) if r.snapshot == snapshot)
     }
 
-    fn is_remote_from(&self, snapshot: SnapshotId, from: &str) -> bool {
-        matches!(&self.role, Role::Remote(r) if r.snapshot == snapshot && r.initiator == from)
+    fn is_remote_from(&self, snapshot: SnapshotId, from: &str, step: RemoteStep) -> bool {
+        matches!(&self.role, Role::Remote(r) if r.snapshot == snapshot && r.initiator == from && r.step == step)
     }
 
     fn peer_advanced(
@@ -580,7 +765,8 @@ impl ClusterService {
 
     /// The mesh lost `node`. On the initiator a node still in the snapshot
     /// fails it; on another node, losing the initiator aborts the local
-    /// snapshot at once (no application stays frozen for a dead initiator).
+    /// snapshot at once (no application stays frozen for a dead initiator),
+    /// and a node waiting for the outcome has the catalog decide it.
     pub fn peer_down(&mut self, node: &str) {
         let Some(up) = self.peers.get_mut(node) else {
             return;
@@ -598,14 +784,23 @@ impl ClusterService {
                     self.peer_failed(node, failure, None);
                 }
             }
-            Role::Remote(r) if r.initiator == node => {
-                let reason = format!("lost connection to initiator {node}");
-                self.out.push_back(CsOut::AbortLocal {
-                    snapshot: r.snapshot,
-                    node: node.to_string(),
-                    reason,
-                });
-            }
+            Role::Remote(r) if r.initiator == node => match r.step {
+                RemoteStep::Running => {
+                    let reason = format!("lost connection to initiator {node}");
+                    self.out.push_back(CsOut::AbortLocal {
+                        snapshot: r.snapshot,
+                        node: node.to_string(),
+                        reason,
+                    });
+                }
+                RemoteStep::AwaitingOutcome => {
+                    r.step = RemoteStep::Resolving;
+                    self.out.push_back(CsOut::Resolve {
+                        snapshot: r.snapshot,
+                    });
+                }
+                RemoteStep::Resolving => {}
+            },
             _ => {}
         }
     }
@@ -613,13 +808,14 @@ impl ClusterService {
     // ---- remote side ----------------------------------------------------------
 
     /// Helper provider: the local coordinator committed; tell the initiator
-    /// this node is frozen and flushed.
+    /// this node is frozen and flushed, and how long it holds.
     pub fn committed(&mut self, snapshot: SnapshotId) {
         if let Role::Remote(r) = &self.role {
-            if r.snapshot == snapshot {
+            if r.snapshot == snapshot && r.step == RemoteStep::Running {
                 let msg = PeerMessage::Frozen {
                     snapshot,
                     node: self.node.clone(),
+                    granted_ms: r.granted_ms,
                 };
                 self.out.push_back(CsOut::Send {
                     to: r.initiator.clone(),
@@ -630,43 +826,84 @@ impl ClusterService {
     }
 
     /// The local coordinator finished the snapshot this service requested:
-    /// report done or failed to the initiator and become idle.
+    /// report done (then wait for the outcome) or failed to the initiator.
+    /// A run that failed here for any reason but the initiator's abort has
+    /// the catalog delete whatever the initiator may have made: without our
+    /// `done` it can never be kept, and the initiator may be gone.
     pub fn local_finished(
         &mut self,
         snapshot: SnapshotId,
         report: NodeReport,
         error: Option<Failure>,
     ) {
-        let Role::Remote(r) = &self.role else { return };
-        if r.snapshot != snapshot {
+        let Role::Remote(r) = &mut self.role else {
+            return;
+        };
+        if r.snapshot != snapshot || r.step != RemoteStep::Running {
             return;
         }
         let to = r.initiator.clone();
         match error {
-            None => self.out.push_back(CsOut::Send {
-                to,
-                msg: PeerMessage::Done { snapshot, report },
-            }),
-            Some(error) if !r.aborted_by_initiator => self.out.push_back(CsOut::Send {
-                to,
-                msg: PeerMessage::Failed {
-                    snapshot,
-                    error,
-                    report,
-                },
-            }),
-            Some(_) => {}
+            None => {
+                r.step = RemoteStep::AwaitingOutcome;
+                self.out.push_back(CsOut::Send {
+                    to,
+                    msg: PeerMessage::Done { snapshot, report },
+                });
+            }
+            Some(error) => {
+                let by_initiator = r.aborted_by_initiator;
+                self.role = Role::Idle;
+                if !by_initiator {
+                    self.out.push_back(CsOut::Send {
+                        to,
+                        msg: PeerMessage::Failed {
+                            snapshot,
+                            error,
+                            report,
+                        },
+                    });
+                    self.out.push_back(CsOut::Resolve { snapshot });
+                }
+            }
         }
+    }
+
+    /// The driver's answer to [`CsOut::Resolve`]: `Ok(true)` the snapshot is
+    /// sealed (kept), `Ok(false)` it was deleted or never made, `Err` the
+    /// catalog could not be read.
+    pub fn resolved(&mut self, snapshot: SnapshotId, kept: Result<bool, String>) {
+        let Role::Remote(r) = &self.role else {
+            return;
+        };
+        if r.snapshot != snapshot || r.step != RemoteStep::Resolving {
+            return;
+        }
+        let initiator = r.initiator.clone();
         self.role = Role::Idle;
+        let outcome = match kept {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(format!(
+                "initiator {initiator} did not tell the outcome; the snapshot was not sealed and is deleted"
+            )),
+            Err(e) => Err(format!(
+                "initiator {initiator} did not tell the outcome and the catalog could not decide it: {e}"
+            )),
+        };
+        self.out.push_back(CsOut::Outcome { snapshot, outcome });
     }
 
     // ---- time -------------------------------------------------------------------
 
-    /// The initiator's deadline while it waits for other nodes.
+    /// The initiator's deadline while it waits for other nodes; a remote
+    /// node's outcome deadline while it waits for the initiator's word.
     pub fn poll_timeout(&self) -> Option<u64> {
         match &self.role {
             Role::Initiator(run) if !run.failed && run.peers.values().any(|s| s.active()) => {
                 Some(run.deadline_ms)
+            }
+            Role::Remote(r) if r.step == RemoteStep::AwaitingOutcome => {
+                Some(r.deadline_ms.saturating_add(OUTCOME_GRACE_MS))
             }
             _ => None,
         }
@@ -674,7 +911,18 @@ impl ClusterService {
 
     /// At the deadline, name the first node that has not answered; the
     /// coordinator's own deadline (the same instant) then aborts with it.
+    /// A remote node past its outcome deadline has the catalog decide.
     pub fn handle_timeout(&mut self, now: u64) {
+        if let Role::Remote(r) = &mut self.role {
+            if r.step == RemoteStep::AwaitingOutcome
+                && now >= r.deadline_ms.saturating_add(OUTCOME_GRACE_MS)
+            {
+                r.step = RemoteStep::Resolving;
+                let snapshot = r.snapshot;
+                self.out.push_back(CsOut::Resolve { snapshot });
+            }
+            return;
+        }
         let Role::Initiator(run) = &self.role else {
             return;
         };
@@ -723,7 +971,7 @@ mod tests {
         let mut w = ClusterWriter::default();
         w.set_remote(4);
         for event in [
-            WriterEvent::Freeze,
+            WriterEvent::Freeze { lease_ms: 5_000 },
             WriterEvent::PostSnapshot,
             WriterEvent::Thaw,
         ] {
@@ -743,7 +991,7 @@ mod tests {
     #[test]
     fn cluster_writer_on_the_initiator_blocks_until_every_node_reported() {
         let mut w = ClusterWriter::default();
-        w.event(4, &WriterEvent::Freeze);
+        w.event(4, &WriterEvent::Freeze { lease_ms: 5_000 });
         assert_eq!(drain_cw(&mut w), vec![CwOut::Freeze { snapshot: 4 }]);
         w.all_done(4);
         assert_eq!(
@@ -751,19 +999,19 @@ mod tests {
             vec![],
             "the wrong event does not release it"
         );
-        w.all_frozen(4);
+        w.all_frozen(4, 4_321);
         assert_eq!(
             drain_cw(&mut w),
             vec![CwOut::Answer {
                 snapshot: 4,
                 event: EventKind::Freeze,
-                answer: Answer::Ack
+                answer: Answer::AckUntil(4_321)
             }]
         );
     }
 
     #[test]
-    fn a_failure_heard_between_events_is_the_answer_to_the_next_one() {
+    fn a_failure_heard_between_events_is_reported_at_once() {
         let mut w = ClusterWriter::default();
         let f = Failure {
             node: "n3".into(),
@@ -772,21 +1020,28 @@ mod tests {
             reason: "lost".into(),
         };
         w.failed(4, f.clone());
-        w.event(4, &WriterEvent::PostSnapshot);
-        let answer = Answer::Failed(f);
         assert_eq!(
             drain_cw(&mut w),
-            vec![CwOut::Answer {
+            vec![],
+            "nothing in flight: nothing to fail"
+        );
+        w.event(4, &WriterEvent::Freeze { lease_ms: 5_000 });
+        w.all_frozen(4, 5_000);
+        drain_cw(&mut w);
+        w.failed(4, f.clone());
+        assert_eq!(
+            drain_cw(&mut w),
+            vec![CwOut::Failure {
                 snapshot: 4,
-                event: EventKind::PostSnapshot,
-                answer
-            }]
+                failure: f
+            }],
+            "while the coordinator commits it must hear at once"
         );
     }
 
     #[test]
     fn cluster_service_tells_a_late_node_it_missed_the_lease() {
-        let mut cs = ClusterService::new("n1", &["n1".into(), "n2".into()]);
+        let mut cs = ClusterService::new("n1", &["n1".into(), "n2".into()], 1_000);
         cs.peer_up("n2");
         cs.prepare_initiator(4, 1_000);
         cs.writer_freeze(4, 100);
@@ -794,6 +1049,7 @@ mod tests {
             snapshot: 4,
             initiator: "n1".into(),
             lease_ms: 900,
+            members: vec!["n1".into(), "n2".into()],
         };
         assert_eq!(
             cs.poll(),
@@ -814,6 +1070,172 @@ mod tests {
         assert_eq!(
             failure.reason,
             "node n2 did not report frozen before the lease expired"
+        );
+    }
+
+    fn notice(lease_ms: u64, members: &[&str]) -> PeerMessage {
+        PeerMessage::FreezeNotice {
+            snapshot: 4,
+            initiator: "n1".into(),
+            lease_ms,
+            members: members.iter().map(|m| m.to_string()).collect(),
+        }
+    }
+
+    fn remote(lease_ms: u64) -> ClusterService {
+        let members: Vec<String> = ["n1", "n2"].iter().map(|m| m.to_string()).collect();
+        let mut cs = ClusterService::new("n2", &members, lease_ms);
+        cs.peer_up("n1");
+        cs
+    }
+
+    #[test]
+    fn a_remote_node_holds_no_longer_than_its_own_lease_and_says_so() {
+        let mut cs = remote(2_000);
+        cs.peer_message("n1", notice(9_000, &["n1", "n2"]), 100, None);
+        let Some(CsOut::StartLocal {
+            deadline_ms, limit, ..
+        }) = cs.poll()
+        else {
+            panic!("expected a local start")
+        };
+        assert_eq!(deadline_ms, 2_100, "min(own 2 s, notice 9 s) from receipt");
+        assert!(limit.contains("this node's own"), "{limit}");
+        cs.committed(4);
+        assert_eq!(
+            cs.poll(),
+            Some(CsOut::Send {
+                to: "n1".into(),
+                msg: PeerMessage::Frozen {
+                    snapshot: 4,
+                    node: "n2".into(),
+                    granted_ms: 2_000
+                }
+            })
+        );
+    }
+
+    #[test]
+    fn the_initiator_commits_only_within_the_shortest_lease_a_node_granted() {
+        let members: Vec<String> = ["n1", "n2"].iter().map(|m| m.to_string()).collect();
+        let mut cs = ClusterService::new("n1", &members, 10_000);
+        cs.peer_up("n2");
+        cs.prepare_initiator(4, 10_000);
+        cs.writer_freeze(4, 0);
+        cs.poll();
+        let frozen = PeerMessage::Frozen {
+            snapshot: 4,
+            node: "n2".into(),
+            granted_ms: 2_000,
+        };
+        cs.peer_message("n2", frozen, 50, None);
+        assert_eq!(
+            cs.poll(),
+            Some(CsOut::AllFrozen {
+                snapshot: 4,
+                until_ms: 2_000
+            })
+        );
+    }
+
+    #[test]
+    fn a_node_with_another_member_list_refuses_naming_both() {
+        let mut cs = remote(5_000);
+        cs.peer_message("n1", notice(5_000, &["n1", "n2", "n3"]), 0, None);
+        let Some(CsOut::Send {
+            msg: PeerMessage::Failed { error, .. },
+            ..
+        }) = cs.poll()
+        else {
+            panic!("expected a refusal")
+        };
+        assert_eq!(
+            error.reason,
+            "member lists differ: n1 has [n1, n2, n3], n2 has [n1, n2]"
+        );
+        assert_eq!(cs.engaged(), None);
+    }
+
+    #[test]
+    fn after_done_a_remote_waits_for_the_outcome_and_passes_it_on() {
+        let mut cs = remote(5_000);
+        cs.peer_message("n1", notice(5_000, &["n1", "n2"]), 0, None);
+        cs.poll();
+        let report = NodeReport {
+            node: "n2".into(),
+            phases: vec![],
+            writers: vec![],
+        };
+        cs.local_finished(4, report, None);
+        assert!(matches!(
+            cs.poll(),
+            Some(CsOut::Send {
+                msg: PeerMessage::Done { .. },
+                ..
+            })
+        ));
+        assert_eq!(cs.engaged(), Some(4), "busy until the outcome is known");
+        cs.peer_message("n1", PeerMessage::Complete { snapshot: 4 }, 10, None);
+        assert_eq!(
+            cs.poll(),
+            Some(CsOut::Outcome {
+                snapshot: 4,
+                outcome: Ok(())
+            })
+        );
+        assert_eq!(cs.engaged(), None);
+    }
+
+    #[test]
+    fn a_remote_that_loses_the_initiator_after_done_has_the_catalog_decide() {
+        let mut cs = remote(5_000);
+        cs.peer_message("n1", notice(5_000, &["n1", "n2"]), 0, None);
+        cs.poll();
+        let report = NodeReport {
+            node: "n2".into(),
+            phases: vec![],
+            writers: vec![],
+        };
+        cs.local_finished(4, report, None);
+        cs.poll();
+        cs.peer_down("n1");
+        assert_eq!(cs.poll(), Some(CsOut::Resolve { snapshot: 4 }));
+        cs.peer_message("n1", PeerMessage::Complete { snapshot: 4 }, 10, None);
+        assert_eq!(cs.poll(), None, "the catalog decides now, not a late word");
+        cs.resolved(4, Ok(false));
+        let Some(CsOut::Outcome {
+            outcome: Err(reason),
+            ..
+        }) = cs.poll()
+        else {
+            panic!("expected an abort outcome")
+        };
+        assert!(reason.contains("not sealed and is deleted"), "{reason}");
+    }
+
+    #[test]
+    fn a_remote_that_hears_nothing_after_done_decides_at_its_lease_plus_grace() {
+        let mut cs = remote(5_000);
+        cs.peer_message("n1", notice(5_000, &["n1", "n2"]), 0, None);
+        cs.poll();
+        let report = NodeReport {
+            node: "n2".into(),
+            phases: vec![],
+            writers: vec![],
+        };
+        cs.local_finished(4, report, None);
+        cs.poll();
+        assert_eq!(cs.poll_timeout(), Some(5_000 + OUTCOME_GRACE_MS));
+        cs.handle_timeout(5_000 + OUTCOME_GRACE_MS);
+        assert_eq!(cs.poll(), Some(CsOut::Resolve { snapshot: 4 }));
+        cs.resolved(4, Ok(true));
+        assert_eq!(
+            cs.poll(),
+            Some(CsOut::Outcome {
+                snapshot: 4,
+                outcome: Ok(())
+            }),
+            "the initiator sealed it before it went quiet"
         );
     }
 }

@@ -12,14 +12,24 @@ use serde::{Deserialize, Serialize};
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum PeerMessage {
     /// Initiator → node: take part in `snapshot`. The receiving node holds its
-    /// freeze at most `lease_ms` from receipt, then aborts on its own.
+    /// freeze at most `lease_ms` from receipt (or its own lease, if shorter),
+    /// then aborts on its own. `members` is the initiator's member list,
+    /// sorted: a node whose list differs refuses.
     FreezeNotice {
         snapshot: SnapshotId,
         initiator: String,
         lease_ms: u64,
+        #[serde(default)]
+        members: Vec<String>,
     },
-    /// Node → initiator: my writers are frozen and flushed, my I/O is held.
-    Frozen { snapshot: SnapshotId, node: String },
+    /// Node → initiator: my writers are frozen and flushed, my I/O is held,
+    /// and I hold for `granted_ms` from the notice's receipt.
+    Frozen {
+        snapshot: SnapshotId,
+        node: String,
+        #[serde(default)]
+        granted_ms: u64,
+    },
     /// Initiator → node: the block snapshot exists; do post-snapshot and thaw.
     PostSnapshot { snapshot: SnapshotId },
     /// Node → initiator: post-snapshot and thaw finished here.
@@ -27,11 +37,16 @@ pub enum PeerMessage {
         snapshot: SnapshotId,
         report: NodeReport,
     },
-    /// Initiator → node: the snapshot is aborted; thaw now.
+    /// Initiator → node: the snapshot is aborted (and deleted if it was
+    /// made); thaw now if still frozen. Also the outcome for a node that
+    /// already reported done.
     Abort {
         snapshot: SnapshotId,
         reason: String,
     },
+    /// Initiator → node: the outcome (seed 001, claim 14): the snapshot is
+    /// sealed and kept. Sent to every node that reported done.
+    Complete { snapshot: SnapshotId },
     /// Node → initiator: I am already in snapshot `current`; cannot join.
     Busy {
         snapshot: SnapshotId,
@@ -55,6 +70,7 @@ impl PeerMessage {
             | PeerMessage::PostSnapshot { snapshot }
             | PeerMessage::Done { snapshot, .. }
             | PeerMessage::Abort { snapshot, .. }
+            | PeerMessage::Complete { snapshot }
             | PeerMessage::Busy { snapshot, .. }
             | PeerMessage::Failed { snapshot, .. } => *snapshot,
         }

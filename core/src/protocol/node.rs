@@ -109,6 +109,12 @@ pub enum Input {
         snapshot: SnapshotId,
         result: Result<(), String>,
     },
+    /// Result of `Output::ResolveSnapshot`: `Ok(true)` it is sealed (kept),
+    /// `Ok(false)` it was deleted or never made.
+    SnapshotResolved {
+        snapshot: SnapshotId,
+        kept: Result<bool, String>,
+    },
 }
 
 /// An instruction to the driver; execute them in the order polled.
@@ -146,6 +152,17 @@ pub enum Output {
     /// Remove a snapshot this attempt created (abort after commit).
     DeleteSnapshot {
         snapshot: SnapshotId,
+    },
+    /// The initiator is gone before telling the outcome: in one catalog
+    /// transaction, delete the snapshot unless it is sealed (the initiator's
+    /// seal and this delete cannot both succeed); answer `SnapshotResolved`.
+    ResolveSnapshot {
+        snapshot: SnapshotId,
+    },
+    /// Tell a writer its registration is accepted (held back while a run
+    /// was in flight).
+    WriterRegistered {
+        writer: WriterId,
     },
     Phase(PhaseEvent),
     /// The one answer to a `Request`.
@@ -244,7 +261,7 @@ impl NodeMachine {
         let mut coordinator = Coordinator::new(&config.node, config.commit_margin_ms);
         // The cluster writer has no timeout of its own: the lease bounds it.
         coordinator.add_writer(WriterKey::Cluster, CLUSTER_WRITER_NAME, OnError::Fail, None);
-        let cluster_service = ClusterService::new(&config.node, &config.members);
+        let cluster_service = ClusterService::new(&config.node, &config.members, config.lease_ms);
         NodeMachine {
             coordinator,
             cluster_writer: ClusterWriter::default(),
@@ -301,7 +318,10 @@ impl NodeMachine {
             Input::Peer { from, msg } => {
                 // The transport admits members only; anything else is dropped here too.
                 if self.cluster_service.is_member(&from) {
-                    let busy = self.coordinator.busy();
+                    let busy = self
+                        .coordinator
+                        .busy()
+                        .or(self.coordinator.awaiting_outcome());
                     self.cluster_service.peer_message(&from, msg, now, busy);
                 } else {
                     tracing::warn!(node = %self.config.node, from = %from, "dropped a peer message from a non-member");
@@ -321,6 +341,9 @@ impl NodeMachine {
             },
             Input::SnapshotCreated { snapshot, result } => self.storage.created(snapshot, result),
             Input::SnapshotSealed { snapshot, result } => self.storage.sealed(snapshot, result),
+            Input::SnapshotResolved { snapshot, kept } => {
+                self.cluster_service.resolved(snapshot, kept)
+            }
         }
         self.pump();
     }
@@ -383,8 +406,7 @@ impl NodeMachine {
             node: self.config.node.clone(),
             phase,
             snapshot,
-            in_flight: self.coordinator.busy().is_some()
-                || self.cluster_service.engaged().is_some(),
+            in_flight: self.engaged().is_some(),
             role: self.cluster_service.role(),
             io_held: self.storage.io.held() || self.helper.io.held(),
             writers,
@@ -400,8 +422,17 @@ impl NodeMachine {
         self.now
     }
 
+    /// The snapshot this node is busy with: a run in flight, or a finished
+    /// run whose outcome it still waits for.
+    fn engaged(&self) -> Option<SnapshotId> {
+        self.coordinator
+            .busy()
+            .or(self.cluster_service.engaged())
+            .or(self.coordinator.awaiting_outcome())
+    }
+
     fn request(&mut self, req: RequestId, snapshot: SnapshotId, timeout_ms: Option<u64>, now: u64) {
-        if let Some(current) = self.coordinator.busy().or(self.cluster_service.engaged()) {
+        if let Some(current) = self.engaged() {
             let error = Failure {
                 node: self.config.node.clone(),
                 writer: None,
@@ -425,7 +456,13 @@ impl NodeMachine {
             self.out.push_back(Output::Report { req, report });
             return;
         }
-        let lease = timeout_ms.map_or(self.config.lease_ms, |t| t.min(self.config.lease_ms));
+        let (lease, limit) = match timeout_ms {
+            Some(t) if t < self.config.lease_ms => (t, format!("request's timeout of {t} ms")),
+            _ => (
+                self.config.lease_ms,
+                format!("lease of {} ms", self.config.lease_ms),
+            ),
+        };
         let deadline = now.saturating_add(lease);
         self.request = Some((req, snapshot, now));
         self.cluster_service.prepare_initiator(snapshot, deadline);
@@ -434,6 +471,7 @@ impl NodeMachine {
             snapshot,
             ProviderKind::Storage,
             deadline,
+            &limit,
             now,
         );
     }
@@ -494,6 +532,12 @@ impl NodeMachine {
                 }
             }
             CoordOut::Phase(e) => self.out.push_back(Output::Phase(e)),
+            CoordOut::Registered {
+                key: WriterKey::App(writer),
+            } => self.out.push_back(Output::WriterRegistered { writer }),
+            CoordOut::Registered {
+                key: WriterKey::Cluster,
+            } => {}
             CoordOut::Finished {
                 requester: Requester::Client(req),
                 result,
@@ -524,6 +568,11 @@ impl NodeMachine {
             CwOut::Abort { snapshot, reason } => {
                 self.cluster_service.writer_abort(snapshot, &reason)
             }
+            CwOut::Complete { snapshot } => self.cluster_service.writer_complete(snapshot),
+            CwOut::Failure { snapshot, failure } => {
+                self.coordinator
+                    .writer_failure(WriterKey::Cluster, snapshot, failure, now)
+            }
         }
     }
 
@@ -531,12 +580,15 @@ impl NodeMachine {
         let now = self.now;
         match o {
             CsOut::Send { to, msg } => self.out.push_back(Output::SendPeer { to, msg }),
-            CsOut::AllFrozen { snapshot } => self.cluster_writer.all_frozen(snapshot),
+            CsOut::AllFrozen { snapshot, until_ms } => {
+                self.cluster_writer.all_frozen(snapshot, until_ms)
+            }
             CsOut::AllDone { snapshot } => self.cluster_writer.all_done(snapshot),
             CsOut::Failed { snapshot, failure } => self.cluster_writer.failed(snapshot, failure),
             CsOut::StartLocal {
                 snapshot,
                 deadline_ms,
+                limit,
             } => {
                 // As a backup application would: our own coordinator, the
                 // helper provider, and the cluster writer told to step aside.
@@ -546,6 +598,7 @@ impl NodeMachine {
                     snapshot,
                     ProviderKind::Helper,
                     deadline_ms,
+                    &limit,
                     now,
                 );
             }
@@ -564,6 +617,8 @@ impl NodeMachine {
                 self.coordinator.abort(snapshot, failure, now);
             }
             CsOut::ReleaseHelper { snapshot } => self.helper.post_snapshot(snapshot),
+            CsOut::Outcome { snapshot, outcome } => self.coordinator.outcome(snapshot, outcome),
+            CsOut::Resolve { snapshot } => self.out.push_back(Output::ResolveSnapshot { snapshot }),
         }
     }
 
@@ -651,6 +706,7 @@ mod tests {
             freeze_timeout_ms: None,
         };
         m.handle(reg, 1_000);
+        assert_eq!(drain(&mut m), vec![Output::WriterRegistered { writer: 5 }]);
         m
     }
 
@@ -670,7 +726,9 @@ mod tests {
             vec![Output::WriterEvent {
                 writer: 5,
                 snapshot: 3,
-                event: WriterEvent::Freeze
+                event: WriterEvent::Freeze {
+                    lease_ms: DEFAULT_LEASE_MS
+                }
             }]
         );
         assert_eq!(m.status().phase, Phase::Freezing);
@@ -735,7 +793,12 @@ mod tests {
         assert_eq!(drain(&mut m), vec![], "still waiting for the thaw answer");
         m.handle(ack(EventKind::Thaw), 1_022);
         let out = drain(&mut m);
-        let [Output::Report { req: 1, report }] = out.as_slice() else {
+        let [Output::WriterEvent {
+            writer: 5,
+            snapshot: 3,
+            event: WriterEvent::Complete,
+        }, Output::Report { req: 1, report }] = out.as_slice()
+        else {
             panic!("{out:?}")
         };
         assert_eq!(report.status, ReportStatus::Complete);
@@ -887,6 +950,7 @@ mod tests {
                 snapshot,
                 initiator: initiator.into(),
                 lease_ms: 3_000,
+                members: vec![],
             },
         };
         m.handle(notice(9, "n1"), 10);
@@ -923,6 +987,7 @@ mod tests {
         let frozen = PeerMessage::Frozen {
             snapshot: 9,
             node: "n2".into(),
+            granted_ms: 3_000,
         };
         assert_eq!(
             drain(&mut m),

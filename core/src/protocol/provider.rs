@@ -35,6 +35,13 @@ impl ProviderKind {
             ProviderKind::Helper => super::Phase::Frozen,
         }
     }
+
+    /// Whether a run through this provider knows the snapshot's outcome when
+    /// it ends: the storage provider sealed it; the helper provider only
+    /// stood in, and the outcome comes later from the initiator.
+    pub fn decides_outcome(self) -> bool {
+        self == ProviderKind::Storage
+    }
 }
 
 /// A call from the coordinator to its provider.

@@ -152,6 +152,9 @@ struct SimWriter {
     last_event: Option<(SnapshotId, EventKind)>,
     /// Open freeze episodes: snapshot → when freeze arrived.
     freeze_since: BTreeMap<SnapshotId, u64>,
+    /// Every snapshot it was sent freeze for → how many outcomes (`abort`,
+    /// `complete`) it got for it: exactly one is the promise.
+    outcomes: BTreeMap<SnapshotId, u32>,
     /// The application disconnected (it no longer counts, and must get no
     /// further events).
     gone: bool,
@@ -237,6 +240,11 @@ pub struct Sim {
     cut: std::collections::BTreeSet<(usize, usize)>,
     /// A partition happened (aborts may then be lost and left to the lease).
     partitioned: bool,
+    /// Snapshots during which a frozen writer disconnected: a writer that
+    /// loses its node resumes by itself, its node aborts and tells the
+    /// initiator, which may commit before it hears. Such a commit must never
+    /// complete (checked), but its instant may be unclean.
+    writer_lost_in: std::collections::BTreeSet<SnapshotId>,
     /// Last scheduled delivery per link, to keep links FIFO.
     link_last: BTreeMap<(usize, usize), u64>,
     next_snapshot: SnapshotId,
@@ -276,6 +284,7 @@ impl Sim {
                     frozen_for: None,
                     last_event: None,
                     freeze_since: BTreeMap::new(),
+                    outcomes: BTreeMap::new(),
                     gone: false,
                 })
                 .collect();
@@ -304,6 +313,7 @@ impl Sim {
             seq: 0,
             cut: Default::default(),
             partitioned: false,
+            writer_lost_in: Default::default(),
             link_last: BTreeMap::new(),
             next_snapshot: 1,
             catalog: BTreeMap::new(),
@@ -601,7 +611,9 @@ impl Sim {
                     return;
                 };
                 w.gone = true;
-                w.frozen_for = None;
+                if let Some(s) = w.frozen_for.take() {
+                    self.writer_lost_in.insert(s);
+                }
                 w.freeze_since.clear();
                 let input = Input::WriterGone { writer: w.id };
                 self.nodes[node].machine.handle(input, now);
@@ -747,6 +759,25 @@ impl Sim {
             Output::DeleteSnapshot { snapshot } => {
                 self.catalog.remove(&snapshot);
             }
+            Output::ResolveSnapshot { snapshot } => {
+                // One catalog transaction: keep it if sealed, else delete.
+                let kept = self.catalog.get(&snapshot) == Some(&CatalogState::Sealed);
+                if !kept {
+                    self.catalog.remove(&snapshot);
+                }
+                let d = self.rng.range(0, 3);
+                self.schedule(
+                    now + d,
+                    Ev::Input(
+                        i,
+                        Input::SnapshotResolved {
+                            snapshot,
+                            kept: Ok(kept),
+                        },
+                    ),
+                );
+            }
+            Output::WriterRegistered { .. } => {}
             Output::Phase(e) => self.phase_events.push(e),
             Output::Report { req, report } => match self.requests.get_mut(req as usize) {
                 Some(r) if r.node == i => r.reports.push(report),
@@ -824,6 +855,7 @@ impl Sim {
             w.last_event = Some((snapshot, kind));
             match kind {
                 EventKind::Freeze => {
+                    w.outcomes.entry(snapshot).or_insert(0);
                     if let Some(other) = w.frozen_for.filter(|s| *s != snapshot) {
                         problems.push(format!(
                             "{} frozen for {other} got freeze for {snapshot}",
@@ -832,7 +864,23 @@ impl Sim {
                     }
                     w.freeze_since.insert(snapshot, now);
                 }
+                EventKind::Complete => match w.outcomes.get_mut(&snapshot) {
+                    Some(n) => *n += 1,
+                    None => problems.push(format!(
+                        "{} got complete for {snapshot} without a freeze",
+                        w.spec.name
+                    )),
+                },
                 EventKind::Thaw | EventKind::Abort => {
+                    if kind == EventKind::Abort {
+                        match w.outcomes.get_mut(&snapshot) {
+                            Some(n) => *n += 1,
+                            None => problems.push(format!(
+                                "{} got abort for {snapshot} without a freeze",
+                                w.spec.name
+                            )),
+                        }
+                    }
                     w.frozen_for = None;
                     if let Some(since) = w.freeze_since.remove(&snapshot) {
                         ended = Some((i, w.spec.name.clone(), snapshot, since, now));
@@ -852,7 +900,7 @@ impl Sim {
             self.violate(p);
         }
         self.episodes.extend(ended);
-        if kind == EventKind::Abort {
+        if event.is_outcome() {
             return;
         }
         let spec = self.nodes[i].writers[idx].spec.clone();
@@ -923,6 +971,18 @@ impl Sim {
                         w.spec.name,
                         node_name(i)
                     ));
+                }
+                if w.gone {
+                    continue;
+                }
+                for (s, n) in &w.outcomes {
+                    if *n != 1 {
+                        v.push(format!(
+                            "{} on {} got {n} outcomes for snapshot {s} (exactly one is promised)",
+                            w.spec.name,
+                            node_name(i)
+                        ));
+                    }
                 }
             }
             let st = n.machine.status();
@@ -1026,7 +1086,11 @@ impl Sim {
         // initiator, not yet aware, commits; that snapshot is then deleted,
         // which the checks above cover.)
         if !self.partitioned {
-            for c in &self.commits {
+            for c in self
+                .commits
+                .iter()
+                .filter(|c| !self.writer_lost_in.contains(&c.snapshot))
+            {
                 if !c.unfrozen.is_empty() || !c.unheld.is_empty() {
                     v.push(format!(
                         "commit of snapshot {} at {} with unfrozen writers {:?} and unheld nodes {:?}",

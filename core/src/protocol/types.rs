@@ -82,6 +82,7 @@ pub enum EventKind {
     PostSnapshot,
     Thaw,
     Abort,
+    Complete,
 }
 
 impl fmt::Display for EventKind {
@@ -91,32 +92,48 @@ impl fmt::Display for EventKind {
             EventKind::PostSnapshot => "post_snapshot",
             EventKind::Thaw => "thaw",
             EventKind::Abort => "abort",
+            EventKind::Complete => "complete",
         })
     }
 }
 
-/// An event sent to a writer. `Abort` needs no answer; the others do.
+/// An event sent to a writer. `Freeze`, `PostSnapshot` and `Thaw` need an
+/// answer; the two outcomes (`Abort`, `Complete`) do not.
+///
+/// Every writer that is sent `Freeze` for a snapshot later gets exactly one
+/// outcome for it: `Abort` (before or after `Thaw`) or `Complete`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum WriterEvent {
     /// Flush your data into the live volume and hold further writes; then ack.
-    Freeze,
+    /// `lease_ms` is what is left of this node's lease: a writer that hears
+    /// nothing more within it resumes by itself.
+    Freeze { lease_ms: u64 },
     /// The snapshot exists; you may modify your data in the virtual snapshot.
     PostSnapshot,
-    /// Resume writing.
+    /// Resume writing. Not an outcome: `Complete` or `Abort` follows.
     Thaw,
-    /// The snapshot failed; resume writing. No answer expected.
+    /// Outcome: the snapshot failed or was deleted; resume writing if still
+    /// holding. No answer expected.
     Abort { reason: String },
+    /// Outcome: the snapshot is sealed and kept. No answer expected.
+    Complete,
 }
 
 impl WriterEvent {
     pub fn kind(&self) -> EventKind {
         match self {
-            WriterEvent::Freeze => EventKind::Freeze,
+            WriterEvent::Freeze { .. } => EventKind::Freeze,
             WriterEvent::PostSnapshot => EventKind::PostSnapshot,
             WriterEvent::Thaw => EventKind::Thaw,
             WriterEvent::Abort { .. } => EventKind::Abort,
+            WriterEvent::Complete => EventKind::Complete,
         }
+    }
+
+    /// True for the two outcome events, which need no answer.
+    pub fn is_outcome(&self) -> bool {
+        matches!(self, WriterEvent::Abort { .. } | WriterEvent::Complete)
     }
 }
 

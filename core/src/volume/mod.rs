@@ -86,6 +86,17 @@ use map::{data_sum, Record, SnapMap, COPIED, INVALID, WRITTEN};
 /// Snapshot id: unique per volume, increasing, never reused.
 pub type SnapshotId = u64;
 
+/// What [`Volume::delete_unless_sealed`] found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Resolution {
+    /// Sealed: kept.
+    Sealed,
+    /// Not sealed: deleted now.
+    Deleted,
+    /// Not in the catalog (never made, or deleted before).
+    Absent,
+}
+
 /// Options of a new snapshot.
 #[derive(Debug, Clone, Default)]
 pub struct SnapshotOptions {
@@ -512,19 +523,39 @@ impl Volume {
 
     /// Deletes a snapshot and reclaims the diff-area space no other snapshot uses.
     pub fn delete_snapshot(&self, id: SnapshotId) -> Result<()> {
+        match self.delete_where(id, false)? {
+            Resolution::Deleted => Ok(()),
+            Resolution::Absent | Resolution::Sealed => Err(Error::SnapshotNotFound {
+                volume: self.inner.path.clone(),
+                id,
+            }),
+        }
+    }
+
+    /// Decides a snapshot whose initiator is gone, in one catalog
+    /// transaction: a sealed one is kept, anything else is deleted. The
+    /// initiator's seal and this delete cannot both succeed, so every node
+    /// that asks gets the same answer.
+    pub fn delete_unless_sealed(&self, id: SnapshotId) -> Result<Resolution> {
+        self.delete_where(id, true)
+    }
+
+    fn delete_where(&self, id: SnapshotId, keep_sealed: bool) -> Result<Resolution> {
         let i = &self.inner;
         let _gate = i.locks.gate_exclusive()?;
-        let (_, cat) = catalog::update(&i.state_dir, &i.locks, &i.gen, |c| {
-            let before = c.snapshots.len();
-            c.snapshots.retain(|s| s.id != id);
-            if c.snapshots.len() == before {
-                return Err(Error::SnapshotNotFound {
-                    volume: i.path.clone(),
-                    id,
-                });
+        let (found, cat) = catalog::update(&i.state_dir, &i.locks, &i.gen, |c| {
+            match c.get(id).map(|s| s.state.clone()) {
+                None => Ok(Resolution::Absent),
+                Some(SnapshotState::Sealed) if keep_sealed => Ok(Resolution::Sealed),
+                Some(_) => {
+                    c.snapshots.retain(|s| s.id != id);
+                    Ok(Resolution::Deleted)
+                }
             }
-            Ok(())
         })?;
+        if found != Resolution::Deleted {
+            return Ok(found);
+        }
         let path = map_path(&i.state_dir, id);
         // Slots the deleted snapshot named; a damaged map just means no holes are punched for it.
         let victim_slots = match SnapMap::open(&path, &i.uuid, id, i.block_size) {
@@ -540,7 +571,7 @@ impl Volume {
             i.diff
                 .set_len(0)
                 .map_err(|e| Error::io("truncate", &i.diff_path, e))?;
-            return Ok(());
+            return Ok(Resolution::Deleted);
         }
         let mut keep = HashSet::new();
         for s in &cat.snapshots {
@@ -556,7 +587,7 @@ impl Volume {
         for slot in punch {
             i.punch(slot)?;
         }
-        Ok(())
+        Ok(Resolution::Deleted)
     }
 
     /// The snapshots, fresh from the shared catalog.
