@@ -212,7 +212,9 @@ pub fn run(opts: Options) -> Result<()> {
                 while st.frozen {
                     match st.frozen_until {
                         Some(t) if std::time::Instant::now() >= t => {
-                            eprintln!("demo writer: the freeze lease passed without thaw; resuming");
+                            eprintln!(
+                                "demo writer: the freeze lease passed without thaw; resuming"
+                            );
                             st.frozen = false;
                         }
                         Some(t) => {
@@ -280,9 +282,9 @@ pub fn run(opts: Options) -> Result<()> {
                 }
                 let mut st = m.lock().unwrap_or_else(|e| e.into_inner());
                 st.frozen = true;
-                st.frozen_until = ev["lease_ms"].as_u64().map(|ms| {
-                    std::time::Instant::now() + std::time::Duration::from_millis(ms)
-                });
+                st.frozen_until = ev["lease_ms"]
+                    .as_u64()
+                    .map(|ms| std::time::Instant::now() + std::time::Duration::from_millis(ms));
                 let n = flush(&mut st)?;
                 writeln!(log, "{}", serde_json::json!({"snapshot": s, "records": n}))?;
                 log.sync_data()?;

@@ -431,13 +431,17 @@ pub fn table(rows: &[CellResult]) -> String {
     s += "\n";
     let mut notes: BTreeMap<String, usize> = BTreeMap::new();
     let mut fails = Vec::new();
+    let mut not_run = false;
     for role in ROLES {
         for phase in PHASES {
             s += &format!("| {} | {} |", name(role), name(phase));
             for fault in FAULTS {
                 let cell = Cell { role, phase, fault };
                 let mark = match rows.iter().find(|r| r.cell == cell) {
-                    None => "·".to_string(),
+                    None => {
+                        not_run = true;
+                        "·".to_string()
+                    }
                     Some(r) if r.result == "n/a" => {
                         let n = notes.len() + 1;
                         let n = *notes
@@ -456,21 +460,24 @@ pub fn table(rows: &[CellResult]) -> String {
             s += "\n";
         }
     }
-    s += "\n· = not run in this selection.\n";
+    s += "\n";
+    if not_run {
+        s += "· = not run in this selection.\n\n";
+    }
     let mut notes: Vec<_> = notes.into_iter().collect();
     notes.sort_by_key(|(_, n)| *n);
     for (why, n) in notes {
-        s += &format!("({n}) {why}\n");
+        s += &format!("- ({n}) n/a: {why}\n");
     }
     for r in rows.iter().filter(|r| r.result == "skipped") {
         s += &format!(
-            "{}: skipped: {}\n",
+            "- {}: skipped: {}\n",
             r.cell.label(),
             r.reason.as_deref().unwrap_or("")
         );
     }
     for r in fails {
-        s += &format!("{}: {}\n", r.cell.label(), r.problems.join("; "));
+        s += &format!("- {}: {}\n", r.cell.label(), r.problems.join("; "));
     }
     s
 }
@@ -749,7 +756,7 @@ impl Rig {
         let hook = FSFREEZE_HOOK
             .replacen("MOUNTPOINT=\"\"", &format!("MOUNTPOINT=\"{fs}\""), 1)
             .replacen(
-                "FREEZEFRAME_LEASE_MS:-10000",
+                "FREEZEFRAME_LEASE_MS:-600000",
                 &format!("FREEZEFRAME_LEASE_MS:-{}", self.lease_ms),
                 1,
             )
@@ -761,8 +768,12 @@ impl Rig {
                 ),
                 1,
             );
-        if !hook.contains(&format!("MOUNTPOINT=\"{fs}\"")) {
-            bail!("assets/hooks.d/10-fsfreeze has no MOUNTPOINT=\"\" line to configure");
+        if !hook.contains(&format!("MOUNTPOINT=\"{fs}\""))
+            || !hook.contains(&format!("FREEZEFRAME_LEASE_MS:-{}", self.lease_ms))
+        {
+            bail!(
+                "assets/hooks.d/10-fsfreeze has no MOUNTPOINT=\"\" or LEASE_MS line to configure"
+            );
         }
         let mut scripts = vec![("10-fsfreeze", hook)];
         if let (Some(event), true) = (self.plan.slow_hook, i == self.cell.target()) {
