@@ -99,21 +99,33 @@ pub fn snapshot_create(cfg: &NodeConfig, timeout_ms: Option<u64>, json: bool) ->
             }
             s
         } else {
-            let e = &v["error"];
-            format!(
-                "snapshot {} failed on node {} in phase {}{}: {}\n",
-                v["id"],
-                e["node"].as_str().unwrap_or("?"),
-                e["phase"].as_str().unwrap_or("?"),
-                e["writer"]
-                    .as_str()
-                    .map(|w| format!(" (writer {w})"))
-                    .unwrap_or_default(),
-                e["reason"].as_str().unwrap_or("?")
-            )
+            failure_line(v)
         }
     });
     Ok(ok)
+}
+
+/// One line for a failed report: who failed, where, why. A refusal before
+/// any snapshot started (busy, no lock) says so instead of naming snapshot 0.
+fn failure_line(v: &Value) -> String {
+    let Ok(report) = serde_json::from_value::<freezeframe_core::protocol::Report>(v.clone()) else {
+        return format!("snapshot failed: {v}\n");
+    };
+    let Some(e) = report.error.as_ref() else {
+        return format!("snapshot {} failed without a reason\n", report.id);
+    };
+    if report.is_busy() || report.id == 0 {
+        return format!("snapshot refused by node {}: {}\n", e.node, e.reason);
+    }
+    let who = match e.writer.as_deref() {
+        Some("hooks.d") => " (hooks.d)".to_string(),
+        Some(w) => format!(" (writer {w})"),
+        None => String::new(),
+    };
+    format!(
+        "snapshot {} failed on node {}{who} in {}: {}\n",
+        report.id, e.node, e.phase, e.reason
+    )
 }
 
 pub fn snapshot_list(cfg: &NodeConfig, json: bool) -> Result<()> {
@@ -190,16 +202,24 @@ pub fn events(cfg: &NodeConfig, json: bool) -> Result<()> {
             if json {
                 println!("{ev}");
             } else {
+                let marker = match ev["edge"].as_str() {
+                    Some("enter") => "→",
+                    Some("exit") => "←",
+                    _ => " ",
+                };
                 println!(
-                    "{}  {:<6} snapshot {:<4} {:<14} {}{}",
+                    "{}  {:<6} snapshot {:<4} {marker} {:<14}{}{}",
                     fmt_time(ev["at_ms"].as_u64().unwrap_or(0)),
                     ev["node"].as_str().unwrap_or("?"),
                     ev["snapshot"],
                     ev["phase"].as_str().unwrap_or("?"),
-                    ev["kind"].as_str().unwrap_or(""),
                     ev["writer"]
                         .as_str()
                         .map(|w| format!(" writer {w}"))
+                        .unwrap_or_default(),
+                    ev["reason"]
+                        .as_str()
+                        .map(|r| format!(": {r}"))
                         .unwrap_or_default()
                 );
             }

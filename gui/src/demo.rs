@@ -86,6 +86,7 @@ fn event(id: u64, t0: u64, scale: u64, e: &(&str, Option<&str>, &str, Edge, u64)
         edge: e.3,
         at_ms: t0 + e.4 * scale,
         writer: e.1.map(String::from),
+        reason: None,
     }
 }
 

@@ -87,6 +87,9 @@ pub struct PhaseEvent {
     pub at_ms: u64,
     #[serde(default)]
     pub writer: Option<String>,
+    /// On entering `aborted`: the failure in words.
+    #[serde(default)]
+    pub reason: Option<String>,
 }
 
 /// Why a snapshot failed.

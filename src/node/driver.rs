@@ -21,7 +21,7 @@ use freezeframe_netproto::writer::{WriterEvent, WriterRequest};
 use serde_json::{json, Value};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
-use super::engine::EngineWorker;
+use super::engine::{EngineWorker, HoldSlot};
 use super::failpoints::Failpoints;
 use super::hooks;
 use super::peers::{self, PeerTable, PeerWire};
@@ -111,10 +111,8 @@ struct Driver {
     next_req: u64,
     /// The cluster-wide one-in-flight lock while this node initiates.
     in_flight: Option<InFlightGuard>,
-    /// The snapshot whose I/O hold the machine asked for and did not release
-    /// yet: a hold that completes for anything else is released at once.
-    hold_wanted: Option<u64>,
-    hold: Option<HoldGuard>,
+    /// The I/O hold, tagged with the snapshot that asked for it.
+    hold: HoldSlot,
     /// The hooks task, awaited on shutdown so its undo scripts finish.
     hooks_task: Option<tokio::task::JoinHandle<()>>,
     mounted: bool,
@@ -211,8 +209,7 @@ pub async fn run_node(cfg: NodeConfig) -> Result<()> {
         waiting: HashMap::new(),
         next_req: 1,
         in_flight: None,
-        hold_wanted: None,
-        hold: None,
+        hold: HoldSlot::default(),
         hooks_task: None,
         mounted: true,
     };
@@ -514,7 +511,7 @@ impl Driver {
                 }
             }
             Output::HoldIo { snapshot } => {
-                self.hold_wanted = Some(snapshot);
+                self.hold.want(snapshot);
                 let (tx, delay) = (self.tx.clone(), self.failpoints.hold_delay);
                 self.engine.run(move |v| {
                     std::thread::sleep(delay);
@@ -522,10 +519,7 @@ impl Driver {
                     let _ = tx.send(DriverEvent::Engine(EngineDone::Held { snapshot, guard }));
                 });
             }
-            Output::ReleaseIo { .. } => {
-                self.hold_wanted = None;
-                self.hold = None;
-            }
+            Output::ReleaseIo { .. } => self.hold.release(),
             Output::FlushVolume { snapshot } => self.blocking(move |v| EngineDone::Flushed {
                 snapshot,
                 result: v.flush().map_err(|e| e.to_string()),
@@ -602,14 +596,12 @@ impl Driver {
     fn engine_done(&mut self, done: EngineDone) {
         let input = match done {
             EngineDone::Held { snapshot, guard } => {
-                if self.hold_wanted != Some(snapshot) {
+                if !self.hold.arrived(snapshot, guard) {
                     // The run that asked for it ended while the hold was
                     // being taken: let go at once, or live writes hang.
                     tracing::info!(snapshot, "a late I/O hold released at once");
-                    drop(guard);
                     return;
                 }
-                self.hold = Some(guard);
                 Input::HoldDone { snapshot }
             }
             EngineDone::Flushed { snapshot, result } => Input::FlushDone { snapshot, result },
@@ -754,8 +746,7 @@ impl Driver {
         for id in ids {
             self.feed(Input::WriterGone { writer: id });
         }
-        self.hold_wanted = None;
-        self.hold = None;
+        self.hold.release();
         // Closing the hooks task's channel makes it undo what it holds and end.
         self.writers.clear();
         if let Some(task) = self.hooks_task.take() {

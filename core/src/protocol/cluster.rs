@@ -283,6 +283,9 @@ struct RemoteRun {
     granted_ms: u64,
     deadline_ms: u64,
     step: RemoteStep,
+    /// We reported frozen: from now on only the initiator's word moves us on,
+    /// so a lease that runs out is the initiator's silence.
+    frozen_sent: bool,
     /// The initiator told us to abort: it needs no failure report back and
     /// deletes what it made itself.
     aborted_by_initiator: bool,
@@ -715,6 +718,7 @@ impl ClusterService {
             granted_ms,
             deadline_ms,
             step: RemoteStep::Running,
+            frozen_sent: false,
             aborted_by_initiator: false,
         });
         self.out.push_back(CsOut::StartLocal {
@@ -810,8 +814,9 @@ impl ClusterService {
     /// Helper provider: the local coordinator committed; tell the initiator
     /// this node is frozen and flushed, and how long it holds.
     pub fn committed(&mut self, snapshot: SnapshotId) {
-        if let Role::Remote(r) = &self.role {
+        if let Role::Remote(r) = &mut self.role {
             if r.snapshot == snapshot && r.step == RemoteStep::Running {
+                r.frozen_sent = true;
                 let msg = PeerMessage::Frozen {
                     snapshot,
                     node: self.node.clone(),
@@ -905,6 +910,9 @@ impl ClusterService {
             Role::Remote(r) if r.step == RemoteStep::AwaitingOutcome => {
                 Some(r.deadline_ms.saturating_add(OUTCOME_GRACE_MS))
             }
+            Role::Remote(r) if r.step == RemoteStep::Running && r.frozen_sent => {
+                Some(r.deadline_ms)
+            }
             _ => None,
         }
     }
@@ -920,6 +928,23 @@ impl ClusterService {
                 r.step = RemoteStep::Resolving;
                 let snapshot = r.snapshot;
                 self.out.push_back(CsOut::Resolve { snapshot });
+            } else if r.step == RemoteStep::Running && r.frozen_sent && now >= r.deadline_ms {
+                // Frozen and waiting for the initiator when the lease ran out:
+                // the initiator went silent (stopped, hung, cut off), not us.
+                // Runs before the coordinator's own deadline, so the abort
+                // names the right node.
+                r.frozen_sent = false;
+                let initiator = r.initiator.clone();
+                let reason = format!(
+                    "initiator {initiator} sent no post-snapshot within the lease ({} ms)",
+                    r.granted_ms
+                );
+                let snapshot = r.snapshot;
+                self.out.push_back(CsOut::AbortLocal {
+                    snapshot,
+                    node: initiator,
+                    reason,
+                });
             }
             return;
         }

@@ -976,6 +976,9 @@ impl Coordinator {
             }
         }
         self.enter_phase(end, now);
+        if let (Some(f), Some(CoordOut::Phase(e))) = (&error, self.out.back_mut()) {
+            e.reason = Some(f.to_string());
+        }
         let Some(mut run) = self.run.take() else {
             return;
         };
@@ -1063,6 +1066,7 @@ impl Coordinator {
             edge,
             at_ms: now,
             writer,
+            reason: None,
         }));
     }
 }
@@ -1614,6 +1618,39 @@ mod tests {
         assert_eq!(
             result.error.clone().expect("failed").reason,
             "the request's timeout of 400 ms expired in freezing waiting for writer db"
+        );
+    }
+
+    #[test]
+    fn the_aborted_event_says_who_failed_where_and_why() {
+        let mut c = two_writers();
+        c.start(
+            Requester::Client(1),
+            7,
+            ProviderKind::Storage,
+            10_000,
+            "lease",
+            0,
+        );
+        c.writer_reply(
+            W1,
+            7,
+            EventKind::Freeze,
+            Answer::Veto("replication lag".into()),
+            3,
+        );
+        let aborted: Vec<PhaseEvent> = std::iter::from_fn(|| c.poll())
+            .filter_map(|o| match o {
+                CoordOut::Phase(e) if e.phase == Phase::Aborted && e.edge == PhaseEdge::Enter => {
+                    Some(e)
+                }
+                _ => None,
+            })
+            .collect();
+        assert_eq!(aborted.len(), 1);
+        assert_eq!(
+            aborted[0].reason.as_deref(),
+            Some("node n1 writer db in freezing: replication lag")
         );
     }
 }

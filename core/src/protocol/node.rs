@@ -1028,7 +1028,20 @@ mod tests {
             panic!("{out:?}")
         };
         assert_eq!(to, "n1");
-        assert_eq!((error.node.as_str(), error.phase), ("n2", Phase::Frozen));
+        assert_eq!(
+            (error.node.as_str(), error.phase),
+            ("n1", Phase::Frozen),
+            "the initiator's silence is the cause, not this node"
+        );
+        assert_eq!(
+            error.reason,
+            "initiator n1 sent no post-snapshot within the lease (3000 ms)"
+        );
+        assert_eq!(
+            out.get(2),
+            Some(&Output::ResolveSnapshot { snapshot: 9 }),
+            "and whatever the initiator made is decided by the catalog"
+        );
         assert!(!m.status().in_flight && !m.status().io_held);
     }
 

@@ -188,6 +188,10 @@ pub struct PhaseEvent {
     pub at_ms: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub writer: Option<String>,
+    /// On entering `aborted`: why, naming the node, writer (or hook) and
+    /// phase where it failed — the same words the report has.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 /// A finished phase of one node.
