@@ -406,7 +406,7 @@ pub fn run(args: Args) -> Result<()> {
     } else {
         print!("{}", table(&rows));
         println!(
-            "{pass} passed, {fail} failed, {skipped} skipped of {} run in {:.0} s (lease {} ms)",
+            "\n{pass} passed, {fail} failed, {skipped} skipped of {} run in {:.0} s (lease {} ms)",
             results.len(),
             started.elapsed().as_secs_f64(),
             lease_ms
