@@ -2,6 +2,8 @@
 //! the selected node's control socket, printed for people or, with `--json`,
 //! as one JSON value for scripts.
 
+use std::time::Duration;
+
 use anyhow::{Context, Result};
 use freezeframe_netproto::control::{ControlClient, ControlRequest};
 use serde_json::Value;
@@ -14,16 +16,76 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
-/// One request, one answer, on a throwaway runtime.
+/// How long `status`, `snapshot list` and `snapshot show` wait for the node.
+pub const QUICK_CALL_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long `snapshot delete` waits (it may punch many holes in the diff area).
+pub const DELETE_CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a `snapshot verify` request on the control socket may take.
+pub const VERIFY_CALL_TIMEOUT: Duration = Duration::from_secs(3600);
+/// What `snapshot create` waits beyond the snapshot's own time bound (the lease,
+/// or `--timeout` when shorter) for the report to arrive.
+pub const CREATE_MARGIN: Duration = Duration::from_secs(5);
+
+/// How long a client waits for the answer to `req` before giving up.
+pub fn call_timeout(cfg: &NodeConfig, req: &ControlRequest) -> Duration {
+    match req {
+        ControlRequest::SnapshotCreate { timeout_ms } => {
+            let bound = timeout_ms.map_or(cfg.lease_ms, |t| t.min(cfg.lease_ms));
+            Duration::from_millis(bound) + CREATE_MARGIN
+        }
+        // A catalog change on shared storage, like a delete.
+        ControlRequest::SnapshotDelete { .. }
+        | ControlRequest::NodeFence { .. }
+        | ControlRequest::NodeUnfence { .. } => DELETE_CALL_TIMEOUT,
+        // Hashes the whole image: bounded, but by the volume's size, not a few seconds.
+        ControlRequest::SnapshotVerify { .. } => VERIFY_CALL_TIMEOUT,
+        _ => QUICK_CALL_TIMEOUT,
+    }
+}
+
+/// The request's name as the CLI spells it, for errors.
+fn request_name(req: &ControlRequest) -> &'static str {
+    match req {
+        ControlRequest::Status => "status",
+        ControlRequest::SnapshotCreate { .. } => "snapshot create",
+        ControlRequest::SnapshotList => "snapshot list",
+        ControlRequest::SnapshotShow { .. } => "snapshot show",
+        ControlRequest::SnapshotDelete { .. } => "snapshot delete",
+        ControlRequest::SnapshotVerify { .. } => "snapshot verify",
+        ControlRequest::Events => "events",
+        ControlRequest::NodeFence { .. } => "node fence",
+        ControlRequest::NodeUnfence { .. } => "node unfence",
+    }
+}
+
+/// One request, one answer, on a throwaway runtime, within [`call_timeout`].
 pub fn call_blocking(cfg: &NodeConfig, req: &ControlRequest) -> Result<Value> {
+    call_within(cfg, req, call_timeout(cfg, req))
+}
+
+/// One request, one answer, waiting at most `limit` (connecting included).
+pub fn call_within(cfg: &NodeConfig, req: &ControlRequest, limit: Duration) -> Result<Value> {
     let path = cfg.control_socket();
     runtime()?.block_on(async {
-        let mut c = ControlClient::connect(&path)
-            .await
-            .with_context(|| format!("node {} is not running", cfg.name()))?;
-        Ok(c.call(req)
-            .await
-            .with_context(|| format!("node {}", cfg.name()))?)
+        let call = async {
+            let mut c = ControlClient::connect(&path)
+                .await
+                .with_context(|| format!("node {} is not running", cfg.name()))?;
+            c.call(req)
+                .await
+                .with_context(|| format!("node {}", cfg.name()))
+        };
+        match tokio::time::timeout(limit, call).await {
+            Ok(r) => r,
+            Err(_) => anyhow::bail!(
+                "node {} did not answer `{}` within {} ms (control socket {}); it may be \
+                 hung — see its log",
+                cfg.name(),
+                request_name(req),
+                limit.as_millis(),
+                path.display()
+            ),
+        }
     })
 }
 
@@ -165,9 +227,39 @@ pub fn snapshot_delete(cfg: &NodeConfig, id: u64, json: bool) -> Result<()> {
     Ok(())
 }
 
-/// Hashes the snapshot image straight from shared storage (the node's volume),
-/// records it in the manifest every node shows, and with `progress` prints
-/// `{"progress":{…}}` lines on stderr for the console.
+pub fn node_fence(cfg: &NodeConfig, node: &str, reason: Option<String>, json: bool) -> Result<()> {
+    let req = ControlRequest::NodeFence {
+        node: node.to_string(),
+        reason,
+    };
+    let v = call_blocking(cfg, &req)?;
+    print(json, &v, |v| {
+        format!(
+            "node {node} is fenced ({}); its live writes fail and snapshots go on without it\n",
+            v["reason"].as_str().unwrap_or("")
+        )
+    });
+    Ok(())
+}
+
+pub fn node_unfence(cfg: &NodeConfig, node: &str, json: bool) -> Result<()> {
+    let req = ControlRequest::NodeUnfence {
+        node: node.to_string(),
+    };
+    let v = call_blocking(cfg, &req)?;
+    print(json, &v, |v| {
+        if v["was_fenced"].as_bool() == Some(true) {
+            format!("node {node} is no longer fenced; it takes part in the next snapshot\n")
+        } else {
+            format!("node {node} was not fenced\n")
+        }
+    });
+    Ok(())
+}
+
+/// Hashes the snapshot image straight from shared storage (the node's volume) and
+/// compares it with the hash recorded at seal time (recording one only when none
+/// exists); with `progress` prints `{"progress":{…}}` lines on stderr for the console.
 pub fn snapshot_verify(cfg: &NodeConfig, id: u64, json: bool, progress: bool) -> Result<()> {
     let volume = freezeframe_core::volume::Volume::open(&cfg.raw.volume.path)
         .with_context(|| format!("node {}: opening the shared volume", cfg.name()))?;
@@ -182,10 +274,16 @@ pub fn snapshot_verify(cfg: &NodeConfig, id: u64, json: bool, progress: bool) ->
         }
     })?;
     print(json, &v, |v| {
-        format!(
-            "snapshot {id}: blake3 {}\n",
-            v["blake3"].as_str().unwrap_or("?")
-        )
+        let hash = v["blake3"].as_str().unwrap_or("?");
+        match v["outcome"].as_str() {
+            Some("recorded") => format!(
+                "snapshot {id}: no hash was recorded at seal time; recorded blake3 {hash} now\n"
+            ),
+            Some("not_recorded") => {
+                format!("snapshot {id}: blake3 {hash} (the snapshot is still open: not recorded)\n")
+            }
+            _ => format!("snapshot {id}: blake3 {hash} matches the hash recorded at seal time\n"),
+        }
     });
     Ok(())
 }
@@ -194,10 +292,23 @@ pub fn snapshot_verify(cfg: &NodeConfig, id: u64, json: bool, progress: bool) ->
 pub fn events(cfg: &NodeConfig, json: bool) -> Result<()> {
     let path = cfg.control_socket();
     runtime()?.block_on(async {
-        let mut c = ControlClient::connect(&path)
-            .await
-            .with_context(|| format!("node {} is not running", cfg.name()))?;
-        c.subscribe().await?;
+        // Connecting and subscribing are bounded; the stream itself runs until the end.
+        let mut c = tokio::time::timeout(QUICK_CALL_TIMEOUT, async {
+            let mut c = ControlClient::connect(&path)
+                .await
+                .with_context(|| format!("node {} is not running", cfg.name()))?;
+            c.subscribe().await?;
+            Ok::<_, anyhow::Error>(c)
+        })
+        .await
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "node {} did not accept `events` within {} ms (control socket {})",
+                cfg.name(),
+                QUICK_CALL_TIMEOUT.as_millis(),
+                path.display()
+            )
+        })??;
         while let Some(ev) = c.next_event().await? {
             if json {
                 println!("{ev}");

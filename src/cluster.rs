@@ -95,6 +95,7 @@ pub fn init(dir: &Path, opts: &InitOptions) -> Result<Vec<PathBuf>> {
                 mount: "mnt".into(),
                 hooks_dir: Some("hooks.d".into()),
                 allow_other: false,
+                writer_group: None,
             },
             volume: VolumeSection {
                 path: "../../shared/volume.img".into(),
@@ -104,8 +105,10 @@ pub fn init(dir: &Path, opts: &InitOptions) -> Result<Vec<PathBuf>> {
                 name: cluster_name.clone(),
                 ca_cert: "../../ca.pem".into(),
                 lease: opts.lease.clone(),
-                writer_timeout: "10s".into(),
-                hook_timeout: "30s".into(),
+                // Both default to half the lease.
+                writer_timeout: None,
+                hook_timeout: None,
+                auto_fence: false,
                 members: members.clone(),
             },
             tls: TlsSection {

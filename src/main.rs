@@ -116,6 +116,24 @@ enum Command {
 enum NodeCmd {
     /// Run the daemon in the foreground until SIGTERM/SIGINT.
     Run,
+    /// Fence a node off the volume (run against any live node): its live
+    /// writes fail from now on and snapshots go on without it.
+    Fence {
+        /// The node to fence.
+        name: String,
+        /// Why, recorded with the fence and shown in every snapshot that excludes it.
+        #[arg(long)]
+        reason: Option<String>,
+        #[command(flatten)]
+        out: Out,
+    },
+    /// Lift a fence: the node writes again and takes part in the next snapshot.
+    Unfence {
+        /// The node to unfence.
+        name: String,
+        #[command(flatten)]
+        out: Out,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -248,6 +266,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
     let cfg = || config::resolve(cli.config.as_deref());
     match cli.command {
         Command::Node(NodeCmd::Run) => node::run(cfg()?)?,
+        Command::Node(NodeCmd::Fence {
+            name,
+            reason,
+            out: Out { json },
+        }) => client::node_fence(&cfg()?, &name, reason, json)?,
+        Command::Node(NodeCmd::Unfence {
+            name,
+            out: Out { json },
+        }) => client::node_unfence(&cfg()?, &name, json)?,
         Command::Demo {
             nodes,
             dir,

@@ -193,10 +193,32 @@ pub enum Error {
         detail: String,
     },
 
+    /// `snapshot verify`: the image no longer hashes to what was recorded at seal time.
+    #[error("snapshot {snapshot} does not match the hash recorded at seal time: recorded {recorded}, now {actual}{}{note}", match first_block { Some(b) => format!("; first differing block: {b} (bytes {}..{})", b * u64::from(*block_size), (b + 1) * u64::from(*block_size)), None => String::new() })]
+    SnapshotMismatch {
+        snapshot: u64,
+        recorded: String,
+        actual: String,
+        first_block: Option<u64>,
+        block_size: u32,
+        note: String,
+    },
+    /// The per-block hashes recorded at seal time are missing or damaged.
+    #[error("per-block seal hashes {} are unusable: {why}", file.display())]
+    SealHashCorrupt { file: PathBuf, why: String },
     /// The restore target cannot take the image.
     #[error("cannot restore to {path}: {reason}")]
     RestoreTarget { path: PathBuf, reason: String },
     // --- replicas on a secondary host (core::replica) ---
+    /// A name that cannot be used as given (it would leave its folder, say).
+    #[error("{what} {name:?} is not usable here")]
+    BadName { what: &'static str, name: String },
+    /// A small state record (an attachment) cannot be decoded.
+    #[error("{} is damaged: {why}", file.display())]
+    Corrupt { file: PathBuf, why: String },
+    /// This node is fenced off the volume: its live writes fail.
+    #[error("node {node} is fenced off the volume and may not write: {why} (freezeframe node unfence {node} lets it rejoin)")]
+    Fenced { node: String, why: String },
     /// A replica file is damaged or truncated: its record, journal or data disagree.
     #[error("replica file {} is unusable: {why}", file.display())]
     ReplicaCorrupt { file: PathBuf, why: String },

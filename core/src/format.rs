@@ -186,7 +186,12 @@ pub fn write_file_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
-    let mut f = File::create(&tmp).map_err(|e| Error::io("create", &tmp, e))?;
+    let mut f = crate::perms::private_file_options()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&tmp)
+        .map_err(|e| Error::io("create", &tmp, e))?;
     f.write_all(bytes)
         .map_err(|e| Error::io("write", &tmp, e))?;
     f.sync_all().map_err(|e| Error::io("fsync", &tmp, e))?;

@@ -1,6 +1,6 @@
 //! Snapshot manifests: what a finished snapshot was — who asked for it, which nodes and
 //! writers took part and how each phase went, its geometry, and the blake3 hash of the
-//! whole image once someone computed it.
+//! whole image recorded at seal time ([`crate::seal_hash`]).
 //!
 //! One JSON file per snapshot in the volume's state directory,
 //! `<state_dir>/manifests/<id>.json`, written atomically (temporary file, fsync, rename,
@@ -68,9 +68,13 @@ pub struct SnapshotManifest {
     /// How long the initiator held the volume's live I/O, in ms.
     #[serde(default)]
     pub io_hold_ms: Option<u64>,
-    /// Hex blake3 of the whole image, once `freezeframe snapshot verify` computed it.
+    /// Hex blake3 of the whole image, recorded once when the snapshot was sealed (or by
+    /// the first `snapshot verify` of a snapshot without one); see [`crate::seal_hash`].
     #[serde(default)]
     pub blake3: Option<String>,
+    /// Members left out of the snapshot (fenced, not attached), with why.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub excluded: Vec<crate::protocol::Excluded>,
 }
 
 impl SnapshotManifest {
@@ -93,6 +97,7 @@ impl SnapshotManifest {
             freeze_window_ms: None,
             io_hold_ms: None,
             blake3: None,
+            excluded: Vec::new(),
         }
     }
 }
@@ -117,7 +122,7 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
 /// Writes `m` to `manifests/<id>.json` atomically and durably; returns the file's path.
 pub fn store(state_dir: &Path, m: &SnapshotManifest) -> Result<PathBuf> {
     let dir = manifests_dir(state_dir);
-    fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+    crate::perms::create_private_dir(&dir)?;
     let path = manifest_path(state_dir, m.id);
     let tmp = dir.join(format!(".{}.json.tmp.{}", m.id, std::process::id()));
     let bytes = serde_json::to_vec_pretty(m).map_err(|e| Error::ManifestCorrupt {
@@ -125,7 +130,11 @@ pub fn store(state_dir: &Path, m: &SnapshotManifest) -> Result<PathBuf> {
         reason: format!("cannot encode: {e}"),
     })?;
     let write = || -> std::io::Result<()> {
-        let mut f = File::create(&tmp)?;
+        let mut f = crate::perms::private_file_options()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)?;
         f.write_all(&bytes)?;
         f.write_all(b"\n")?;
         f.sync_all()?;
@@ -212,8 +221,10 @@ pub fn list(state_dir: &Path) -> Result<Vec<SnapshotManifest>> {
     Ok(out)
 }
 
-/// Removes snapshot `id`'s manifest (no error if there was none).
+/// Removes snapshot `id`'s manifest and its seal-time block hashes (no error if
+/// there were none).
 pub fn remove(state_dir: &Path, id: SnapshotId) -> Result<()> {
+    crate::seal_hash::remove(state_dir, id)?;
     let path = manifest_path(state_dir, id);
     match fs::remove_file(&path) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
@@ -308,21 +319,6 @@ fn read_full(snap: &Snapshot, buf: &mut [u8], offset: u64) -> Result<()> {
     Ok(())
 }
 
-/// Computes snapshot `snap`'s image hash and records it in its manifest (creating a
-/// manifest with `fallback` if none was stored). Returns the hash.
-pub fn verify_and_record(
-    state_dir: &Path,
-    snap: &Snapshot,
-    fallback: impl FnOnce() -> SnapshotManifest,
-    progress: &mut dyn FnMut(u64, u64),
-) -> Result<String> {
-    let hash = compute_image_hash_with_progress(snap, progress)?;
-    let mut m = load(state_dir, snap.id())?.unwrap_or_else(fallback);
-    m.blake3 = Some(hash.clone());
-    store(state_dir, &m)?;
-    Ok(hash)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -339,6 +335,7 @@ mod tests {
             freeze_window_ms: Some(12),
             io_hold_ms: Some(3),
             blake3: None,
+            excluded: Vec::new(),
         }
     }
 
@@ -389,7 +386,7 @@ mod tests {
     }
 
     #[test]
-    fn image_hash_is_of_the_point_in_time_data_and_is_recorded() {
+    fn image_hash_is_of_the_point_in_time_data_and_progress_reaches_the_end() {
         use crate::volume::{SnapshotOptions, Volume};
         let dir = tempfile::tempdir().expect("tempdir");
         let size = 9 * 1024 * 1024 + 64 * 1024; // not a multiple of the hash chunk
@@ -411,25 +408,15 @@ mod tests {
         let want = blake3::hash(&before).to_hex().to_string();
         assert_eq!(compute_image_hash(&snap).expect("hash"), want);
         let mut reported = Vec::new();
-        let got = verify_and_record(
-            vol.state_dir(),
-            &snap,
-            || SnapshotManifest::bare(id, 1, ManifestStatus::Open, 65536, size),
-            &mut |done, total| reported.push((done, total)),
-        )
-        .expect("verify");
+        let got = compute_image_hash_with_progress(&snap, &mut |done, total| {
+            reported.push((done, total))
+        })
+        .expect("hash");
         assert_eq!(got, want);
         assert_eq!(
             reported.last(),
             Some(&(size, size)),
             "progress ends at the whole image"
-        );
-        assert_eq!(
-            load(vol.state_dir(), id)
-                .expect("load")
-                .expect("stored")
-                .blake3,
-            Some(want)
         );
     }
 }

@@ -265,12 +265,43 @@ fn start_job(
     ))
 }
 
-/// One request on a fresh connection (snapshot and delete run beside the refresh loop).
+/// How long status, list and delete may take before the console says the node hangs.
+const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+/// What a snapshot request may take beyond its own timeout.
+const CREATE_MARGIN: Duration = Duration::from_secs(5);
+
+/// `fut` (one control call), failing with [`Error::Timeout`] after `limit`.
+async fn within<T>(
+    what: &'static str,
+    limit: Duration,
+    fut: impl std::future::Future<Output = Result<T>>,
+) -> Result<T> {
+    tokio::time::timeout(limit, fut)
+        .await
+        .unwrap_or(Err(Error::Timeout {
+            what,
+            ms: limit.as_millis() as u64,
+        }))
+}
+
+/// One request on a fresh connection (snapshot and delete run beside the refresh loop),
+/// bounded: a snapshot by its own timeout + a margin, anything else by [`CALL_TIMEOUT`].
 async fn one_call(cfg: &BackendConfig, req: ControlRequest) -> Result<serde_json::Value> {
-    Ok(ControlClient::connect(&cfg.control_socket)
-        .await?
-        .call(&req)
-        .await?)
+    let (what, limit) = match &req {
+        ControlRequest::SnapshotCreate { timeout_ms } => (
+            "snapshot_create",
+            Duration::from_millis(timeout_ms.unwrap_or(cfg.snapshot_timeout_ms)) + CREATE_MARGIN,
+        ),
+        ControlRequest::SnapshotDelete { .. } => ("snapshot_delete", CALL_TIMEOUT * 6),
+        _ => ("a request", CALL_TIMEOUT),
+    };
+    within(what, limit, async {
+        Ok(ControlClient::connect(&cfg.control_socket)
+            .await?
+            .call(&req)
+            .await?)
+    })
+    .await
 }
 
 /// `xdg-open PATH`; `false` when there is no `xdg-open` or it failed.
@@ -309,9 +340,13 @@ async fn connected_session(
     sink: &UpdateSink,
     refresh: &Arc<Notify>,
 ) -> Result<()> {
-    let mut calls = ControlClient::connect(&cfg.control_socket).await?;
-    let mut events = ControlClient::connect(&cfg.control_socket).await?;
-    events.subscribe().await?;
+    let (mut calls, mut events) = within("connect", CALL_TIMEOUT, async {
+        let calls = ControlClient::connect(&cfg.control_socket).await?;
+        let mut events = ControlClient::connect(&cfg.control_socket).await?;
+        events.subscribe().await?;
+        Ok((calls, events))
+    })
+    .await?;
     if !sink.send(Update::Link(Link::Connected)) {
         return Ok(());
     }
@@ -342,8 +377,16 @@ async fn connected_session(
     let result: Result<()> = async {
         loop {
             // An answer the console cannot read is not a lost node: say so and keep following.
-            let status = wire::decode::<Status>("status", calls.call(&ControlRequest::Status).await?);
-            let rows = wire::decode::<Vec<SnapshotRow>>("snapshot_list", calls.call(&ControlRequest::SnapshotList).await?);
+            let status = within("status", CALL_TIMEOUT, async {
+                Ok(calls.call(&ControlRequest::Status).await?)
+            })
+            .await?;
+            let status = wire::decode::<Status>("status", status);
+            let rows = within("snapshot_list", CALL_TIMEOUT, async {
+                Ok(calls.call(&ControlRequest::SnapshotList).await?)
+            })
+            .await?;
+            let rows = wire::decode::<Vec<SnapshotRow>>("snapshot_list", rows);
             for u in [status.map(Update::Status), rows.map(Update::Snapshots)] {
                 let u = u.unwrap_or_else(|e| Update::ActionFailed(e.to_string()));
                 if !sink.send(u) {
@@ -495,6 +538,39 @@ mod tests {
             seen.contains(&Update::Link(Link::Connected))
         });
         node.shutdown_background();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_node_that_accepts_but_never_answers_is_reported_unreachable_after_the_call_timeout() {
+        let dir = std::env::temp_dir().join(format!("ff-gui-hung-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let sock = dir.join("control.sock");
+        // A hung daemon: connections are accepted and held, nothing is ever said.
+        let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        let _holder = std::thread::spawn(move || {
+            let held: Vec<_> = listener.incoming().take(8).collect();
+            std::thread::sleep(Duration::from_secs(30));
+            drop(held);
+        });
+        let cfg = BackendConfig {
+            control_socket: sock,
+            node: "n1".into(),
+            freezeframe_exe: PathBuf::from("/bin/false"),
+            snapshot_timeout_ms: 1000,
+        };
+        let handle = BackendHandle::spawn(cfg).unwrap();
+        let seen = wait_for(&handle, "unreachable after the timeout", |seen| {
+            seen.iter()
+                .any(|u| matches!(u, Update::Link(Link::Unreachable { .. })))
+        });
+        assert!(
+            seen.iter()
+                .any(|u| matches!(u, Update::Link(Link::Unreachable { reason })
+                if reason.contains("did not answer status within 5000 ms"))),
+            "{seen:?}"
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -8,6 +8,9 @@ pub enum Error {
     /// a refused request (`{"ok":false}`), or a line over the limit.
     #[error(transparent)]
     Control(#[from] freezeframe_netproto::Error),
+    /// The node did not answer a request in time (a hung daemon must not freeze the console's view).
+    #[error("the node did not answer {what} within {ms} ms")]
+    Timeout { what: &'static str, ms: u64 },
     /// An answer or an event the console cannot read.
     #[error("the node's answer to {what} is malformed: {detail}")]
     Malformed { what: &'static str, detail: String },

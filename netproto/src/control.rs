@@ -35,12 +35,24 @@ pub enum ControlRequest {
     SnapshotDelete {
         id: u64,
     },
-    /// Compute the blake3 hash of the snapshot image and record it in its manifest.
+    /// Hash the snapshot image and compare it with the hash recorded at seal time
+    /// (recording one only when none exists).
     SnapshotVerify {
         id: u64,
     },
     /// Follow the phase event stream.
     Events,
+    /// Record that `node` is fenced off the volume: its live writes fail from
+    /// now on, and snapshots go on without it (DESIGN.md §9).
+    NodeFence {
+        node: String,
+        #[serde(default)]
+        reason: Option<String>,
+    },
+    /// Lift the fence on `node`; it takes part in the next snapshot.
+    NodeUnfence {
+        node: String,
+    },
 }
 
 /// One answer line.

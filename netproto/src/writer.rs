@@ -79,6 +79,11 @@ pub enum WriterEvent {
     Complete {
         snapshot: u64,
     },
+    /// This node is fenced off the volume: live writes fail (EIO) until an
+    /// operator lifts the fence. Stop writing; no answer.
+    Fenced {
+        reason: String,
+    },
     /// The last line was not understood; the connection stays open.
     Error {
         message: String,

@@ -677,8 +677,8 @@ impl Rig {
         for p in &paths {
             let text = std::fs::read_to_string(p)?;
             let mut file: crate::config::NodeFile = toml::from_str(&text)?;
-            file.cluster.writer_timeout = format!("{}ms", lease_ms / 2);
-            file.cluster.hook_timeout = format!("{}ms", lease_ms / 2);
+            file.cluster.writer_timeout = Some(format!("{}ms", lease_ms / 2));
+            file.cluster.hook_timeout = Some(format!("{}ms", lease_ms / 2));
             std::fs::write(p, toml::to_string_pretty(&file)?)?;
         }
         let configs: Vec<NodeConfig> = paths

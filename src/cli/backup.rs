@@ -56,6 +56,7 @@ pub enum BackupCommand {
         json: bool,
     },
     /// Restore a backup, bit-exact, to an image file (created or overwritten) or a block device.
+    /// A freezeframe volume is refused unless --through-engine is given.
     Restore {
         #[arg(long)]
         repo: PathBuf,
@@ -63,6 +64,10 @@ pub enum BackupCommand {
         backup_id: String,
         #[arg(long)]
         to: PathBuf,
+        /// TO is a freezeframe volume: write through its engine (only blocks that differ,
+        /// each copied to the snapshots first), so every existing snapshot keeps its content.
+        #[arg(long)]
+        through_engine: bool,
         /// Print one JSON value instead of text.
         #[arg(long)]
         json: bool,
@@ -192,14 +197,29 @@ pub fn run(args: BackupArgs, config: Option<&Path>) -> Result<ExitCode> {
             repo,
             backup_id,
             to,
+            through_engine,
             json,
         } => {
             let repo = Repository::open(&repo)?;
             let bar = Bar::new(json);
-            let r = repo.restore(&backup_id, &to, &bar)?;
+            let r = if through_engine {
+                let volume = freezeframe_core::volume::Volume::open(&to)?;
+                repo.restore_through_engine(&backup_id, &volume, &bar)?
+            } else {
+                repo.restore(&backup_id, &to, &bar)?
+            };
             drop(bar);
             if json {
                 println!("{}", serde_json::to_string(&r)?);
+            } else if through_engine {
+                println!(
+                    "restored backup {} through the engine of {} ({}, {} blocks differed and were written) in {:.2} s",
+                    r.backup_id,
+                    to.display(),
+                    crate::human_bytes(r.image_size),
+                    r.blocks_written,
+                    r.duration_ms as f64 / 1000.0
+                );
             } else {
                 println!(
                     "restored backup {} to {} ({}, {} zero blocks skipped) in {:.2} s",

@@ -134,6 +134,14 @@ async fn answer(
             Ok(tokio::task::spawn_blocking(move || s.snapshot_verify(id)).await??)
         }
         ControlRequest::Events => unreachable_events(),
+        ControlRequest::NodeFence { node, reason } => {
+            let s = shared.clone();
+            Ok(tokio::task::spawn_blocking(move || s.fence(&node, reason)).await??)
+        }
+        ControlRequest::NodeUnfence { node } => {
+            let s = shared.clone();
+            Ok(tokio::task::spawn_blocking(move || s.unfence(&node)).await??)
+        }
     }
 }
 

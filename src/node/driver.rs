@@ -12,6 +12,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
 use freezeframe_core::manifest::{self, ManifestStatus, SnapshotManifest};
+use freezeframe_core::membership::{self, Attachment};
 use freezeframe_core::protocol::{
     self, Failure, Input, NodeMachine, Output, Phase, Report, ReportStatus, WriterEvent as MEvent,
     WriterReply,
@@ -119,6 +120,7 @@ struct Driver {
 }
 
 pub async fn run_node(cfg: NodeConfig) -> Result<()> {
+    let checks = super::startup::preflight(&cfg)?;
     let clock = Clock::new();
     let failpoints = Failpoints::from_env()?;
     if failpoints.any() {
@@ -128,11 +130,11 @@ pub async fn run_node(cfg: NodeConfig) -> Result<()> {
             super::failpoints::ENV
         );
     }
-    std::fs::create_dir_all(&cfg.raw.node.run_dir)
-        .with_context(|| format!("creating run dir {}", cfg.raw.node.run_dir.display()))?;
     let volume = Volume::open(&cfg.raw.volume.path)
         .with_context(|| format!("node {}: opening the shared volume", cfg.name()))?;
+    volume.set_node(cfg.name());
     std::fs::write(cfg.pid_file(), std::process::id().to_string())?;
+    let attachment = attach(&cfg, &volume, clock.now_ms())?;
 
     // The mount first: a stale one from a killed daemon is cleared.
     let _ = freezeframe_fusefs::clear_stale_mount(&cfg.raw.node.mount);
@@ -163,7 +165,14 @@ pub async fn run_node(cfg: NodeConfig) -> Result<()> {
     let (tx, mut rx) = mpsc::unbounded_channel();
     control::serve(&cfg.control_socket(), tx.clone(), shared.clone()).await?;
     writers::serve(&cfg.writer_socket(), tx.clone()).await?;
+    super::startup::secure_writer_socket(&cfg.writer_socket(), checks.writer_gid)?;
     let _mesh = peers::start(&cfg, tx.clone())?;
+    let renewals = tokio::spawn(renew_attachment(
+        shared.clone(),
+        attachment,
+        clock,
+        tx.clone(),
+    ));
     {
         let tx = tx.clone();
         tokio::spawn(async move {
@@ -267,8 +276,13 @@ pub async fn run_node(cfg: NodeConfig) -> Result<()> {
 
     tracing::info!(node = %cfg.name(), "shutting down");
     d.shutdown().await;
+    renewals.abort();
     drop(_mesh);
-    drop(mount);
+    super::startup::unmount_bounded(mount, &cfg.raw.node.mount, super::startup::UNMOUNT_GRACE);
+    // A clean stop: this node no longer writes, so snapshots need not wait for it.
+    if let Err(e) = membership::remove(shared.volume.state_dir(), cfg.name()) {
+        tracing::warn!("removing this node's attachment record: {e}");
+    }
     for p in [cfg.control_socket(), cfg.writer_socket(), cfg.pid_file()] {
         let _ = std::fs::remove_file(p);
     }
@@ -384,6 +398,7 @@ impl Driver {
                 self.peers.status.insert(node, status);
             }
             DriverEvent::Engine(done) => self.engine_done(done),
+            DriverEvent::Fenced { reason } => self.fenced(reason),
             DriverEvent::Shutdown => {}
         }
     }
@@ -405,6 +420,7 @@ impl Driver {
                 requested_ms: now,
                 finished_ms: now,
                 nodes: Vec::new(),
+                excluded: Vec::new(),
                 freeze_window_ms: None,
                 io_hold_ms: None,
             })
@@ -451,6 +467,16 @@ impl Driver {
         // Holding the in-flight lock, no snapshot is being taken anywhere: an
         // Open snapshot now is the leftover of an initiator that died after commit.
         tokio::task::block_in_place(|| delete_orphans(&volume));
+        // Who must freeze: every attached node (DESIGN.md §9).
+        let excluded = match tokio::task::block_in_place(|| self.participation()) {
+            Ok(x) => x,
+            Err((node, reason)) => {
+                let mut v = refuse(reason);
+                v["error"]["node"] = json!(node);
+                let _ = reply.send(v);
+                return;
+            }
+        };
         self.in_flight = Some(guard);
         let req = self.next_req;
         self.next_req += 1;
@@ -459,6 +485,7 @@ impl Driver {
             req,
             snapshot: id,
             timeout_ms,
+            excluded,
         });
     }
 
@@ -481,6 +508,60 @@ impl Driver {
                 });
             let _ = reply.send(r);
         });
+    }
+
+    /// The safety rule for a snapshot this node initiates: who is left out
+    /// (fenced, not attached), or which attached node makes it impossible.
+    /// Auto-fences expired attachments first when `[cluster] auto_fence`.
+    fn participation(&self) -> std::result::Result<Vec<protocol::Excluded>, (String, String)> {
+        let cfg = &self.shared.cfg;
+        let volume = &self.shared.volume;
+        let io = |what: &str, e: &dyn std::fmt::Display| {
+            (
+                cfg.name().to_string(),
+                format!("cannot read {what} of the volume: {e}"),
+            )
+        };
+        let attached =
+            membership::list(volume.state_dir()).map_err(|e| io("the attachment records", &e))?;
+        let fenced = volume.fences().map_err(|e| io("the fences", &e))?;
+        let members: Vec<String> = cfg
+            .raw
+            .cluster
+            .members
+            .iter()
+            .map(|m| m.name.clone())
+            .collect();
+        let connected = self.peers.senders.keys().cloned().collect();
+        let plan = membership::plan(
+            cfg.name(),
+            &members,
+            &connected,
+            &attached,
+            &fenced,
+            cfg.raw.cluster.auto_fence,
+            self.clock.now_ms(),
+        )
+        .map_err(|r| (r.node, r.reason))?;
+        for node in &plan.auto_fence {
+            let reason = "its attachment was not renewed for two leases (auto_fence)";
+            tracing::warn!(fenced = %node, "{reason}");
+            volume
+                .fence(node, "auto", reason)
+                .map_err(|e| io("the catalog (to fence)", &e))?;
+        }
+        Ok(plan.excluded)
+    }
+
+    /// This node learned it is fenced (or self-fenced): its live writes fail;
+    /// every writer is told once, so applications stop instead of hitting EIO.
+    fn fenced(&mut self, reason: String) {
+        tracing::error!("this node is fenced off the volume: {reason}");
+        for w in self.writers.values() {
+            let _ = w.tx.send(WriterEvent::Fenced {
+                reason: reason.clone(),
+            });
+        }
     }
 
     /// Executes every output the machine has, in order.
@@ -648,6 +729,7 @@ impl Driver {
                 freeze_window_ms: report.freeze_window_ms,
                 io_hold_ms: report.io_hold_ms,
                 blake3: None,
+                excluded: report.excluded.clone(),
             };
             if let Some(created) = self
                 .shared
@@ -661,6 +743,12 @@ impl Driver {
                 if let Err(e) = manifest::store(self.shared.volume.state_dir(), &m) {
                     tracing::error!(snapshot = report.id, "writing the manifest failed: {e}");
                 }
+                let (volume, id) = (self.shared.volume.clone(), report.id);
+                tokio::task::spawn_blocking(move || {
+                    if let Err(e) = freezeframe_core::seal_hash::record_seal_hash(&volume, id) {
+                        tracing::error!(snapshot = id, "recording the seal-time hash failed: {e}");
+                    }
+                });
             }
         }
         let v = serde_json::to_value(&report).unwrap_or(Value::Null);
@@ -726,7 +814,30 @@ impl Driver {
             "peers": peers,
             "writers": own["writers"],
             "nodes": nodes,
+            "attached": self.attached_view(),
         })
+    }
+
+    /// The attachment records and fences, for `status`.
+    fn attached_view(&self) -> Value {
+        let volume = &self.shared.volume;
+        let now = self.clock.now_ms();
+        let fences = volume.fences().unwrap_or_default();
+        let rows: Vec<Value> = membership::list(volume.state_dir())
+            .unwrap_or_default()
+            .into_iter()
+            .map(|a| {
+                json!({
+                    "node": a.node,
+                    "host": a.host,
+                    "since_ms": a.since_ms,
+                    "lease_age_ms": a.age_ms(now),
+                    "expired": a.expired(now),
+                    "fenced": fences.get(&a.node),
+                })
+            })
+            .collect();
+        json!({ "nodes": rows, "fenced": fences })
     }
 
     /// Ends a snapshot in flight cleanly: the machine is told every peer and
@@ -763,28 +874,102 @@ impl Driver {
     }
 }
 
-/// Hashes a snapshot's image and records the hash in its manifest.
+/// Registers this node as attached to the volume (DESIGN.md §9).
+fn attach(cfg: &NodeConfig, volume: &Volume, now_ms: u64) -> Result<Attachment> {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "?".into());
+    let a = Attachment {
+        node: cfg.name().to_string(),
+        host,
+        pid: std::process::id(),
+        since_ms: now_ms,
+        renewed_ms: now_ms,
+        lease_ms: cfg.lease_ms,
+    };
+    membership::store(volume.state_dir(), &a).with_context(|| {
+        format!(
+            "node {}: recording its attachment to the volume",
+            cfg.name()
+        )
+    })?;
+    if let Some(f) = volume.fences()?.get(cfg.name()) {
+        tracing::error!(
+            "node {} is fenced off the volume (by {}: {}); its live writes fail until `freezeframe node unfence {}`",
+            cfg.name(),
+            f.by,
+            f.reason,
+            cfg.name()
+        );
+    }
+    Ok(a)
+}
+
+/// Renews the attachment every third of the lease. A node that cannot renew
+/// for a whole lease stops writing by itself (self-fencing), so that after
+/// two leases the others may treat it as fenced; it writes again once it
+/// renews. Also tells the driver when this node finds itself fenced.
+async fn renew_attachment(
+    shared: Arc<Shared>,
+    mut a: Attachment,
+    clock: Clock,
+    tx: super::DriverTx,
+) {
+    let every = Duration::from_millis((a.lease_ms / 3).max(100));
+    let mut last_ok = clock.now_ms();
+    let mut told_fenced = false;
+    loop {
+        tokio::time::sleep(every).await;
+        let now = clock.now_ms();
+        a.renewed_ms = now;
+        let s = shared.clone();
+        let rec = a.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            membership::store(s.volume.state_dir(), &rec)?;
+            s.volume.fences()
+        })
+        .await;
+        match result {
+            Ok(Ok(fences)) => {
+                last_ok = now;
+                shared.volume.set_self_fenced(false);
+                match fences.get(&a.node) {
+                    Some(f) if !told_fenced => {
+                        told_fenced = true;
+                        let reason = format!("fenced by {}: {}", f.by, f.reason);
+                        let _ = tx.send(DriverEvent::Fenced { reason });
+                    }
+                    Some(_) => {}
+                    None => told_fenced = false,
+                }
+            }
+            Ok(Err(e)) => {
+                tracing::warn!("renewing this node's attachment: {e}");
+                if now.saturating_sub(last_ok) > a.lease_ms && !told_fenced {
+                    told_fenced = true;
+                    shared.volume.set_self_fenced(true);
+                    let reason = format!(
+                        "self-fenced: could not renew the attachment for {} ms ({e})",
+                        now.saturating_sub(last_ok)
+                    );
+                    let _ = tx.send(DriverEvent::Fenced { reason });
+                }
+            }
+            Err(e) => tracing::error!("attachment renewal task failed: {e}"),
+        }
+    }
+}
+
+/// `snapshot verify`: hashes a snapshot's image and compares it with the hash recorded
+/// at seal time (records one only when none exists); a mismatch is an error naming
+/// the first differing block.
 pub fn verify_snapshot(
     volume: &Volume,
     id: u64,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<Value> {
-    let snap = volume.snapshot(id)?;
-    let hash = manifest::verify_and_record(
-        volume.state_dir(),
-        &snap,
-        || {
-            SnapshotManifest::bare(
-                id,
-                0,
-                ManifestStatus::Sealed,
-                volume.block_size(),
-                volume.size(),
-            )
-        },
-        progress,
-    )?;
-    Ok(json!({"id": id, "blake3": hash, "bytes": volume.size()}))
+    let r = freezeframe_core::seal_hash::verify_snapshot(volume, id, progress)?;
+    Ok(serde_json::to_value(r)?)
 }
 
 /// Deletes Open snapshots; call only while holding the in-flight lock.
@@ -809,6 +994,33 @@ fn delete_orphans(volume: &Volume) {
 }
 
 impl Shared {
+    /// `node fence`: record the fence in the shared catalog.
+    pub fn fence(&self, node: &str, reason: Option<String>) -> Result<Value> {
+        let me = self.cfg.name();
+        if node == me {
+            anyhow::bail!(
+                "node {me} cannot fence itself; run `freezeframe node fence {node}` against another node"
+            );
+        }
+        let member = self.cfg.raw.cluster.members.iter().any(|m| m.name == node);
+        let attached = membership::list(self.volume.state_dir())?
+            .iter()
+            .any(|a| a.node == node);
+        if !member && !attached {
+            anyhow::bail!("no node {node} is a member of the cluster or attached to the volume");
+        }
+        let reason = reason.unwrap_or_else(|| format!("fenced by an operator on node {me}"));
+        let f = self.volume.fence(node, me, &reason)?;
+        tracing::warn!(fenced = %node, by = %f.by, "{}", f.reason);
+        Ok(json!({"fenced": node, "at_ms": f.at_ms, "by": f.by, "reason": f.reason}))
+    }
+
+    /// `node unfence`: lift it; the node writes again and joins the next snapshot.
+    pub fn unfence(&self, node: &str) -> Result<Value> {
+        let was = self.volume.unfence(node)?;
+        Ok(json!({"unfenced": node, "was_fenced": was}))
+    }
+
     /// The snapshot rows of docs/protocol.md, oldest first.
     pub fn snapshot_list(&self) -> Result<Value> {
         let infos = self.volume.snapshots()?;

@@ -20,6 +20,10 @@
 //!   hung), the task undoes the freeze by itself with `abort`, as the writer
 //!   protocol asks of every writer.
 //!
+//! A script that is not trusted (owned by someone other than root or the daemon's
+//! user, or writable by group/others, or in such a directory; see
+//! [`super::hook_trust`]) is not run: that is a veto naming it.
+//!
 //! No shell is involved. Each script gets `FREEZEFRAME_SNAPSHOT`,
 //! `FREEZEFRAME_NODE` and `FREEZEFRAME_EVENT` in its environment.
 
@@ -201,6 +205,7 @@ async fn serve(
                 other => held = other,
             },
             WriterEvent::Complete { .. }
+            | WriterEvent::Fenced { .. }
             | WriterEvent::Registered { .. }
             | WriterEvent::Error { .. } => {}
         }
@@ -314,6 +319,7 @@ async fn undo(cfg: &HookConfig, held: Held, arg: &str) -> Result<(), String> {
 }
 
 async fn run_one(script: &Path, arg: &str, run: &HookRun) -> Result<(), String> {
+    super::hook_trust::check_trusted(script)?;
     let mut cmd = Command::new(script);
     cmd.arg(arg)
         .env("FREEZEFRAME_SNAPSHOT", run.snapshot.to_string())

@@ -14,16 +14,22 @@
 //! for in order (send to a peer, send to a writer, hold/release I/O, create,
 //! seal or delete the snapshot). It decides nothing itself.
 //!
+//! Startup ([`startup`]): the whole config is checked and a running daemon of the
+//! same node is refused before anything is written or mounted.
+//!
 //! Shutdown: SIGTERM or SIGINT aborts a snapshot in flight (writers get
-//! abort/thaw), closes the peers, unmounts, removes the sockets.
+//! abort/thaw), closes the peers, unmounts (detaching lazily after a grace period
+//! if the session does not end), removes the sockets.
 
 mod control;
 mod driver;
 mod engine;
 pub mod failpoints;
 pub use driver::verify_snapshot;
+pub mod hook_trust;
 pub mod hooks;
 mod peers;
+pub mod startup;
 mod writers;
 
 use std::path::Path;
@@ -91,6 +97,10 @@ pub enum DriverEvent {
     },
     /// The result of an engine action the driver ran off the async threads.
     Engine(driver::EngineDone),
+    /// This node found itself fenced (or self-fenced); tell the writers.
+    Fenced {
+        reason: String,
+    },
     Shutdown,
 }
 
@@ -130,5 +140,9 @@ pub fn run(cfg: NodeConfig) -> Result<()> {
         .enable_all()
         .thread_name("ff-node")
         .build()?;
-    rt.block_on(driver::run_node(cfg))
+    let result = rt.block_on(driver::run_node(cfg));
+    // Blocking work still running (a seal-time hash of a big volume) must not keep a
+    // stopped daemon alive.
+    rt.shutdown_timeout(std::time::Duration::from_secs(2));
+    result
 }

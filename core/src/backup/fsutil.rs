@@ -3,7 +3,7 @@
 //! directory fsynced, so a crash leaves either the old or the new file —
 //! never a torn one.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -40,7 +40,7 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let tmp = temp_path(dir, "write");
     let result = (|| {
-        let mut f = OpenOptions::new()
+        let mut f = crate::perms::private_file_options()
             .write(true)
             .create_new(true)
             .open(&tmp)

@@ -20,7 +20,7 @@
 //! ignored until gc removes it. The trailer duplicates the index so gc and
 //! verify can check one against the other.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -119,7 +119,7 @@ impl PackWriter {
     fn open_pack(&mut self) -> Result<&mut OpenPack> {
         if self.open.is_none() {
             let tmp = temp_path(&self.packs_dir, "pack");
-            let mut file = OpenOptions::new()
+            let mut file = crate::perms::private_file_options()
                 .write(true)
                 .create_new(true)
                 .open(&tmp)

@@ -81,12 +81,16 @@ impl Repository {
                 reason: format!("pack size {pack_size} is outside 1 MiB..1 GiB"),
             });
         }
-        fs::create_dir_all(path).map_err(io_err("create directory", path))?;
+        crate::perms::create_private_dir(path)?;
         for sub in ["packs", "index", "backups"] {
-            let d = path.join(sub);
-            fs::create_dir(&d).map_err(io_err("create directory", &d))?;
+            crate::perms::create_private_dir(&path.join(sub))?;
         }
-        File::create(path.join("lock")).map_err(io_err("create", &path.join("lock")))?;
+        crate::perms::private_file_options()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path.join("lock"))
+            .map_err(io_err("create", &path.join("lock")))?;
         let config = RepoConfig {
             repo_id: unique_hex(),
             created_ms: now_ms(),
@@ -112,6 +116,7 @@ impl Repository {
                 path: path.to_path_buf(),
             });
         }
+        crate::perms::secure_tree(path)?;
         let bytes = read_limited(&cfg_path, 1 << 20)?;
         let json = envelope::open(&cfg_path, CONFIG_MAGIC, CONFIG_VERSION, &bytes)?;
         let config: RepoConfig = serde_json::from_slice(json).map_err(|e| Error::RepoCorrupt {

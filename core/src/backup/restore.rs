@@ -5,6 +5,10 @@
 //! to every block position that holds it. On a fresh (new or truncated)
 //! file the all-zero blocks are skipped and stay holes; on a block device
 //! they are written as zeros.
+//!
+//! A freezeframe volume is refused as a plain target; `restore_through_engine`
+//! restores it through the volume engine instead, writing only the blocks that
+//! differ, so every snapshot keeps its content.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, FileTypeExt};
@@ -19,6 +23,7 @@ use super::manifest::Manifest;
 use super::repo::Repository;
 use super::Progress;
 use crate::error::{Error, Result};
+use crate::volume::Volume;
 
 /// Largest single read from a pack.
 const READ_BYTES: u64 = 8 << 20;
@@ -35,15 +40,143 @@ pub struct RestoreReport {
 }
 
 impl Repository {
-    /// Restores backup `id` (or unique prefix) to `to`.
+    /// Restores backup `id` (or unique prefix) to `to`, a new or existing image file
+    /// or a block device. A freezeframe volume (a file or device with state) is
+    /// refused: writing it around the engine would change every snapshot that shares
+    /// a block with it; [`Repository::restore_through_engine`] is the way to restore it.
     pub fn restore(&self, id: &str, to: &Path, progress: &dyn Progress) -> Result<RestoreReport> {
+        if let Some(state) = Volume::recorded_state(to) {
+            return Err(Error::RestoreTarget {
+                path: to.to_path_buf(),
+                reason: format!(
+                    "it is a freezeframe volume (state at {}): a restore written around the \
+                     engine would silently change every snapshot that shares a block with it. \
+                     Restore through the engine with --through-engine (only blocks that differ \
+                     are written, each copied to the snapshots first, so every snapshot keeps \
+                     its content), or restore to another file",
+                    state.display()
+                ),
+            });
+        }
         let started = Instant::now();
         let manifest = self.manifest(id)?;
-        let index = MasterIndex::load(&self.root)?;
         let (target, fresh) = open_target(to, manifest.header.image_size)?;
         let m = &manifest;
-        let backup = m.header.id.clone();
         let bs = u64::from(m.header.block_size);
+        progress.start("restore", m.header.image_size);
+        let write_err = |source: std::io::Error| Error::RestoreTarget {
+            path: to.to_path_buf(),
+            reason: format!("write failed: {source}"),
+        };
+        let bytes_read = self.each_stored_block(m, to, &mut |block, data| {
+            target.write_all_at(data, block * bs).map_err(write_err)?;
+            progress.advance(data.len() as u64);
+            Ok(())
+        })?;
+        let zeros = vec![0u8; (READ_BYTES as usize).max(bs as usize)];
+        let blocks_zero = each_zero_run(m, &mut |off, bytes| {
+            if !fresh {
+                let end = off + bytes;
+                let mut off = off;
+                while off < end {
+                    let n = (end - off).min(zeros.len() as u64) as usize;
+                    target.write_all_at(&zeros[..n], off).map_err(write_err)?;
+                    off += n as u64;
+                }
+            }
+            progress.advance(bytes);
+            Ok(())
+        })?;
+        target.sync_all().map_err(|e| Error::RestoreTarget {
+            path: to.to_path_buf(),
+            reason: format!("fsync failed: {e}"),
+        })?;
+        progress.finish();
+        Ok(RestoreReport {
+            backup_id: m.header.id.clone(),
+            image_size: m.header.image_size,
+            blocks_written: m.blocks.len() as u64 - blocks_zero,
+            blocks_zero,
+            bytes_read,
+            duration_ms: started.elapsed().as_millis() as u64,
+        })
+    }
+
+    /// Restores backup `id` onto a freezeframe volume **through its engine**: each
+    /// block of the backup is compared with the live volume and only the blocks that
+    /// differ are written, with [`Volume::write_at`] — so the original of every
+    /// overwritten block is first copied to every snapshot that lacks it, and every
+    /// snapshot keeps its content. `blocks_written` counts the blocks that differed.
+    pub fn restore_through_engine(
+        &self,
+        id: &str,
+        volume: &Volume,
+        progress: &dyn Progress,
+    ) -> Result<RestoreReport> {
+        let started = Instant::now();
+        let manifest = self.manifest(id)?;
+        let m = &manifest;
+        let to = volume.path().to_path_buf();
+        if m.header.image_size != volume.size() {
+            return Err(Error::RestoreTarget {
+                path: to,
+                reason: format!(
+                    "the volume is {} bytes, backup {} holds an image of {}",
+                    volume.size(),
+                    m.header.id,
+                    m.header.image_size
+                ),
+            });
+        }
+        let bs = u64::from(m.header.block_size);
+        progress.start("restore", m.header.image_size);
+        let mut current = vec![0u8; bs as usize];
+        let mut written = 0u64;
+        let mut put = |block: u64, data: &[u8]| -> Result<()> {
+            let cur = &mut current[..data.len()];
+            volume.read_at(cur, block * bs)?;
+            if cur != data {
+                volume.write_at(data, block * bs)?;
+                written += 1;
+            }
+            progress.advance(data.len() as u64);
+            Ok(())
+        };
+        let bytes_read = self.each_stored_block(m, &to, &mut put)?;
+        let zeros = vec![0u8; bs as usize];
+        let blocks_zero = each_zero_run(m, &mut |off, bytes| {
+            let end = off + bytes;
+            let mut off = off;
+            while off < end {
+                let n = (end - off).min(bs) as usize;
+                put(off / bs, &zeros[..n])?;
+                off += n as u64;
+            }
+            Ok(())
+        })?;
+        volume.flush()?;
+        progress.finish();
+        Ok(RestoreReport {
+            backup_id: m.header.id.clone(),
+            image_size: m.header.image_size,
+            blocks_written: written,
+            blocks_zero,
+            bytes_read,
+            duration_ms: started.elapsed().as_millis() as u64,
+        })
+    }
+
+    /// Reads every stored (non-zero) block of `m` pack by pack, checks its hash, and
+    /// hands it to `put(block, data)` for every position that holds it. Returns the
+    /// bytes read from packs. `to` only names the target in errors.
+    fn each_stored_block(
+        &self,
+        m: &Manifest,
+        to: &Path,
+        put: &mut dyn FnMut(u64, &[u8]) -> Result<()>,
+    ) -> Result<u64> {
+        let index = MasterIndex::load(&self.root)?;
+        let backup = m.header.id.clone();
 
         // Every stored block as (pack, offset, len, block index), sorted so
         // each pack is read front to back and repeated blobs are read once.
@@ -59,12 +192,7 @@ impl Repository {
             }
         }
         plan.sort_unstable();
-        progress.start("restore", m.header.image_size);
 
-        let write_err = |source: std::io::Error| Error::RestoreTarget {
-            path: to.to_path_buf(),
-            reason: format!("write failed: {source}"),
-        };
         let mut bytes_read = 0u64;
         let mut buf: Vec<u8> = Vec::new();
         let mut open_pack: Option<(u32, File)> = None;
@@ -135,51 +263,35 @@ impl Repository {
                         ),
                     });
                 }
-                target.write_all_at(data, block * bs).map_err(write_err)?;
-                progress.advance(u64::from(len));
+                put(block, data)?;
             }
             i = j;
         }
 
-        let mut blocks_zero = 0u64;
-        let zeros = vec![0u8; (READ_BYTES as usize).max(bs as usize)];
-        let mut b = 0u64;
-        while b < m.blocks.len() as u64 {
-            if m.blocks[b as usize].is_some() {
-                b += 1;
-                continue;
-            }
-            let run_start = b;
-            while b < m.blocks.len() as u64 && m.blocks[b as usize].is_none() {
-                b += 1;
-            }
-            blocks_zero += b - run_start;
-            let bytes = (b * bs).min(m.header.image_size) - run_start * bs;
-            if !fresh {
-                let mut off = run_start * bs;
-                let end = off + bytes;
-                while off < end {
-                    let n = (end - off).min(zeros.len() as u64) as usize;
-                    target.write_all_at(&zeros[..n], off).map_err(write_err)?;
-                    off += n as u64;
-                }
-            }
-            progress.advance(bytes);
-        }
-        target.sync_all().map_err(|e| Error::RestoreTarget {
-            path: to.to_path_buf(),
-            reason: format!("fsync failed: {e}"),
-        })?;
-        progress.finish();
-        Ok(RestoreReport {
-            backup_id: m.header.id.clone(),
-            image_size: m.header.image_size,
-            blocks_written: m.blocks.len() as u64 - blocks_zero,
-            blocks_zero,
-            bytes_read,
-            duration_ms: started.elapsed().as_millis() as u64,
-        })
+        Ok(bytes_read)
     }
+}
+
+/// Calls `zero(offset, bytes)` for every run of all-zero blocks of `m`; returns the
+/// number of zero blocks.
+fn each_zero_run(m: &Manifest, zero: &mut dyn FnMut(u64, u64) -> Result<()>) -> Result<u64> {
+    let bs = u64::from(m.header.block_size);
+    let mut blocks_zero = 0u64;
+    let mut b = 0u64;
+    while b < m.blocks.len() as u64 {
+        if m.blocks[b as usize].is_some() {
+            b += 1;
+            continue;
+        }
+        let run_start = b;
+        while b < m.blocks.len() as u64 && m.blocks[b as usize].is_none() {
+            b += 1;
+        }
+        blocks_zero += b - run_start;
+        let bytes = (b * bs).min(m.header.image_size) - run_start * bs;
+        zero(run_start * bs, bytes)?;
+    }
+    Ok(blocks_zero)
 }
 
 fn hash_of(m: &Manifest, block: u64) -> BlockHash {

@@ -259,6 +259,8 @@ struct InitRun {
     holds: BTreeMap<String, u64>,
     /// Reports of nodes that finished (done or failed), for the final report.
     reports: Vec<NodeReport>,
+    /// Members left out by the driver's safety rule (fenced, not attached).
+    excluded: Vec<Excluded>,
     /// A failure was passed on; nothing more is waited for.
     failed: bool,
     /// The cluster writer event waiting for every node.
@@ -374,8 +376,14 @@ impl ClusterService {
 
     // ---- initiator side ---------------------------------------------------
 
-    /// This node initiates `snapshot`, which must end by `deadline_ms`.
-    pub fn prepare_initiator(&mut self, snapshot: SnapshotId, deadline_ms: u64) {
+    /// This node initiates `snapshot`, which must end by `deadline_ms`;
+    /// `excluded` members are not asked (the driver's safety rule decided).
+    pub fn prepare_initiator(
+        &mut self,
+        snapshot: SnapshotId,
+        deadline_ms: u64,
+        excluded: Vec<Excluded>,
+    ) {
         self.role = Role::Initiator(InitRun {
             snapshot,
             deadline_ms,
@@ -383,6 +391,7 @@ impl ClusterService {
             peers: BTreeMap::new(),
             holds: BTreeMap::new(),
             reports: vec![],
+            excluded,
             failed: false,
             waiting: None,
         });
@@ -397,7 +406,8 @@ impl ClusterService {
         if run.snapshot != snapshot {
             return;
         }
-        if let Some((down, _)) = self.peers.iter().find(|(_, up)| !**up) {
+        let left_out = |p: &String| run.excluded.iter().any(|e| &e.node == p);
+        if let Some((down, _)) = self.peers.iter().find(|(p, up)| !**up && !left_out(p)) {
             let failure = Failure {
                 node: down.clone(),
                 writer: None,
@@ -411,7 +421,8 @@ impl ClusterService {
         let lease_ms = run.deadline_ms.saturating_sub(now);
         run.waiting = Some(EventKind::Freeze);
         run.notified_ms = now;
-        for peer in self.peers.keys() {
+        let excluded: Vec<String> = run.excluded.iter().map(|e| e.node.clone()).collect();
+        for peer in self.peers.keys().filter(|p| !excluded.contains(p)) {
             run.peers.insert(peer.clone(), PeerState::Notified);
             let msg = PeerMessage::FreezeNotice {
                 snapshot,
@@ -491,13 +502,13 @@ impl ClusterService {
     }
 
     /// The coordinator finished the initiator's run: hand over the other
-    /// nodes' reports and become idle.
-    pub fn finish_initiator(&mut self, snapshot: SnapshotId) -> Vec<NodeReport> {
+    /// nodes' reports and the members left out, and become idle.
+    pub fn finish_initiator(&mut self, snapshot: SnapshotId) -> (Vec<NodeReport>, Vec<Excluded>) {
         match std::mem::replace(&mut self.role, Role::Idle) {
-            Role::Initiator(run) if run.snapshot == snapshot => run.reports,
+            Role::Initiator(run) if run.snapshot == snapshot => (run.reports, run.excluded),
             other => {
                 self.role = other;
-                vec![]
+                (vec![], vec![])
             }
         }
     }
@@ -1068,7 +1079,7 @@ mod tests {
     fn cluster_service_tells_a_late_node_it_missed_the_lease() {
         let mut cs = ClusterService::new("n1", &["n1".into(), "n2".into()], 1_000);
         cs.peer_up("n2");
-        cs.prepare_initiator(4, 1_000);
+        cs.prepare_initiator(4, 1_000, vec![]);
         cs.writer_freeze(4, 100);
         let notice = PeerMessage::FreezeNotice {
             snapshot: 4,
@@ -1145,7 +1156,7 @@ mod tests {
         let members: Vec<String> = ["n1", "n2"].iter().map(|m| m.to_string()).collect();
         let mut cs = ClusterService::new("n1", &members, 10_000);
         cs.peer_up("n2");
-        cs.prepare_initiator(4, 10_000);
+        cs.prepare_initiator(4, 10_000, vec![]);
         cs.writer_freeze(4, 0);
         cs.poll();
         let frozen = PeerMessage::Frozen {

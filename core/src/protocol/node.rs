@@ -59,6 +59,9 @@ pub enum Input {
         req: RequestId,
         snapshot: SnapshotId,
         timeout_ms: Option<u64>,
+        /// Members the driver's safety rule left out (fenced, not attached):
+        /// they are not asked to freeze and the report names them.
+        excluded: Vec<Excluded>,
     },
     /// An application or hook registered as a writer. `freeze_timeout_ms`
     /// `None` takes the config's default.
@@ -288,7 +291,8 @@ impl NodeMachine {
                 req,
                 snapshot,
                 timeout_ms,
-            } => self.request(req, snapshot, timeout_ms, now),
+                excluded,
+            } => self.request(req, snapshot, timeout_ms, excluded, now),
             Input::WriterRegistered {
                 writer,
                 name,
@@ -431,7 +435,14 @@ impl NodeMachine {
             .or(self.coordinator.awaiting_outcome())
     }
 
-    fn request(&mut self, req: RequestId, snapshot: SnapshotId, timeout_ms: Option<u64>, now: u64) {
+    fn request(
+        &mut self,
+        req: RequestId,
+        snapshot: SnapshotId,
+        timeout_ms: Option<u64>,
+        excluded: Vec<Excluded>,
+        now: u64,
+    ) {
         if let Some(current) = self.engaged() {
             let error = Failure {
                 node: self.config.node.clone(),
@@ -450,6 +461,7 @@ impl NodeMachine {
                 requested_ms: now,
                 finished_ms: now,
                 nodes: vec![],
+                excluded: vec![],
                 freeze_window_ms: None,
                 io_hold_ms: None,
             };
@@ -465,7 +477,8 @@ impl NodeMachine {
         };
         let deadline = now.saturating_add(lease);
         self.request = Some((req, snapshot, now));
-        self.cluster_service.prepare_initiator(snapshot, deadline);
+        self.cluster_service
+            .prepare_initiator(snapshot, deadline, excluded);
         self.coordinator.start(
             Requester::Client(req),
             snapshot,
@@ -660,7 +673,8 @@ impl NodeMachine {
 
     fn finish_request(&mut self, req: RequestId, result: RunResult, now: u64) {
         let mut nodes = vec![self.node_report(&result)];
-        nodes.extend(self.cluster_service.finish_initiator(result.snapshot));
+        let (others, excluded) = self.cluster_service.finish_initiator(result.snapshot);
+        nodes.extend(others);
         let requested_ms = match self.request.take() {
             Some((r, _, at)) if r == req => at,
             _ => now,
@@ -679,6 +693,7 @@ impl NodeMachine {
             requested_ms,
             finished_ms: now,
             nodes,
+            excluded,
         };
         self.active_provider = None;
         self.out.push_back(Output::Report { req, report });
@@ -718,6 +733,7 @@ mod tests {
                 req: 1,
                 snapshot: 3,
                 timeout_ms: None,
+                excluded: vec![],
             },
             1_000,
         );
@@ -818,6 +834,7 @@ mod tests {
                 req: 1,
                 snapshot: 3,
                 timeout_ms: None,
+                excluded: vec![],
             },
             0,
         );
@@ -879,6 +896,7 @@ mod tests {
                 req: 1,
                 snapshot: 3,
                 timeout_ms: None,
+                excluded: vec![],
             },
             0,
         );
@@ -888,6 +906,7 @@ mod tests {
                 req: 2,
                 snapshot: 4,
                 timeout_ms: None,
+                excluded: vec![],
             },
             5,
         );
@@ -912,6 +931,7 @@ mod tests {
                 req: 1,
                 snapshot: 3,
                 timeout_ms: Some(2_000),
+                excluded: vec![],
             },
             0,
         );
@@ -936,6 +956,96 @@ mod tests {
                 }
             ]
         );
+    }
+
+    #[test]
+    fn a_member_left_out_by_the_safety_rule_is_not_asked_and_the_report_names_it() {
+        let mut m = NodeMachine::new(Config::new("n1", &["n1", "n2", "n3"]), 0);
+        m.handle(Input::PeerUp { node: "n2".into() }, 0);
+        let excluded = vec![Excluded {
+            node: "n3".into(),
+            reason: "fenced by n1: host down".into(),
+        }];
+        m.handle(
+            Input::Request {
+                req: 1,
+                snapshot: 3,
+                timeout_ms: None,
+                excluded: excluded.clone(),
+            },
+            0,
+        );
+        let out = drain(&mut m);
+        let asked: Vec<&str> = out
+            .iter()
+            .filter_map(|o| match o {
+                Output::SendPeer {
+                    to,
+                    msg: PeerMessage::FreezeNotice { .. },
+                } => Some(to.as_str()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            asked,
+            vec!["n2"],
+            "n3 is down and fenced: not asked, not waited for"
+        );
+        let frozen = PeerMessage::Frozen {
+            snapshot: 3,
+            node: "n2".into(),
+            granted_ms: DEFAULT_LEASE_MS,
+        };
+        m.handle(
+            Input::Peer {
+                from: "n2".into(),
+                msg: frozen,
+            },
+            5,
+        );
+        m.handle(Input::HoldDone { snapshot: 3 }, 6);
+        m.handle(
+            Input::FlushDone {
+                snapshot: 3,
+                result: Ok(()),
+            },
+            7,
+        );
+        m.handle(
+            Input::SnapshotCreated {
+                snapshot: 3,
+                result: Ok(()),
+            },
+            8,
+        );
+        let done = PeerMessage::Done {
+            snapshot: 3,
+            report: NodeReport {
+                node: "n2".into(),
+                phases: vec![],
+                writers: vec![],
+            },
+        };
+        m.handle(
+            Input::Peer {
+                from: "n2".into(),
+                msg: done,
+            },
+            9,
+        );
+        m.handle(
+            Input::SnapshotSealed {
+                snapshot: 3,
+                result: Ok(()),
+            },
+            10,
+        );
+        let out = drain(&mut m);
+        let Some(Output::Report { report, .. }) = out.last() else {
+            panic!("{out:?}")
+        };
+        assert_eq!(report.status, ReportStatus::Complete, "{report:?}");
+        assert_eq!(report.excluded, excluded);
     }
 
     #[test]
@@ -1053,6 +1163,7 @@ mod tests {
                 req: 1,
                 snapshot: 3,
                 timeout_ms: Some(100),
+                excluded: vec![],
             },
             5_000,
         );
@@ -1100,6 +1211,7 @@ mod tests {
                 }],
                 writers: vec![],
             }],
+            excluded: vec![],
             freeze_window_ms: None,
             io_hold_ms: None,
         };

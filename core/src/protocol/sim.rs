@@ -590,6 +590,7 @@ impl Sim {
                     req: handle as RequestId,
                     snapshot,
                     timeout_ms: None,
+                    excluded: vec![],
                 };
                 self.nodes[node].machine.handle(input, now);
                 self.drain(node);

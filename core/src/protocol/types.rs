@@ -245,6 +245,15 @@ pub struct NodeReport {
     pub writers: Vec<WriterReport>,
 }
 
+/// A member left out of a snapshot, and why (fenced, not attached). The
+/// report and the manifest name every one: a snapshot is never taken around
+/// a node silently.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Excluded {
+    pub node: String,
+    pub reason: String,
+}
+
 /// `complete` or `failed`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -265,6 +274,9 @@ pub struct Report {
     pub finished_ms: u64,
     /// Every node that reported, the initiator first.
     pub nodes: Vec<NodeReport>,
+    /// Members left out (fenced, not attached), with why.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub excluded: Vec<Excluded>,
     /// First writer frozen to last writer thawed, cluster-wide (ms); `None` when
     /// no writer froze.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -292,7 +292,7 @@ pub fn cvs_path(state_dir: &Path, id: SnapshotId) -> PathBuf {
 /// Saves the chaining values of every block of snapshot `id`.
 pub fn store_cvs(state_dir: &Path, id: SnapshotId, block_size: u32, cvs: &[BlockCv]) -> Result<()> {
     let dir = state_dir.join("replica-cvs");
-    std::fs::create_dir_all(&dir).map_err(|e| Error::io("create directory", &dir, e))?;
+    crate::perms::create_private_dir(&dir)?;
     let mut bytes = Vec::with_capacity(CVS_HEADER + cvs.len() * 32 + 32);
     bytes.extend_from_slice(CVS_MAGIC);
     bytes.extend_from_slice(&id.to_le_bytes());

@@ -25,7 +25,7 @@
 //! snapshot is never shown as complete.
 
 use std::collections::HashMap;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -107,7 +107,8 @@ fn valid_uuid(s: &str) -> bool {
 impl ReplicaStore {
     /// Opens (creating if needed) the replica directory.
     pub fn open(dir: &Path) -> Result<ReplicaStore> {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io("create directory", dir, e))?;
+        crate::perms::create_private_dir(dir)?;
+        crate::perms::secure_tree(dir)?;
         Ok(ReplicaStore {
             dir: dir.to_path_buf(),
         })
@@ -224,7 +225,7 @@ impl ReplicaStore {
             return Err(refuse("the base must be an older snapshot".into()));
         }
         let vdir = self.dir.join(&plan.volume);
-        std::fs::create_dir_all(&vdir).map_err(|e| Error::io("create directory", &vdir, e))?;
+        crate::perms::create_private_dir(&vdir)?;
         let vol_path = vdir.join("volume.json");
         if vol_path.is_file() {
             let v = self.volume(&plan.volume)?;
@@ -258,7 +259,7 @@ impl ReplicaStore {
         };
 
         let lock_path = vdir.join(format!("{id}.lock"));
-        let lock = OpenOptions::new()
+        let lock = crate::perms::private_file_options()
             .create(true)
             .truncate(false)
             .write(true)
@@ -297,7 +298,7 @@ impl ReplicaStore {
             None
         };
         let open = |p: &Path| {
-            OpenOptions::new()
+            crate::perms::private_file_options()
                 .read(true)
                 .write(true)
                 .create(true)

@@ -50,6 +50,11 @@ pub(crate) struct Catalog {
     /// The highest id ever created, so a reserved id cannot be created twice (even after delete).
     pub last_created: SnapshotId,
     pub snapshots: Vec<SnapshotRecord>,
+    /// Nodes fenced off the volume (DESIGN.md §9): their live writes fail.
+    /// In the catalog so that every live write, which syncs the catalog under
+    /// the shared gate, sees a fence before the next snapshot can be created.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub fenced: std::collections::BTreeMap<String, super::Fence>,
 }
 
 /// One snapshot as the catalog records it.
@@ -106,7 +111,7 @@ pub(crate) fn load(state_dir: &Path) -> Result<Catalog> {
 pub(crate) fn store(state_dir: &Path, cat: &Catalog) -> Result<()> {
     let path = state_dir.join(SLOTS[(cat.generation % 2) as usize]);
     let bytes = format::encode_json(CATALOG_KIND, cat);
-    let f = std::fs::OpenOptions::new()
+    let f = crate::perms::private_file_options()
         .write(true)
         .create(true)
         .truncate(false)

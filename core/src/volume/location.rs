@@ -60,6 +60,32 @@ pub(crate) fn find(volume: &Path) -> Result<PathBuf> {
     Ok(dir)
 }
 
+/// The state pointer (directory or file) recorded for `path` if it is a freezeframe
+/// volume, whatever the spelling: relative, through a symbolic link, or another
+/// `/dev` name of the same device (each recorded device name is resolved).
+pub(crate) fn recorded(path: &Path) -> Option<PathBuf> {
+    let direct = pointer_path(path);
+    if direct.exists() {
+        return Some(direct);
+    }
+    let canon = path.canonicalize().ok()?;
+    let via_canon = pointer_path(&canon);
+    if via_canon.exists() {
+        return Some(via_canon);
+    }
+    if !is_device(&canon) {
+        return None;
+    }
+    for entry in std::fs::read_dir(device_dir()).ok()?.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let device = PathBuf::from(name.replace("%2F", "/").replace("%25", "%"));
+        if device.canonicalize().ok().as_ref() == Some(&canon) {
+            return Some(entry.path());
+        }
+    }
+    None
+}
+
 /// Decides the state directory for a new volume and records a pointer to it
 /// if it is not the default place. Returns the directory (not yet created).
 pub(crate) fn choose(volume: &Path, state: Option<&Path>) -> Result<PathBuf> {

@@ -146,7 +146,7 @@ impl SnapMap {
             record_len: RECORD_LEN,
         };
         let bytes = format::encode_json(MAP_KIND, &header);
-        let f = OpenOptions::new()
+        let f = crate::perms::private_file_options()
             .write(true)
             .create_new(true)
             .open(path)

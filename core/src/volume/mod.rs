@@ -86,6 +86,16 @@ use map::{data_sum, Record, SnapMap, COPIED, INVALID, WRITTEN};
 /// Snapshot id: unique per volume, increasing, never reused.
 pub type SnapshotId = u64;
 
+/// A node fenced off the volume: from the moment this is in the catalog its
+/// live writes fail (EIO), and snapshots may go on without it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Fence {
+    pub at_ms: u64,
+    /// Who fenced it: an operator's node, or `auto` (its attachment lease ran out).
+    pub by: String,
+    pub reason: String,
+}
+
 /// What [`Volume::delete_unless_sealed`] found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Resolution {
@@ -154,6 +164,12 @@ impl std::fmt::Debug for Volume {
 }
 
 struct Inner {
+    /// The node this handle writes for (set by the daemon), so that a fence
+    /// on that node stops its live writes. `None`: a tool, never fenced.
+    node: std::sync::OnceLock<String>,
+    /// This node could not renew its attachment for longer than its lease: it
+    /// stops writing by itself (self-fencing) until it renews again.
+    self_fenced: std::sync::atomic::AtomicBool,
     path: PathBuf,
     state_dir: PathBuf,
     size: u64,
@@ -279,7 +295,7 @@ impl Volume {
                 state: dir,
             });
         }
-        let vol = OpenOptions::new()
+        let vol = crate::perms::private_file_options()
             .read(true)
             .write(true)
             .create(!path.starts_with("/dev"))
@@ -299,10 +315,15 @@ impl Volume {
                 .map_err(|e| Error::io("extend", path, e))?;
             vol.sync_all().map_err(|e| Error::io("fsync", path, e))?;
         }
-        std::fs::create_dir_all(&dir).map_err(|e| Error::io("create directory", &dir, e))?;
+        crate::perms::create_private_dir(&dir)?;
         for name in ["lock", "claims", "diff.dat", "gen"] {
             let p = dir.join(name);
-            File::create(&p).map_err(|e| Error::io("create", &p, e))?;
+            crate::perms::private_file_options()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&p)
+                .map_err(|e| Error::io("create", &p, e))?;
         }
         let cat = Catalog {
             uuid: new_uuid(),
@@ -312,6 +333,7 @@ impl Volume {
             next_id: 1,
             last_created: 0,
             snapshots: Vec::new(),
+            fenced: Default::default(),
         };
         catalog::store(&dir, &cat)?;
         let gen_path = dir.join("gen");
@@ -327,6 +349,7 @@ impl Volume {
     /// Opens a volume, finding its state directory by itself.
     pub fn open(path: &Path) -> Result<Volume> {
         let state_dir = location::find(path)?;
+        crate::perms::secure_volume(path, &state_dir)?;
         let cat = catalog::load(&state_dir)?;
         let vol = open_rw(path, "open volume")?;
         let len = file_len(&vol, path)?;
@@ -341,6 +364,8 @@ impl Volume {
         let gen_path = state_dir.join("gen");
         Ok(Volume {
             inner: Arc::new(Inner {
+                node: std::sync::OnceLock::new(),
+                self_fenced: std::sync::atomic::AtomicBool::new(false),
                 path: path.to_path_buf(),
                 size: cat.size,
                 block_size: cat.block_size,
@@ -362,6 +387,12 @@ impl Volume {
                 state_dir,
             }),
         })
+    }
+
+    /// Where the state of the volume at `path` is recorded, if `path` (under any
+    /// spelling) is a freezeframe volume; `None` for a plain file or device.
+    pub fn recorded_state(path: &Path) -> Option<PathBuf> {
+        location::recorded(path)
     }
 
     pub fn path(&self) -> &Path {
@@ -538,6 +569,49 @@ impl Volume {
     /// that asks gets the same answer.
     pub fn delete_unless_sealed(&self, id: SnapshotId) -> Result<Resolution> {
         self.delete_where(id, true)
+    }
+
+    /// Names the node this handle writes for; a fence on it then stops its
+    /// live writes. Set once (the daemon does, at start).
+    pub fn set_node(&self, node: &str) {
+        let _ = self.inner.node.set(node.to_string());
+    }
+
+    /// Stops (or resumes) this handle's live writes because the node could
+    /// not renew its attachment: the self-fencing half of DESIGN.md §9.
+    pub fn set_self_fenced(&self, fenced: bool) {
+        self.inner.self_fenced.store(fenced, Ordering::SeqCst);
+    }
+
+    /// Records that `node` is fenced: from now on its live writes fail, and
+    /// snapshots may exclude it. Idempotent (the first record is kept).
+    pub fn fence(&self, node: &str, by: &str, reason: &str) -> Result<Fence> {
+        let i = &self.inner;
+        let rec = Fence {
+            at_ms: now_ms(),
+            by: by.to_string(),
+            reason: reason.to_string(),
+        };
+        let (kept, cat) = catalog::update(&i.state_dir, &i.locks, &i.gen, |c| {
+            Ok(c.fenced.entry(node.to_string()).or_insert(rec).clone())
+        })?;
+        i.install(cat);
+        Ok(kept)
+    }
+
+    /// Lifts a fence; `false` if `node` was not fenced.
+    pub fn unfence(&self, node: &str) -> Result<bool> {
+        let i = &self.inner;
+        let (was, cat) = catalog::update(&i.state_dir, &i.locks, &i.gen, |c| {
+            Ok(c.fenced.remove(node).is_some())
+        })?;
+        i.install(cat);
+        Ok(was)
+    }
+
+    /// The fenced nodes, fresh from the shared catalog.
+    pub fn fences(&self) -> Result<std::collections::BTreeMap<String, Fence>> {
+        Ok(self.inner.sync()?.fenced.clone())
     }
 
     fn delete_where(&self, id: SnapshotId, keep_sealed: bool) -> Result<Resolution> {
@@ -839,6 +913,35 @@ impl Inner {
     /// (Copying ahead of sequential writers was tried and dropped: it barely
     /// helped first-write throughput here and made `changed_blocks` report
     /// blocks nobody wrote, which incremental backups and replicas then read.)
+    /// A fenced node writes nothing: checked under the shared gate, after the
+    /// catalog sync, so a fence recorded before a snapshot's create (which
+    /// takes the gate exclusively) stops every write that could follow it.
+    fn check_not_fenced(&self, cat: &catalog::Catalog) -> Result<()> {
+        let Some(me) = self.node.get() else {
+            return Ok(());
+        };
+        if let Some(f) = cat.fenced.get(me) {
+            return Err(Error::Fenced {
+                node: me.clone(),
+                why: format!(
+                    "fenced by {} at {}: {}",
+                    f.by,
+                    crate::units::utc_seconds(f.at_ms),
+                    f.reason
+                ),
+            });
+        }
+        if self.self_fenced.load(Ordering::SeqCst) {
+            return Err(Error::Fenced {
+                node: me.clone(),
+                why:
+                    "it could not renew its attachment to the volume within its lease (self-fenced)"
+                        .into(),
+            });
+        }
+        Ok(())
+    }
+
     fn write_live(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.check_range("write", buf.len(), offset)?;
         if buf.is_empty() {
@@ -847,6 +950,7 @@ impl Inner {
         let _active = self.enter_live_write();
         let gate = self.locks.gate_shared()?;
         let cat = self.sync()?;
+        self.check_not_fenced(&cat)?;
         self.mark_dirty(cat.generation)?;
         let live: Vec<&SnapshotRecord> = cat
             .snapshots
