@@ -312,6 +312,15 @@ pub fn events(cfg: &NodeConfig, json: bool) -> Result<()> {
         while let Some(ev) = c.next_event().await? {
             if json {
                 println!("{ev}");
+            } else if ev["kind"] == "snapshot_invalid" {
+                println!(
+                    "{}  {:<6} snapshot {:<4} ! INVALID ({}): {}",
+                    fmt_time(ev["at_ms"].as_u64().unwrap_or(0)),
+                    ev["node"].as_str().unwrap_or("?"),
+                    ev["snapshot"],
+                    ev["cause"].as_str().unwrap_or("?"),
+                    ev["reason"].as_str().unwrap_or("?")
+                );
             } else {
                 let marker = match ev["edge"].as_str() {
                     Some("enter") => "→",

@@ -83,6 +83,14 @@ pub enum Error {
         "snapshot {id}: diff area full (limit {limit} bytes); the post-snapshot write was refused"
     )]
     DiffAreaFull { id: u64, limit: u64 },
+    /// The newest intact catalog slot is older than the generation `gen` records.
+    #[error("the catalog in {} is damaged: {detail}; the newest intact slot holds generation {found} but the gen file records {recorded}, so loading it would silently roll back acknowledged snapshot changes. Run `freezeframe volume check VOLUME` to see what is damaged and `freezeframe volume check VOLUME --repair` to accept the loss", state_dir.display())]
+    CatalogRolledBack {
+        state_dir: PathBuf,
+        found: u64,
+        recorded: u64,
+        detail: String,
+    },
     /// A diff-area block does not match the checksum its map record holds.
     #[error("snapshot {id}: block {block} in diff area {} (slot {slot}) fails its checksum", file.display())]
     DiffChecksum {

@@ -21,6 +21,8 @@
 pub mod backup;
 pub mod error;
 pub mod format;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod manifest;
 pub mod membership;
 pub mod perms;

@@ -163,7 +163,21 @@ pub fn load_file(path: &Path) -> Result<SnapshotManifest> {
     f.take(MAX_MANIFEST_BYTES + 1)
         .read_to_end(&mut bytes)
         .map_err(io_err(path))?;
-    serde_json::from_slice(&bytes).map_err(|e| Error::ManifestCorrupt {
+    parse(path, &bytes)
+}
+
+/// Parses a manifest's bytes (read from `path`, which errors name).
+pub fn parse(path: &Path, bytes: &[u8]) -> Result<SnapshotManifest> {
+    if bytes.len() as u64 > MAX_MANIFEST_BYTES {
+        return Err(Error::ManifestCorrupt {
+            path: path.to_path_buf(),
+            reason: format!(
+                "{} bytes, more than the {MAX_MANIFEST_BYTES} a manifest may have",
+                bytes.len()
+            ),
+        });
+    }
+    serde_json::from_slice(bytes).map_err(|e| Error::ManifestCorrupt {
         path: path.to_path_buf(),
         reason: e.to_string(),
     })

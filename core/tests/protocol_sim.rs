@@ -1,7 +1,10 @@
 //! The snapshot protocol in a seeded simulation of whole clusters: scenario
 //! tests named after what they prove (grouped by seed 001's figures and
 //! issue 3's failure semantics), then thousands of random seeds checked
-//! against every promise (see `protocol::sim`).
+//! against every promise (see `protocol::sim`), and a seed family driven to
+//! the deadlines. Which deliberately broken variants these catch, and how
+//! fast, is listed at the top of `protocol_regressions.rs`. A failing seed
+//! prints its plan; rerun it alone with `FREEZEFRAME_SIM_SEED=<seed>`.
 
 use freezeframe_core::protocol::sim::{node_name, Behaviour, Sim, SimConfig};
 use freezeframe_core::protocol::{EventKind, OnError, Phase, Report, ReportStatus, WriterOutcome};
@@ -414,7 +417,7 @@ fn lost_messages_end_in_abort_by_lease_with_nothing_left_frozen() {
     assert!(
         error
             .reason
-            .contains("did not report frozen before the lease expired"),
+            .contains("did not report frozen before the lease of 2000 ms expired"),
         "{error:?}"
     );
     assert_eq!(error.phase, Phase::Freezing);
@@ -481,6 +484,9 @@ fn request_on_a_node_frozen_for_another_initiator_is_busy() {
 fn simultaneous_initiators_are_refused_busy_by_each_other() {
     let mut config = SimConfig::cluster(2, 1);
     config.delay_ms = (10, 10);
+    // Without the driver's in-flight lock (which would refuse the second
+    // request before its machine sees it), the machines refuse each other.
+    config.in_flight_lock = false;
     let mut sim = Sim::new(config, 17);
     let a = sim.request_at(0, 0);
     let b = sim.request_at(1, 0);
@@ -523,15 +529,22 @@ fn thousands_of_random_seeds_keep_every_promise() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(5_000);
+    let only: Option<u64> = std::env::var("FREEZEFRAME_SIM_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok());
+    let range = match only {
+        Some(s) => s..s + 1,
+        None => 0..seeds,
+    };
     let (mut complete, mut failed, mut busy, mut commits, mut undone) = (0, 0, 0, 0, 0);
-    for seed in 0..seeds {
+    for seed in range {
         let mut sim = Sim::random(seed);
         sim.run();
         assert!(
             sim.violations().is_empty(),
-            "seed {seed}: {:#?}\nconfig: {:#?}",
+            "seed {seed} (rerun: FREEZEFRAME_SIM_SEED={seed}): {:#?}\n{}",
             sim.violations(),
-            sim.config
+            sim.describe()
         );
         let reports: Vec<&Report> = (0..8).filter_map(|h| sim.report(ReqHandle(h))).collect();
         complete += reports
@@ -553,6 +566,9 @@ fn thousands_of_random_seeds_keep_every_promise() {
     eprintln!("{seeds} seeds: {complete} complete, {failed} failed ({busy} busy), {commits} commits, {undone} deleted after commit");
     // The fault mix must leave every outcome well represented, or the seeds
     // prove little.
+    if only.is_some() {
+        return;
+    }
     let n = seeds as usize;
     assert!(
         complete > n / 3,
@@ -566,6 +582,40 @@ fn thousands_of_random_seeds_keep_every_promise() {
     assert!(
         undone > n / 100,
         "only {undone} snapshots deleted after commit in {seeds} seeds"
+    );
+}
+
+/// Back-to-back snapshots driven to the edges the guards protect (hooks
+/// freezing close to the lease, slow creates, shorter remote leases, skewed
+/// and drifting clocks, duplicated and replayed messages) with no fault that
+/// excuses an unclean create: every create the initiator accepts is clean.
+#[test]
+fn seeds_near_the_deadline_never_accept_an_unclean_create() {
+    let seeds: u64 = std::env::var("FREEZEFRAME_SIM_NEAR_SEEDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(2_000);
+    let (mut accepted, mut refused) = (0, 0);
+    for seed in 0..seeds {
+        let mut sim = Sim::near_the_deadline(seed);
+        sim.run();
+        assert!(
+            sim.violations().is_empty(),
+            "near-the-deadline seed {seed}: {:#?}\n{}",
+            sim.violations(),
+            sim.describe()
+        );
+        accepted += sim.commits().iter().filter(|c| c.accepted).count();
+        refused += sim.commits().iter().filter(|c| !c.accepted).count();
+    }
+    eprintln!("{seeds} near-the-deadline seeds: {accepted} creates accepted, {refused} refused");
+    assert!(
+        accepted > seeds as usize / 2,
+        "too few accepted creates to prove anything"
+    );
+    assert!(
+        refused > seeds as usize / 20,
+        "the guards never had to refuse a create"
     );
 }
 

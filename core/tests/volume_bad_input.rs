@@ -102,15 +102,17 @@ fn a_full_diff_area_invalidates_the_snapshot_but_never_fails_a_live_write() {
 }
 
 #[test]
-fn a_torn_newest_catalog_slot_falls_back_to_the_previous_generation() {
+fn a_torn_catalog_slot_is_used_only_when_it_held_an_unacknowledged_change() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (v, id) = setup(dir.path());
-    // Tear each slot in turn, as a crash in the middle of writing it would, and
-    // open again. Tearing the slot that holds the newest change (the one that
-    // created `id`) must fall back to the older generation, which lacks `id`;
-    // tearing the older slot must change nothing. (Which file is newest depends
-    // on the generation count, not on timestamps, so both are tried.)
-    let mut lost = Vec::new();
+    // Tear each slot in turn and open again. The older slot is the one the
+    // next change writes into, so tearing it is what a crash in the middle of
+    // a catalog change does: nothing acknowledged is lost. Tearing the slot
+    // holding the newest, acknowledged change (the one `gen` records) must be
+    // refused by name, never silently rolled back to the older generation
+    // (which lacks `id`). Which file is newest depends on the generation
+    // count, so both are tried.
+    let mut refused = Vec::new();
     for slot in ["catalog.a", "catalog.b"] {
         let path = v.state_dir().join(slot);
         let saved = std::fs::read(&path).expect("read slot");
@@ -120,17 +122,28 @@ fn a_torn_newest_catalog_slot_falls_back_to_the_previous_generation() {
             .expect("open");
         f.set_len(30).expect("tear");
         drop(f);
-        let again = Volume::open(v.path()).expect("opens from the other slot");
-        if again.snapshots().expect("list").iter().all(|s| s.id != id) {
-            lost.push(slot);
+        match Volume::open(v.path()) {
+            Ok(again) => assert!(
+                again.snapshots().expect("list").iter().any(|s| s.id == id),
+                "tearing {slot} lost snapshot {id}"
+            ),
+            Err(e) => {
+                let msg = e.to_string();
+                assert!(
+                    msg.contains(slot) && msg.contains("roll back") && msg.contains("volume check"),
+                    "{msg}"
+                );
+                refused.push(slot);
+            }
         }
         std::fs::write(&path, saved).expect("restore slot");
     }
     assert_eq!(
-        lost.len(),
+        refused.len(),
         1,
-        "exactly the newest slot carries the change, got {lost:?}"
+        "exactly the newest slot is refused, got {refused:?}"
     );
+    Volume::open(v.path()).expect("intact again once restored");
 }
 
 #[test]

@@ -623,3 +623,51 @@ fn killing_the_serving_process_fails_a_long_read_promptly_and_the_mount_point_re
         MIB
     );
 }
+
+#[test]
+fn a_damaged_map_record_is_eio_on_every_mount_never_live_data() {
+    if !fuse_available("damaged_map") {
+        return;
+    }
+    let node = Node::new(4 * MIB);
+    let m = node.mount("mnt");
+    let live = m.mountpoint().join("live/volume.img");
+    let original = pattern(4 * MIB as usize, 5);
+    write_through(&live, &original, 0);
+    let id = node.snapshot();
+    node.volume.seal_snapshot(id).expect("seal");
+    write_through(&live, &vec![0xAB; 8 * BS as usize], 0);
+    let snap = m.mountpoint().join(format!("snapshots/{id}/volume.img"));
+    // The mount reads it once (its map is now cached in this process).
+    assert!(std::fs::read(&snap).expect("read snapshot") == original);
+
+    // One flipped bit in the third record of the map on disk.
+    let map = node.volume.state_dir().join(format!("snap-{id}.map"));
+    let mut bytes = std::fs::read(&map).expect("read map");
+    bytes[4096 + 2 * 64 + 9] ^= 0x02;
+    std::fs::write(&map, bytes).expect("write map");
+
+    // Another process (a fresh open) finds the damage and records it...
+    let other = Volume::open(node.volume.path()).expect("open");
+    let mut buf = vec![0u8; BS as usize];
+    assert!(other
+        .snapshot(id)
+        .expect("handle")
+        .read_at(&mut buf, 0)
+        .is_err());
+    // ...and the mount, whose cached map never re-reads that record, agrees: EIO.
+    std::thread::sleep(freezeframe_core::vfs::LISTING_TTL + Duration::from_millis(100));
+    let err = std::fs::read(&snap).expect_err("a damaged snapshot must not be readable");
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    // A second, fresh mount of the same volume: EIO too.
+    let fresh = Node {
+        dir: tempfile::tempdir().expect("tempdir"),
+        volume: other,
+    };
+    let m2 = fresh.mount("mnt2");
+    let err = std::fs::read(m2.mountpoint().join(format!("snapshots/{id}/volume.img")));
+    match err {
+        Err(e) => assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}"),
+        Ok(_) => panic!("a fresh mount served a damaged snapshot"),
+    }
+}

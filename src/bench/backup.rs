@@ -8,6 +8,17 @@
 //! the diff area), a second snapshot is taken, and each tool backs up
 //! again: ours reads only the changed blocks the diff area lists, the others
 //! read the whole file. Printed: times, repository growth, and ratios.
+//!
+//! Encryption is on for both peers: restic always encrypts, borg repositories are
+//! made with `-e repokey-blake2` and a passphrase from the environment. Our
+//! repository format has no encryption; the JSON says so.
+//!
+//! A `dd bs=1M conv=fsync` copy of the image is the floor of a full backup: the same
+//! bytes read and written durably. Every peer run is checked: after each restic and
+//! borg backup the backed-up file is read back (`restic dump`, `borg extract
+//! --stdout`) and must hash like the source image; the dd copy must hash like it;
+//! our express-full backup is restored and compared with its snapshot. A failed
+//! check reports an error for that peer, never a time.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -19,6 +30,8 @@ use freezeframe_core::backup::{NoProgress, Repository, VolumeSnapshotSource, DEF
 use freezeframe_core::volume::{SnapshotOptions, Volume};
 use rand::{Rng, RngCore, SeedableRng};
 use serde_json::{json, Value};
+
+use super::peers::{self, Checks};
 
 /// Flags of `bench backup`.
 #[derive(Args, Debug)]
@@ -71,13 +84,13 @@ pub fn run(args: BenchBackupArgs) -> Result<()> {
     if !args.keep {
         let _ = std::fs::remove_dir_all(&work);
     }
-    let report = result?;
+    let (report, checks) = result?;
     if json_out {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         print_human(&report);
     }
-    Ok(())
+    checks.verdict()
 }
 
 fn bench(
@@ -87,7 +100,8 @@ fn bench(
     pct: f64,
     only_ours: bool,
     json_out: bool,
-) -> Result<Value> {
+) -> Result<(Value, Checks)> {
+    let mut checks = Checks::default();
     let say = |msg: &str| {
         if !json_out {
             eprintln!("{msg}");
@@ -110,6 +124,31 @@ fn bench(
     }
     vol.flush()?;
     let snap1 = take_snapshot(&vol)?;
+    let source1 = hash_file(&image)?;
+    if source1 != hash_snapshot(&vol, snap1)? {
+        bail!("the volume image differs from snapshot {snap1}: the peers would not back up the same bytes");
+    }
+
+    // The floor: a durable plain copy of the same bytes.
+    say("dd: copy of the image, conv=fsync");
+    let dd_copy = work.join("dd-copy.img");
+    let dd_run: Option<Option<Step>> = match peers::tool("dd", "coreutils") {
+        Err(why) => {
+            checks.unavailable("dd copy", &why);
+            None
+        }
+        Ok(_) => {
+            let step = timed(&dd_copy, || dd_copy_file(&image, &dd_copy))?;
+            let ok = checks.record(
+                "dd copy",
+                "blake3 of the copy equals the source image's",
+                peers::same(&hash_file(&dd_copy)?, &source1, "the dd copy"),
+            );
+            std::fs::remove_file(&dd_copy)?;
+            Some(ok.then_some(step))
+        }
+    };
+    let dd_step = dd_run.as_ref().and_then(|s| s.as_ref());
 
     let ours_repo = work.join("ours");
     let repo = Repository::init(&ours_repo, DEFAULT_PACK_SIZE)?;
@@ -129,11 +168,11 @@ fn bench(
     let mut borg_full = None;
     if let Some(t) = &restic {
         say("restic: full backup");
-        restic_full = Some(t.full(work, &image)?);
+        restic_full = t.full(work, &image, &source1, &mut checks)?;
     }
     if let Some(t) = &borg {
         say("borg: full backup");
-        borg_full = Some(t.full(work, &image)?);
+        borg_full = t.full(work, &image, &source1, &mut checks)?;
     }
 
     // Rewrite pct% of the blocks through the engine, then snapshot again.
@@ -153,6 +192,7 @@ fn bench(
     }
     vol.flush()?;
     let snap2 = take_snapshot(&vol)?;
+    let source2 = hash_file(&image)?;
 
     say("ours: express-full backup");
     let mut inc_manifest = None;
@@ -167,11 +207,11 @@ fn bench(
     let mut borg_inc = None;
     if let Some(t) = &restic {
         say("restic: backup after the change");
-        restic_inc = Some(t.incremental(work, &image)?);
+        restic_inc = t.incremental(work, &image, &source2, &mut checks)?;
     }
     if let Some(t) = &borg {
         say("borg: backup after the change");
-        borg_inc = Some(t.incremental(work, &image)?);
+        borg_inc = t.incremental(work, &image, &source2, &mut checks)?;
     }
 
     // Restore the express-full backup and check it against the snapshot.
@@ -180,56 +220,115 @@ fn bench(
     let t = Instant::now();
     repo.restore(&inc_manifest.header.id, &restored, &NoProgress)?;
     let restore_secs = t.elapsed().as_secs_f64();
-    let exact = hash_file(&restored)? == hash_snapshot(&vol, snap2)?;
-    if !exact {
-        bail!("the restored image differs from snapshot {snap2}: the benchmark's backup is wrong");
-    }
+    let exact = checks.record(
+        "ours",
+        "the express-full backup, restored, hashes like its snapshot",
+        peers::same(
+            &hash_file(&restored)?,
+            &hash_snapshot(&vol, snap2)?,
+            "our restore",
+        ),
+    );
 
-    let step = |s: &Option<Step>| {
-        s.as_ref()
-            .map(|s| json!({ "secs": s.secs, "repo_growth_bytes": s.growth }))
+    for (t, name) in [(&restic, "restic"), (&borg, "borg")] {
+        if t.is_none() {
+            checks.unavailable(name, &missing_reason(only_ours, name));
+        }
+    }
+    let step = |t: &Option<Tool>, s: &Option<Step>| match (t, s) {
+        (None, _) => Value::Null,
+        (Some(_), None) => {
+            json!({ "error": "result check failed: the restored file differs from the source image; no time reported" })
+        }
+        (Some(_), Some(s)) => json!({ "secs": s.secs, "repo_growth_bytes": s.growth }),
     };
     let missing = |t: &Option<Tool>, name: &str| {
-        if only_ours {
-            json!("skipped (--only-ours)")
-        } else if t.is_none() {
-            json!(format!(
-                "{name} is not installed (apt-get install {})",
-                if name == "borg" { "borgbackup" } else { name }
-            ))
+        if t.is_none() {
+            json!(missing_reason(only_ours, name))
         } else {
             Value::Null
         }
     };
-    let ratio = |peer: &Option<Step>, ours: &Step| peer.as_ref().map(|p| p.secs / ours.secs);
+    let ours_ok = exact;
+    let ratio = |peer: &Option<Step>, ours: &Step| {
+        peer.as_ref()
+            .filter(|_| ours_ok)
+            .map(|p| p.secs / ours.secs)
+    };
     let full_vs_restic = ratio(&restic_full, &full);
     let full_vs_borg = ratio(&borg_full, &full);
     let inc_vs_restic = ratio(&restic_inc, &inc);
     let inc_vs_borg = ratio(&borg_inc, &inc);
+    // Ours relative to the durable plain copy: 2.0 = twice the copy's time.
+    let full_to_copy = dd_step.filter(|_| ours_ok).map(|d| full.secs / d.secs);
     let growth_ratio = inc.growth as f64 / changed_bytes.max(1) as f64;
-    Ok(json!({
+    let report = json!({
         "volume": { "size": size, "block_size": bs, "changed_blocks": n_change, "changed_bytes": changed_bytes, "change_pct": pct },
-        "ours": {
+        "encryption": {
+            "ours": "none: the repository format has no encryption",
+            "restic": restic.as_ref().map(|_| "on: restic always encrypts (AES-256-CTR + Poly1305-AES), password from RESTIC_PASSWORD"),
+            "borg": borg.as_ref().map(|_| "on: borg init -e repokey-blake2 (AES-256-CTR + BLAKE2b MAC), passphrase from BORG_PASSPHRASE"),
+        },
+        "ours": peers::figures(ours_ok, json!({
             "full": { "secs": full.secs, "repo_bytes": full.growth },
             "incremental": { "secs": inc.secs, "repo_growth_bytes": inc.growth, "blocks_read": inc_manifest.header.stats.blocks_read },
             "restore": { "secs": restore_secs, "bit_exact": exact },
+        }), "the restored express-full backup differs from its snapshot"),
+        "dd_copy": match &dd_run {
+            None => Value::Null,
+            Some(None) => json!({ "error": "result check failed: the copy differs from the source image; no time reported" }),
+            Some(Some(d)) => json!({ "how": "dd if=<image> of=<copy> bs=1M conv=fsync, after sync", "secs": d.secs }),
         },
-        "restic": { "version": restic.as_ref().map(|t| t.version.clone()), "full": step(&restic_full), "incremental": step(&restic_inc), "missing": missing(&restic, "restic") },
-        "borg": { "version": borg.as_ref().map(|t| t.version.clone()), "full": step(&borg_full), "incremental": step(&borg_inc), "missing": missing(&borg, "borg") },
+        "restic": { "version": restic.as_ref().map(|t| t.version.clone()), "full": step(&restic, &restic_full), "incremental": step(&restic, &restic_inc), "missing": missing(&restic, "restic") },
+        "borg": { "version": borg.as_ref().map(|t| t.version.clone()), "full": step(&borg, &borg_full), "incremental": step(&borg, &borg_inc), "missing": missing(&borg, "borg") },
         "ratios": {
+            "full_time_to_dd_copy": full_to_copy,
             "full_speedup_vs_restic": full_vs_restic,
             "full_speedup_vs_borg": full_vs_borg,
             "incremental_speedup_vs_restic": inc_vs_restic,
             "incremental_speedup_vs_borg": inc_vs_borg,
             "incremental_growth_per_changed_byte": growth_ratio,
         },
+        "checks": checks.json(),
         "targets": {
+            "full_at_most_2x_dd_copy": full_to_copy.map(|r| r <= 2.0),
             "full_2x_faster_than_restic": full_vs_restic.map(|r| r >= 2.0),
             "full_2x_faster_than_borg": full_vs_borg.map(|r| r >= 2.0),
+            "encryption_on_for_all_three": false,
             "incremental_20x_faster_than_restic": inc_vs_restic.map(|r| r >= 20.0),
             "incremental_growth_at_most_1_5x_changed": growth_ratio <= 1.5,
         },
-    }))
+    });
+    Ok((report, checks))
+}
+
+fn missing_reason(only_ours: bool, name: &str) -> String {
+    if only_ours {
+        "skipped (--only-ours)".into()
+    } else {
+        format!(
+            "{name} is not installed (Debian: apt-get install {})",
+            if name == "borg" { "borgbackup" } else { name }
+        )
+    }
+}
+
+/// `dd bs=1M conv=fsync` of `src` to `dst`: the bytes read and written durably.
+fn dd_copy_file(src: &Path, dst: &Path) -> Result<()> {
+    let out = Command::new("dd")
+        .arg(format!("if={}", src.display()))
+        .arg(format!("of={}", dst.display()))
+        .args(["bs=1M", "conv=fsync", "status=none"])
+        .output()
+        .context("run dd")?;
+    if !out.status.success() {
+        bail!(
+            "dd to {}: {}",
+            dst.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
 }
 
 fn take_snapshot(vol: &Volume) -> Result<u64> {
@@ -267,9 +366,7 @@ fn dir_bytes(dir: &Path) -> u64 {
 }
 
 fn hash_file(path: &Path) -> Result<blake3::Hash> {
-    let mut h = blake3::Hasher::new();
-    h.update_reader(std::fs::File::open(path)?)?;
-    Ok(h.finalize())
+    peers::hash_file(path)
 }
 
 fn hash_snapshot(vol: &Volume, id: u64) -> Result<blake3::Hash> {
@@ -352,32 +449,112 @@ impl Tool {
         Ok(())
     }
 
-    fn full(&self, work: &Path, image: &Path) -> Result<Step> {
+    /// Makes the repository (encrypted) and backs up the image.
+    fn full(
+        &self,
+        work: &Path,
+        image: &Path,
+        source: &blake3::Hash,
+        checks: &mut Checks,
+    ) -> Result<Option<Step>> {
         let repo = self.repo(work);
         let mut init = self.command(work);
         match self.name {
+            // restic has no unencrypted repositories.
             "restic" => init.args(["init", "--repo"]).arg(&repo),
-            _ => init.args(["init", "-e", "none"]).arg(&repo),
+            _ => init.args(["init", "-e", "repokey-blake2"]).arg(&repo),
         };
         self.exec(init)?;
-        self.backup(work, image, "full")
+        self.backup(work, image, "full", source, checks)
     }
 
-    fn incremental(&self, work: &Path, image: &Path) -> Result<Step> {
-        self.backup(work, image, "incremental")
+    fn incremental(
+        &self,
+        work: &Path,
+        image: &Path,
+        source: &blake3::Hash,
+        checks: &mut Checks,
+    ) -> Result<Option<Step>> {
+        self.backup(work, image, "incremental", source, checks)
     }
 
-    fn backup(&self, work: &Path, image: &Path, label: &str) -> Result<Step> {
+    /// Backs up the image as archive `label`, then reads the file back out of that
+    /// backup and checks it against `source`; the time only when the check passed.
+    fn backup(
+        &self,
+        work: &Path,
+        image: &Path,
+        label: &str,
+        source: &blake3::Hash,
+        checks: &mut Checks,
+    ) -> Result<Option<Step>> {
         let repo = self.repo(work);
         let mut c = self.command(work);
         match self.name {
-            "restic" => c.args(["backup", "-q", "--repo"]).arg(&repo).arg(image),
+            "restic" => c
+                .args(["backup", "-q", "--tag", label, "--repo"])
+                .arg(&repo)
+                .arg(image),
             _ => c
                 .arg("create")
                 .arg(format!("{}::{label}", repo.display()))
                 .arg(image),
         };
-        timed(&repo, || self.exec(c))
+        let step = timed(&repo, || self.exec(c))?;
+        let mut r = self.command(work);
+        let how = match self.name {
+            "restic" => {
+                r.args(["dump", "-q", "--tag", label, "--repo"])
+                    .arg(&repo)
+                    .arg("latest")
+                    .arg(image);
+                "restic dump of the file from this backup"
+            }
+            _ => {
+                // borg stores paths without the leading slash.
+                let inside = image.strip_prefix("/").unwrap_or(image);
+                r.args(["extract", "--stdout"])
+                    .arg(format!("{}::{label}", repo.display()))
+                    .arg(inside);
+                "borg extract --stdout of the file from this archive"
+            }
+        };
+        let outcome = self.read_back(r).and_then(|got| {
+            peers::same(
+                &got,
+                source,
+                &format!("{}'s {label} backup, read back", self.name),
+            )
+        });
+        let ok = checks.record(
+            self.name,
+            &format!("{label} backup: {how} hashes like the source image"),
+            outcome,
+        );
+        Ok(ok.then_some(step))
+    }
+
+    /// blake3 of what a restore command writes to its standard output.
+    fn read_back(&self, mut c: Command) -> Result<blake3::Hash, String> {
+        let mut child = c
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("cannot run {}: {e}", self.name))?;
+        let stdout = child.stdout.take().ok_or("no stdout")?;
+        let h = peers::hash_reader(stdout).map_err(|e| format!("{e:#}"));
+        let out = child
+            .wait_with_output()
+            .map_err(|e| format!("{}: {e}", self.name))?;
+        if !out.status.success() {
+            return Err(format!(
+                "{} restore failed ({}): {}",
+                self.name,
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        h
     }
 }
 

@@ -1,12 +1,16 @@
 //! `freezeframe bench …`: benchmarks as commands that print JSON with the
 //! ratio to a peer measured in the same run (never timed assertions in tests).
+//! Every peer's result is checked after its run ([`peers`]); `bench all` runs them
+//! all and prints one summary table.
 
 use clap::Subcommand;
 
+pub mod all;
 pub mod backup;
 pub mod fault_writer;
 pub mod faults;
 pub mod mount;
+pub mod peers;
 pub mod replica;
 pub mod snapshot;
 pub mod volume;
@@ -14,6 +18,8 @@ pub mod volume;
 /// The benchmarks.
 #[derive(Subcommand, Debug)]
 pub enum BenchCommand {
+    /// Every benchmark with its peers in one go, and one summary table (or JSON).
+    All(all::BenchAllArgs),
     /// Copy-on-write cost of the volume engine and snapshot create time.
     Volume(volume::BenchVolumeArgs),
     /// Snapshot reads through the FUSE mount against bindfs over a plain copy, live writes.
@@ -34,6 +40,7 @@ pub enum BenchCommand {
 /// Runs one benchmark.
 pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
+        BenchCommand::All(args) => all::run(args),
         BenchCommand::Volume(args) => volume::run(args),
         BenchCommand::Mount(args) => mount::run(&args),
         BenchCommand::Snapshot(args) => snapshot::run(args),

@@ -8,13 +8,19 @@
 //! 3. `--change` of the blocks overwritten at random, a second snapshot, the
 //!    incremental push;
 //! 4. rsync of the same image between two local directories with
-//!    `rsync --inplace --no-whole-file` (its delta algorithm, no daemon, no ssh):
-//!    the initial copy, then the update after the same changes;
+//!    `rsync --ignore-times --inplace --no-whole-file` (its delta algorithm forced:
+//!    no quick check on size and modification time, no whole-file shortcut; no
+//!    daemon, no ssh): the initial copy, then the update after the same changes;
 //! 5. a plain TCP copy of the same image over loopback (file → socket → file,
 //!    fsynced at the end like the replica): the throughput ceiling for the full push.
 //!
+//! Every result is checked after its run: both replica snapshots, read back from the
+//! secondary's store, hash like the snapshots they copy; after each rsync run and
+//! after the TCP copy, the destination hashes like the source. A failed check
+//! reports an error for that peer, never a time.
+//!
 //! Targets: incremental push at least 10x faster than rsync's update; full
-//! push at least half the plain TCP copy's throughput.
+//! push at least 0.7x the plain TCP copy's throughput.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
@@ -25,10 +31,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use freezeframe_core::replica::store::{ReplicaStore, ReplicaVolume};
 use freezeframe_core::units::{parse_block_size, parse_size};
 use freezeframe_core::volume::{SnapshotOptions, Volume};
 use rand::{Rng, RngCore, SeedableRng};
 use serde_json::json;
+
+use super::peers::{self, Checks};
 
 /// Flags of `freezeframe bench replica`.
 #[derive(Args, Debug)]
@@ -75,6 +84,22 @@ fn snapshot(v: &Volume) -> Result<u64> {
     Ok(id)
 }
 
+/// Waits until the secondary has bound its UDP port (it can take connections from
+/// then on; early packets wait in the socket), or fails if it exits first.
+fn wait_bound(addr: SocketAddr, child: &mut Child, wait: Duration) -> Result<()> {
+    let deadline = Instant::now() + wait;
+    while UdpSocket::bind(addr).is_ok() {
+        if let Some(status) = child.try_wait()? {
+            bail!("the secondary exited ({status}) before listening on {addr}");
+        }
+        if Instant::now() > deadline {
+            bail!("the secondary did not listen on {addr} within {wait:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(())
+}
+
 fn free_udp() -> Result<SocketAddr> {
     Ok(UdpSocket::bind("127.0.0.1:0")?.local_addr()?)
 }
@@ -96,6 +121,7 @@ fn export_image(v: &Volume, id: u64, path: &Path) -> Result<()> {
 fn rsync(src: &Path, dst_dir: &Path) -> Result<f64> {
     let start = Instant::now();
     let out = Command::new("rsync")
+        .arg("--ignore-times")
         .arg("--inplace")
         .arg("--no-whole-file")
         .arg(src)
@@ -153,8 +179,8 @@ fn tcp_copy(src: &Path, dst: &Path) -> Result<f64> {
     Ok(secs)
 }
 
-/// Runs the benchmark and prints one JSON object.
-pub fn run(args: BenchReplicaArgs) -> Result<()> {
+/// Runs the benchmark: its JSON and the result checks.
+pub fn measure(args: &BenchReplicaArgs) -> Result<(serde_json::Value, Checks)> {
     let size = parse_size(&args.size)?;
     let bs = parse_block_size(&args.block_size)?;
     let change = parse_percent(&args.change)?;
@@ -197,7 +223,7 @@ pub fn run(args: BenchReplicaArgs) -> Result<()> {
     )?;
     let exe = std::env::current_exe()?;
     let log = std::fs::File::create(root.join("r/serve.log"))?;
-    let _secondary = Secondary(
+    let mut secondary = Secondary(
         Command::new(&exe)
             .arg("--config")
             .arg(&rcfg)
@@ -209,7 +235,7 @@ pub fn run(args: BenchReplicaArgs) -> Result<()> {
             .spawn()
             .context("starting the secondary")?,
     );
-    std::thread::sleep(Duration::from_millis(300));
+    wait_bound(listen, &mut secondary.0, Duration::from_secs(30))?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -246,26 +272,99 @@ pub fn run(args: BenchReplicaArgs) -> Result<()> {
         false,
     ))?;
 
+    drop(secondary);
+
+    // Ours: both replica snapshots, read back from the secondary's store.
+    let mut checks = Checks::default();
+    let store = ReplicaStore::open(&root.join("r/store"))?.volume(v.uuid())?;
+    let mut ours_ok = true;
+    for id in [s1, s2] {
+        let outcome = match (replica_hash(&store, id, size), snapshot_hash(&v, id)) {
+            (Ok(got), Ok(want)) => peers::same(&got, &want, &format!("replica snapshot {id}")),
+            (Err(e), _) | (_, Err(e)) => Err(format!("{e:#}")),
+        };
+        ours_ok &= checks.record(
+            "ours",
+            &format!("snapshot {id} read back from the secondary's store hashes like the source snapshot"),
+            outcome,
+        );
+    }
+
     let src_dir = root.join("rsync-src");
     let dst_dir = root.join("rsync-dst");
     std::fs::create_dir_all(&src_dir)?;
     std::fs::create_dir_all(&dst_dir)?;
     let image = src_dir.join("volume.img");
     export_image(&v, s1, &image)?;
-    let tcp_s = tcp_copy(&image, &root.join("tcp-copy.img"))?;
-    let rsync_initial_s = rsync(&image, &dst_dir)?;
-    let f = std::fs::OpenOptions::new().write(true).open(&image)?;
-    for (b, data) in &changes {
-        f.write_all_at(data, b * bs as u64)?;
-    }
-    f.sync_all()?;
-    let rsync_update_s = rsync(&image, &dst_dir)?;
+    let src1 = peers::hash_file(&image)?;
+    let tcp_dst = root.join("tcp-copy.img");
+    let tcp_s = tcp_copy(&image, &tcp_dst)?;
+    let tcp_ok = checks.record(
+        "tcp copy",
+        "blake3 of the received file equals the source's",
+        peers::same(&peers::hash_file(&tcp_dst)?, &src1, "the TCP copy"),
+    );
+    std::fs::remove_file(&tcp_dst)?;
+    let rsync_dst = dst_dir.join("volume.img");
+    let rsync_runs = match peers::tool("rsync", "rsync") {
+        Err(why) => {
+            checks.unavailable("rsync", &why);
+            None
+        }
+        Ok(_) => {
+            let initial_s = rsync(&image, &dst_dir)?;
+            let initial_ok = checks.record(
+                "rsync",
+                "initial copy: blake3 of the destination equals the source's",
+                peers::same(
+                    &peers::hash_file(&rsync_dst)?,
+                    &src1,
+                    "rsync's initial copy",
+                ),
+            );
+            let f = std::fs::OpenOptions::new().write(true).open(&image)?;
+            for (b, data) in &changes {
+                f.write_all_at(data, b * bs as u64)?;
+            }
+            f.sync_all()?;
+            let src2 = peers::hash_file(&image)?;
+            if src2 != snapshot_hash(&v, s2)? {
+                bail!("the changed rsync source image differs from snapshot {s2}: the benchmark's changes are wrong");
+            }
+            let update_s = rsync(&image, &dst_dir)?;
+            let update_ok = checks.record(
+                "rsync",
+                "update after the changes (--ignore-times: no quick check): blake3 of the destination equals the changed source's",
+                peers::same(&peers::hash_file(&rsync_dst)?, &src2, "rsync's updated copy"),
+            );
+            Some(((initial_ok, initial_s), (update_ok, update_s)))
+        }
+    };
 
     let mb = |bytes: u64, s: f64| bytes as f64 / (1 << 20) as f64 / s.max(1e-9);
     let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
     let full_mb_s = mb(size, full.seconds);
     let tcp_mb_s = mb(size, tcp_s);
     let changed_bytes = k * bs as u64;
+    let rsync_initial = rsync_runs.and_then(|((ok, s), _)| ok.then_some(s));
+    let rsync_update = rsync_runs.and_then(|(_, (ok, s))| ok.then_some(s));
+    let tcp = tcp_ok.then_some(tcp_mb_s);
+    let ours = |x: f64| ours_ok.then_some(x);
+    let incremental_speedup = rsync_update
+        .zip(ours(inc.seconds))
+        .map(|(r, i)| ratio(r, i));
+    let full_to_tcp = ours(full_mb_s).zip(tcp).map(|(f, t)| ratio(f, t));
+    let failed =
+        |what: &str| json!({ "error": format!("result check failed: {what}; no time reported") });
+    let rsync_json = match rsync_runs {
+        None => json!({ "skipped": "rsync is not installed (Debian: apt-get install rsync)" }),
+        Some(_) => json!({
+            "mode": "local rsync --ignore-times --inplace --no-whole-file between two directories (delta algorithm forced, no daemon, no ssh)",
+            "initial_seconds": rsync_initial.map_or_else(|| failed("the initial copy differs from the source"), |s| json!(s)),
+            "update_seconds": rsync_update.map_or_else(|| failed("the updated copy differs from the changed source"), |s| json!(s)),
+            "initial_mb_s": rsync_initial.map(|s| mb(size, s)),
+        }),
+    };
     let doc = json!({
         "benchmark": "replica",
         "dir": args.dir,
@@ -274,27 +373,117 @@ pub fn run(args: BenchReplicaArgs) -> Result<()> {
         "changed_blocks": k,
         "changed_bytes": changed_bytes,
         "transport": "QUIC with mutual TLS on loopback (frames of 8 MiB of blocks)",
-        "full_push": { "seconds": full.seconds, "mb_s": full_mb_s, "wire_bytes": full.wire_bytes_sent + full.wire_bytes_received, "blocks_sent": full.blocks_sent },
-        "incremental_push": {
+        "full_push": peers::figures(ours_ok, json!({ "seconds": full.seconds, "mb_s": full_mb_s, "wire_bytes": full.wire_bytes_sent + full.wire_bytes_received, "blocks_sent": full.blocks_sent }), "a replica snapshot differs from its source"),
+        "incremental_push": peers::figures(ours_ok, json!({
             "seconds": inc.seconds, "wire_bytes": inc.wire_bytes_sent + inc.wire_bytes_received, "blocks_sent": inc.blocks_sent,
             "wire_to_changed_ratio": ratio((inc.wire_bytes_sent + inc.wire_bytes_received) as f64, changed_bytes as f64),
             "hash_from_saved_cvs": inc.hash_from_saved_cvs,
-        },
-        "rsync": { "mode": "local rsync --inplace --no-whole-file between two directories (delta algorithm, no daemon, no ssh)", "initial_seconds": rsync_initial_s, "update_seconds": rsync_update_s, "initial_mb_s": mb(size, rsync_initial_s) },
-        "tcp_copy": { "mode": "file -> TCP loopback -> file, fsync at end", "seconds": tcp_s, "mb_s": tcp_mb_s },
-        "incremental_speedup_vs_rsync_update": ratio(rsync_update_s, inc.seconds),
-        "full_push_to_tcp_throughput": ratio(full_mb_s, tcp_mb_s),
-        "full_push_to_rsync_initial_speed": ratio(rsync_initial_s, full.seconds),
+        }), "a replica snapshot differs from its source"),
+        "rsync": rsync_json,
+        "tcp_copy": peers::figures(tcp_ok, json!({ "mode": "file -> TCP loopback -> file, fsync at end", "seconds": tcp_s, "mb_s": tcp_mb_s }), "the received file differs from the source"),
+        "incremental_speedup_vs_rsync_update": incremental_speedup,
+        "full_push_to_tcp_throughput": full_to_tcp,
+        "full_push_to_rsync_initial_speed": rsync_initial.zip(ours(full.seconds)).map(|(r, f)| ratio(r, f)),
+        "checks": checks.json(),
         "targets": {
             "incremental_speedup_min": 10.0,
-            "full_push_to_tcp_min": 0.5,
-            "met": ratio(rsync_update_s, inc.seconds) >= 10.0 && ratio(full_mb_s, tcp_mb_s) >= 0.5,
+            "full_push_to_tcp_min": 0.7,
+            "met": incremental_speedup.is_some_and(|r| r >= 10.0) && full_to_tcp.is_some_and(|r| r >= 0.7),
         },
     });
+    Ok((doc, checks))
+}
+
+/// Runs the benchmark and prints one JSON object; fails after printing when a
+/// result check failed.
+pub fn run(args: BenchReplicaArgs) -> Result<()> {
+    let (doc, checks) = measure(&args)?;
     if args.json {
         println!("{doc}");
     } else {
         println!("{}", serde_json::to_string_pretty(&doc)?);
     }
-    Ok(())
+    checks.verdict()
+}
+
+/// blake3 of a snapshot's whole image, read through the engine.
+fn snapshot_hash(v: &Volume, id: u64) -> Result<blake3::Hash> {
+    let snap = v.snapshot(id)?;
+    let mut h = blake3::Hasher::new();
+    let mut buf = vec![0u8; 8 << 20];
+    let mut at = 0;
+    while at < v.size() {
+        let want = (v.size() - at).min(buf.len() as u64) as usize;
+        let n = snap.read_at(&mut buf[..want], at)?;
+        if n == 0 {
+            bail!("snapshot {id} ends at byte {at}");
+        }
+        h.update(&buf[..n]);
+        at += n as u64;
+    }
+    Ok(h.finalize())
+}
+
+/// blake3 of a replica snapshot's whole image, read block by block from the store.
+fn replica_hash(store: &ReplicaVolume, id: u64, size: u64) -> Result<blake3::Hash> {
+    let image = store.image(id)?;
+    let bs = store.record().block_size as u64;
+    let mut h = blake3::Hasher::new();
+    let mut buf = vec![0u8; bs as usize];
+    let mut block = 0u64;
+    while block * bs < size {
+        image.read_block(block, &mut buf)?;
+        h.update(&buf[..(size - block * bs).min(bs) as usize]);
+        block += 1;
+    }
+    Ok(h.finalize())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The fault of issue 17: rsync's quick check (same size and modification time)
+    /// skipped a changed image, so its timed "update" did no work. The benchmark's
+    /// rsync forces the delta transfer: the change arrives even when size and mtime
+    /// are the same on both sides.
+    #[test]
+    fn rsync_update_copies_a_change_that_keeps_size_and_mtime() {
+        if let Err(why) = peers::tool("rsync", "rsync") {
+            eprintln!("SKIPPED: {why}");
+            return;
+        }
+        let t = tempfile::tempdir().expect("temp dir");
+        let (src_dir, dst_dir) = (t.path().join("src"), t.path().join("dst"));
+        std::fs::create_dir_all(&src_dir).expect("mkdir");
+        std::fs::create_dir_all(&dst_dir).expect("mkdir");
+        let src = src_dir.join("volume.img");
+        let dst = dst_dir.join("volume.img");
+        let mut data = vec![0u8; 1 << 20];
+        rand::rngs::StdRng::seed_from_u64(7).fill_bytes(&mut data);
+        std::fs::write(&src, &data).expect("write source");
+        rsync(&src, &dst_dir).expect("initial rsync");
+        assert_eq!(
+            peers::hash_file(&dst).expect("hash destination"),
+            blake3::hash(&data)
+        );
+
+        // Change 4 bytes in place; give both files the same modification time.
+        let when = std::fs::metadata(&dst)
+            .and_then(|m| m.modified())
+            .expect("mtime");
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&src)
+            .expect("open source");
+        f.write_all_at(b"XXXX", 100).expect("change source");
+        f.set_modified(when).expect("set mtime");
+        drop(f);
+        rsync(&src, &dst_dir).expect("update rsync");
+        assert_eq!(
+            peers::hash_file(&dst).expect("hash destination"),
+            peers::hash_file(&src).expect("hash source"),
+            "rsync skipped the changed file (quick check on size and mtime)"
+        );
+    }
 }

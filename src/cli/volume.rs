@@ -61,6 +61,25 @@ enum VolumeCommand {
         #[arg(long)]
         live: bool,
     },
+    /// Explain what of the volume's state is damaged (catalog slots, gen, every
+    /// snapshot map, the diff-area copies they reference); exits non-zero when
+    /// anything is. Nothing is changed without --repair.
+    Check {
+        path: PathBuf,
+        /// Recover what can be recovered, saying exactly what is lost: accept an
+        /// older catalog slot, mark damaged snapshots INVALID, remove leftovers.
+        #[arg(long)]
+        repair: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show or set the volume-wide cap on the diff area (bytes on disk). Past
+    /// it the oldest snapshot is dropped (INVALID), never a live write.
+    DiffMax {
+        path: PathBuf,
+        /// A size such as 10GiB, or `none` to remove the cap; omit to show it.
+        value: Option<String>,
+    },
     /// Delete a snapshot and reclaim its diff-area space.
     Delete {
         path: PathBuf,
@@ -177,6 +196,38 @@ pub fn run(args: VolumeArgs) -> anyhow::Result<()> {
             }
             out.flush().context("writing stdout")?;
         }
+        VolumeCommand::Check { path, repair, json } => {
+            let report = freezeframe_core::volume::check(&path, repair)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print_check(&report);
+            }
+            if !report.is_clean() {
+                bail!(
+                    "{} problem(s) in the state of {}{}",
+                    report.unresolved.len(),
+                    path.display(),
+                    if repair {
+                        " could not be repaired"
+                    } else {
+                        "; run `freezeframe volume check PATH --repair` to recover what can be recovered"
+                    }
+                );
+            }
+        }
+        VolumeCommand::DiffMax { path, value } => {
+            let v = Volume::open(&path)?;
+            match value.as_deref() {
+                None => {}
+                Some("none") => v.set_diff_max(None)?,
+                Some(size) => v.set_diff_max(Some(parse_size(size)?))?,
+            }
+            match v.diff_max()? {
+                Some(max) => println!("diff_max {}", format_size(max)),
+                None => println!("diff_max none"),
+            }
+        }
         VolumeCommand::Delete { path, snapshot } => {
             Volume::open(&path)?.delete_snapshot(snapshot)?;
         }
@@ -219,4 +270,41 @@ fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
         }
     }
     Ok(n)
+}
+
+fn print_check(r: &freezeframe_core::volume::CheckReport) {
+    println!(
+        "volume {} (state in {})",
+        r.volume.display(),
+        r.state_dir.display()
+    );
+    for s in &r.slots {
+        match (&s.generation, &s.problem) {
+            (Some(g), _) => println!("  {}: generation {g}, intact", s.file.display()),
+            (None, Some(p)) => println!("  {}: {p}", s.file.display()),
+            (None, None) => println!("  {}: ?", s.file.display()),
+        }
+    }
+    println!("  gen records generation {}", r.recorded_generation);
+    for s in &r.snapshots {
+        let state = s.state.as_deref().unwrap_or("not in the catalog");
+        let verdict = if s.problems.is_empty() {
+            "ok".to_string()
+        } else {
+            s.problems.join("; ")
+        };
+        println!(
+            "  snapshot {} ({state}): {} records, {} blocks, {} diff-area copies checked: {verdict}",
+            s.id, s.records, s.blocks, s.slots_checked
+        );
+    }
+    if r.problems.is_empty() {
+        println!("no damage found");
+    }
+    for p in &r.problems {
+        println!("DAMAGED: {p}");
+    }
+    for p in &r.repaired {
+        println!("REPAIRED: {p}");
+    }
 }

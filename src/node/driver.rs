@@ -162,6 +162,21 @@ pub async fn run_node(cfg: NodeConfig) -> Result<()> {
         volume,
         events,
     });
+    {
+        // A snapshot this node made Invalid (diff limit, full state
+        // filesystem, damage) is an event for the console and `events`.
+        let (events, node) = (shared.events.clone(), cfg.name().to_string());
+        shared.volume.on_invalidate(move |inv| {
+            let _ = events.send(json!({
+                "kind": "snapshot_invalid",
+                "snapshot": inv.id,
+                "node": node,
+                "cause": inv.cause,
+                "reason": inv.reason,
+                "at_ms": clock.now_ms(),
+            }));
+        });
+    }
     let (tx, mut rx) = mpsc::unbounded_channel();
     control::serve(&cfg.control_socket(), tx.clone(), shared.clone()).await?;
     writers::serve(&cfg.writer_socket(), tx.clone()).await?;

@@ -166,7 +166,12 @@ pub(crate) fn write_index_file(
 /// Reads and checks one index file: (pack size, entries).
 pub(crate) fn read_index_file(path: &Path) -> Result<(u64, Vec<IndexEntry>)> {
     let bytes = read_limited(path, MAX_INDEX_FILE)?;
-    let payload = envelope::open(path, MAGIC, VERSION, &bytes)?;
+    decode_index(path, &bytes)
+}
+
+/// Decodes an index file's bytes (read from `path`, which errors name).
+pub(crate) fn decode_index(path: &Path, bytes: &[u8]) -> Result<(u64, Vec<IndexEntry>)> {
+    let payload = envelope::open(path, MAGIC, VERSION, bytes)?;
     let corrupt = |detail: String| Error::RepoCorrupt {
         path: path.to_path_buf(),
         detail,

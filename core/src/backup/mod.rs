@@ -33,13 +33,13 @@
 //! Every block read back is hashed and compared with its key. A mismatch is
 //! an error naming the backup, the block index and the pack file.
 
-mod envelope;
+pub(crate) mod envelope;
 mod fsutil;
 pub mod gc;
 pub mod hash;
-mod index;
+pub(crate) mod index;
 pub mod manifest;
-mod pack;
+pub(crate) mod pack;
 pub mod repo;
 pub mod restore;
 pub mod run;

@@ -202,7 +202,7 @@ fn start_writeback(pack: &mut OpenPack) {
     pack.flushed = pack.pos;
 }
 
-fn encode_trailer(entries: &[IndexEntry]) -> Vec<u8> {
+pub(crate) fn encode_trailer(entries: &[IndexEntry]) -> Vec<u8> {
     let mut t = Vec::with_capacity(entries.len() * ENTRY + TAIL);
     for e in entries {
         t.extend_from_slice(&e.hash.0);
@@ -218,20 +218,30 @@ fn encode_trailer(entries: &[IndexEntry]) -> Vec<u8> {
 
 /// Reads and checks a pack's header and trailer; returns its entries.
 pub(crate) fn read_trailer(path: &Path) -> Result<Vec<IndexEntry>> {
+    let file = File::open(path).map_err(io_err("open", path))?;
+    let size = file.metadata().map_err(io_err("stat", path))?.len();
+    decode_trailer(path, size, |buf, at| {
+        file.read_exact_at(buf, at).map_err(io_err("read", path))
+    })
+}
+
+/// Checks a pack of `size` bytes, read through `read_at`, whose errors name `path`.
+pub(crate) fn decode_trailer(
+    path: &Path,
+    size: u64,
+    read_at: impl Fn(&mut [u8], u64) -> Result<()>,
+) -> Result<Vec<IndexEntry>> {
     let corrupt = |detail: String| Error::RepoCorrupt {
         path: path.to_path_buf(),
         detail,
     };
-    let file = File::open(path).map_err(io_err("open", path))?;
-    let size = file.metadata().map_err(io_err("stat", path))?.len();
     if size < PACK_HEADER + TAIL as u64 {
         return Err(corrupt(format!(
             "pack is only {size} bytes, too short for header and trailer"
         )));
     }
     let mut header = [0u8; PACK_HEADER as usize];
-    file.read_exact_at(&mut header, 0)
-        .map_err(io_err("read", path))?;
+    read_at(&mut header, 0)?;
     if &header[..8] != PACK_MAGIC {
         return Err(corrupt("pack header magic is wrong".into()));
     }
@@ -242,8 +252,7 @@ pub(crate) fn read_trailer(path: &Path) -> Result<Vec<IndexEntry>> {
         )));
     }
     let mut tail = [0u8; TAIL];
-    file.read_exact_at(&mut tail, size - TAIL as u64)
-        .map_err(io_err("read", path))?;
+    read_at(&mut tail, size - TAIL as u64)?;
     if &tail[36..44] != TAIL_MAGIC {
         return Err(corrupt(
             "pack trailer magic is wrong (pack truncated or damaged)".into(),
@@ -263,8 +272,7 @@ pub(crate) fn read_trailer(path: &Path) -> Result<Vec<IndexEntry>> {
     }
     let table_at = size - TAIL as u64 - table_len;
     let mut table = vec![0u8; table_len as usize];
-    file.read_exact_at(&mut table, table_at)
-        .map_err(io_err("read", path))?;
+    read_at(&mut table, table_at)?;
     if blake3::hash(&table).as_bytes() != &tail[4..36] {
         return Err(corrupt("pack trailer checksum mismatch".into()));
     }

@@ -252,6 +252,8 @@ impl PeerState {
 struct InitRun {
     snapshot: SnapshotId,
     deadline_ms: u64,
+    /// What the deadline is, for failure reasons.
+    limit: String,
     /// When the freeze notices went out.
     notified_ms: u64,
     peers: BTreeMap<String, PeerState>,
@@ -320,6 +322,11 @@ pub struct ClusterService {
     /// Every other member and whether the mesh connects us now.
     peers: BTreeMap<String, bool>,
     role: Role,
+    /// The highest snapshot this node took part in as a remote (ids grow
+    /// cluster-wide): a notice for it or an older one is a duplicate or a
+    /// replay, and running it again would freeze writers for a snapshot
+    /// that is over.
+    last_taken: SnapshotId,
     out: VecDeque<CsOut>,
 }
 
@@ -342,6 +349,7 @@ impl ClusterService {
             members: all,
             peers,
             role: Role::Idle,
+            last_taken: 0,
             out: VecDeque::new(),
         }
     }
@@ -377,16 +385,20 @@ impl ClusterService {
     // ---- initiator side ---------------------------------------------------
 
     /// This node initiates `snapshot`, which must end by `deadline_ms`;
-    /// `excluded` members are not asked (the driver's safety rule decided).
+    /// `limit` says what that deadline is ("lease of 10000 ms", "request's
+    /// timeout of 1000 ms"), for failure reasons; `excluded` members are not
+    /// asked (the driver's safety rule decided).
     pub fn prepare_initiator(
         &mut self,
         snapshot: SnapshotId,
         deadline_ms: u64,
+        limit: &str,
         excluded: Vec<Excluded>,
     ) {
         self.role = Role::Initiator(InitRun {
             snapshot,
             deadline_ms,
+            limit: limit.to_string(),
             notified_ms: 0,
             peers: BTreeMap::new(),
             holds: BTreeMap::new(),
@@ -687,6 +699,11 @@ impl ClusterService {
             });
             return;
         }
+        if snapshot <= self.last_taken {
+            // A duplicate, or a replay of an earlier snapshot's notice:
+            // that snapshot is over here.
+            return;
+        }
         if !members.is_empty() && members != self.members {
             // Nodes that disagree on who is in the cluster cannot promise
             // that everyone attached froze: refuse, naming both lists.
@@ -723,6 +740,7 @@ impl ClusterService {
             format!("lease of {granted_ms} ms from {from}'s notice")
         };
         let deadline_ms = now.saturating_add(granted_ms);
+        self.last_taken = snapshot;
         self.role = Role::Remote(RemoteRun {
             snapshot,
             initiator: from.to_string(),
@@ -965,13 +983,15 @@ impl ClusterService {
         if run.failed || now < run.deadline_ms {
             return;
         }
-        // Blame a node that never froze before one that froze and waits for
-        // post-snapshot: the first is why the snapshot could not be taken.
+        // Blame a node that never froze before one that has not reported
+        // done after post-snapshot. A node that froze and waits for our
+        // post-snapshot is not late: we are (the coordinator's own deadline
+        // names our phase then).
         let late = run
             .peers
             .iter()
             .find(|(_, s)| **s == PeerState::Notified)
-            .or_else(|| run.peers.iter().find(|(_, s)| s.active()))
+            .or_else(|| run.peers.iter().find(|(_, s)| **s == PeerState::PostSent))
             .map(|(n, s)| (n.clone(), *s));
         if let Some((node, state)) = late {
             let waited = if state == PeerState::Notified {
@@ -983,9 +1003,19 @@ impl ClusterService {
                 node: node.clone(),
                 writer: None,
                 phase: state.phase(),
-                reason: format!("node {node} did not report {waited} before the lease expired"),
+                reason: format!(
+                    "node {node} did not report {waited} before the {} expired",
+                    run.limit
+                ),
             };
-            self.peer_failed(&node, failure, None);
+            // The late node is still in the snapshot as far as we know: it
+            // stays active so that the abort reaches it (its own lease may
+            // end later than ours in true time).
+            let snapshot = run.snapshot;
+            if let Role::Initiator(run) = &mut self.role {
+                run.failed = true;
+            }
+            self.out.push_back(CsOut::Failed { snapshot, failure });
         }
     }
 
@@ -1079,7 +1109,7 @@ mod tests {
     fn cluster_service_tells_a_late_node_it_missed_the_lease() {
         let mut cs = ClusterService::new("n1", &["n1".into(), "n2".into()], 1_000);
         cs.peer_up("n2");
-        cs.prepare_initiator(4, 1_000, vec![]);
+        cs.prepare_initiator(4, 1_000, "lease of 1000 ms", vec![]);
         cs.writer_freeze(4, 100);
         let notice = PeerMessage::FreezeNotice {
             snapshot: 4,
@@ -1105,7 +1135,95 @@ mod tests {
         );
         assert_eq!(
             failure.reason,
-            "node n2 did not report frozen before the lease expired"
+            "node n2 did not report frozen before the lease of 1000 ms expired"
+        );
+    }
+
+    #[test]
+    fn at_the_lease_a_frozen_node_waiting_for_post_snapshot_is_not_blamed_and_hears_the_abort() {
+        let members: Vec<String> = ["n1", "n2"].iter().map(|m| m.to_string()).collect();
+        let mut cs = ClusterService::new("n1", &members, 1_000);
+        cs.peer_up("n2");
+        cs.prepare_initiator(4, 1_000, "lease of 1000 ms", vec![]);
+        cs.writer_freeze(4, 0);
+        cs.poll();
+        let frozen = PeerMessage::Frozen {
+            snapshot: 4,
+            node: "n2".into(),
+            granted_ms: 1_000,
+        };
+        cs.peer_message("n2", frozen, 10, None);
+        cs.poll();
+        // Our own create is slow: the lease runs out while n2 waits for us.
+        cs.handle_timeout(1_000);
+        assert_eq!(cs.poll(), None, "n2 is not late; our coordinator is");
+        cs.writer_abort(4, "the lease of 1000 ms expired in committing");
+        assert_eq!(
+            cs.poll(),
+            Some(CsOut::Send {
+                to: "n2".into(),
+                msg: PeerMessage::Abort {
+                    snapshot: 4,
+                    reason: "the lease of 1000 ms expired in committing".into()
+                }
+            })
+        );
+    }
+
+    #[test]
+    fn a_notice_heard_again_after_its_run_ended_is_ignored() {
+        let mut cs = remote(5_000);
+        cs.peer_message("n1", notice(5_000, &["n1", "n2"]), 0, None);
+        assert!(matches!(cs.poll(), Some(CsOut::StartLocal { .. })));
+        cs.peer_message(
+            "n1",
+            PeerMessage::Abort {
+                snapshot: 4,
+                reason: "veto".into(),
+            },
+            10,
+            Some(4),
+        );
+        cs.poll();
+        let report = NodeReport {
+            node: "n2".into(),
+            phases: vec![],
+            writers: vec![],
+        };
+        cs.local_finished(
+            4,
+            report,
+            Some(Failure {
+                node: "n1".into(),
+                writer: None,
+                phase: Phase::Freezing,
+                reason: "veto".into(),
+            }),
+        );
+        assert_eq!(cs.engaged(), None);
+        cs.peer_message("n1", notice(5_000, &["n1", "n2"]), 20, None);
+        assert_eq!(cs.poll(), None, "snapshot 4 is over: not run again");
+    }
+
+    #[test]
+    fn a_node_blamed_at_the_lease_is_still_sent_the_abort() {
+        let mut cs = ClusterService::new("n1", &["n1".into(), "n2".into()], 1_000);
+        cs.peer_up("n2");
+        cs.prepare_initiator(4, 1_000, "lease of 1000 ms", vec![]);
+        cs.writer_freeze(4, 0);
+        cs.poll();
+        cs.handle_timeout(1_000);
+        assert!(matches!(cs.poll(), Some(CsOut::Failed { .. })));
+        cs.writer_abort(4, "n2 did not report frozen");
+        assert!(
+            matches!(
+                cs.poll(),
+                Some(CsOut::Send {
+                    msg: PeerMessage::Abort { .. },
+                    ..
+                })
+            ),
+            "a late node may be frozen still: it must hear the abort"
         );
     }
 
@@ -1156,7 +1274,7 @@ mod tests {
         let members: Vec<String> = ["n1", "n2"].iter().map(|m| m.to_string()).collect();
         let mut cs = ClusterService::new("n1", &members, 10_000);
         cs.peer_up("n2");
-        cs.prepare_initiator(4, 10_000, vec![]);
+        cs.prepare_initiator(4, 10_000, "lease of 10000 ms", vec![]);
         cs.writer_freeze(4, 0);
         cs.poll();
         let frozen = PeerMessage::Frozen {

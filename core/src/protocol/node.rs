@@ -478,7 +478,7 @@ impl NodeMachine {
         let deadline = now.saturating_add(lease);
         self.request = Some((req, snapshot, now));
         self.cluster_service
-            .prepare_initiator(snapshot, deadline, excluded);
+            .prepare_initiator(snapshot, deadline, &limit, excluded);
         self.coordinator.start(
             Requester::Client(req),
             snapshot,

@@ -132,6 +132,21 @@ pub fn load(path: &Path, in_progress: bool) -> Result<Loaded> {
         )));
     }
     let bytes = std::fs::read(path).map_err(|e| Error::io("read", path, e))?;
+    decode(path, &bytes, in_progress)
+}
+
+/// Decodes a journal's bytes (read from `path`, which errors name); see [`load`].
+pub fn decode(path: &Path, bytes: &[u8], in_progress: bool) -> Result<Loaded> {
+    let corrupt = |why: String| Error::ReplicaCorrupt {
+        file: path.to_path_buf(),
+        why,
+    };
+    if bytes.len() as u64 > MAX_JOURNAL_BYTES {
+        return Err(corrupt(format!(
+            "{} bytes is more than a journal can hold ({MAX_JOURNAL_BYTES})",
+            bytes.len()
+        )));
+    }
     if bytes.len() < RECORD_LEN {
         return Err(corrupt(format!(
             "{} bytes, shorter than the {RECORD_LEN}-byte header",

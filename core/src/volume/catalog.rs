@@ -12,14 +12,19 @@
 //! snapshot create must stay under 5 ms. The catalog is instead kept in two
 //! slot files, `catalog.a` and `catalog.b` (the double-buffered superblock
 //! technique): generation *g* is written in place into slot `g % 2` and made
-//! durable with one fdatasync. A write torn by a crash fails the envelope
-//! checksum and the other slot, one generation older and never the one being
-//! written, is used: exactly the catalog as it was before the unacknowledged
-//! change. Load takes the valid slot with the highest generation.
+//! durable with one fdatasync, and only then recorded in `gen`. A write torn
+//! by a crash fails the envelope checksum and the other slot, one generation
+//! older and never the one being written, is used: exactly the catalog as it
+//! was before the unacknowledged change (its generation is still the one
+//! `gen` records). Load takes the valid slot with the highest generation and
+//! **refuses** it when it is older than `gen`: then an acknowledged catalog
+//! was damaged, and falling back would silently reopen sealed snapshots and
+//! forget newer ones (`freezeframe volume check --repair` lets the operator
+//! accept the loss explicitly).
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
@@ -55,6 +60,10 @@ pub(crate) struct Catalog {
     /// the shared gate, sees a fence before the next snapshot can be created.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub fenced: std::collections::BTreeMap<String, super::Fence>,
+    /// Volume-wide cap on the diff area's bytes on disk; reaching it costs the
+    /// oldest snapshot, never the live write. Absent in catalogs written before it existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub diff_max: Option<u64>,
 }
 
 /// One snapshot as the catalog records it.
@@ -84,27 +93,76 @@ fn load_slot(path: &Path) -> Result<Catalog> {
     Ok(cat)
 }
 
-/// Loads the newest valid catalog slot; if neither is valid, the error of the
-/// slot that should hold the newest (or the first) names the damage.
-pub(crate) fn load(state_dir: &Path) -> Result<Catalog> {
-    let a = load_slot(&state_dir.join(SLOTS[0]));
-    let b = load_slot(&state_dir.join(SLOTS[1]));
-    match (a, b) {
-        (Ok(a), Ok(b)) => Ok(if b.generation > a.generation { b } else { a }),
-        (Ok(c), Err(e)) | (Err(e), Ok(c)) => {
-            // A slot not written yet (a new volume) is normal; a damaged one is
-            // normal after a crash during a catalog change, worth a line otherwise.
-            let missing = matches!(&e, Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound);
-            if !missing {
-                tracing::warn!(
-                    "using catalog generation {} because the other slot is unusable: {e}",
-                    c.generation
-                );
-            }
-            Ok(c)
-        }
-        (Err(e), Err(_)) => Err(e),
+/// What one slot holds, for `load` and `volume check`.
+pub(crate) fn load_slots(state_dir: &Path) -> [(PathBuf, Result<Catalog>); 2] {
+    SLOTS.map(|s| {
+        let p = state_dir.join(s);
+        let r = load_slot(&p);
+        (p, r)
+    })
+}
+
+/// The generation recorded in the `gen` file (0 when it is missing or short).
+pub(crate) fn recorded_gen(state_dir: &Path) -> Result<u64> {
+    let path = state_dir.join("gen");
+    match File::open(&path) {
+        Ok(f) => read_gen(&f, &path),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
+        Err(e) => Err(Error::io("open", &path, e)),
     }
+}
+
+fn is_missing(e: &Error) -> bool {
+    matches!(e, Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound)
+}
+
+/// Loads the newest valid catalog slot. Refuses (never rolls back silently)
+/// when that slot is older than the generation `gen` records: the newer
+/// catalog was acknowledged and is damaged, and using the older one would
+/// reopen sealed snapshots and forget newer ones. `volume check --repair`
+/// is the operator's way to accept the older slot.
+pub(crate) fn load(state_dir: &Path) -> Result<Catalog> {
+    let [(pa, a), (pb, b)] = load_slots(state_dir);
+    let (cat, other) = match (a, b) {
+        (Ok(a), Ok(b)) => {
+            if b.generation > a.generation {
+                (b, None)
+            } else {
+                (a, None)
+            }
+        }
+        (Ok(c), Err(e)) => (c, Some((pb, e))),
+        (Err(e), Ok(c)) => (c, Some((pa, e))),
+        (Err(e), Err(_)) => return Err(e),
+    };
+    let recorded = recorded_gen(state_dir)?;
+    if cat.generation < recorded {
+        let detail = match &other {
+            Some((p, e)) => format!(
+                "slot {} is unusable ({e})",
+                p.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()
+            ),
+            None => "both slots are intact but older than the recorded generation (a slot was replaced by an old copy)".to_string(),
+        };
+        return Err(Error::CatalogRolledBack {
+            state_dir: state_dir.to_path_buf(),
+            found: cat.generation,
+            recorded,
+            detail,
+        });
+    }
+    if let Some((p, e)) = other {
+        // A slot not written yet (a new volume) is normal; so is one torn by a
+        // crash during a catalog change (the other slot is then the recorded one).
+        if !is_missing(&e) {
+            tracing::info!(
+                "catalog generation {} in use; slot {} holds an unacknowledged change torn by a crash: {e}",
+                cat.generation,
+                p.display()
+            );
+        }
+    }
+    Ok(cat)
 }
 
 /// Writes `cat` into its slot (`generation % 2`) in place, durable on return.

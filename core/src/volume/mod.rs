@@ -61,6 +61,7 @@
 //! `to = None` (live), every block in `from`'s map. No data is scanned.
 
 mod catalog;
+mod check;
 mod location;
 mod locks;
 mod map;
@@ -79,9 +80,121 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use catalog::{Catalog, SnapshotRecord};
+pub use check::{check, CheckReport, SlotReport, SnapshotReport};
 pub use locks::InFlightGuard;
 use locks::Locks;
-use map::{data_sum, Record, SnapMap, COPIED, INVALID, WRITTEN};
+use map::{data_sum, AppendError, Invalidity, Record, SnapMap, COPIED, INVALID, WRITTEN};
+
+/// Decoders of the volume's state files, exposed for fuzzing and property tests.
+pub mod decode {
+    use std::path::Path;
+
+    use crate::error::Result;
+
+    /// Decodes a catalog slot's bytes; returns its generation and snapshot count.
+    pub fn catalog_slot(bytes: &[u8]) -> Result<(u64, usize)> {
+        let (c, _): (super::catalog::Catalog, usize) = crate::format::decode_json(
+            super::catalog::CATALOG_KIND,
+            bytes,
+            Path::new("<catalog>"),
+        )?;
+        Ok((c.generation, c.snapshots.len()))
+    }
+
+    /// Decodes a catalog slot's bytes and re-encodes them (round-trip property).
+    pub fn catalog_reencode(bytes: &[u8]) -> Result<Vec<u8>> {
+        let (c, _): (super::catalog::Catalog, usize) = crate::format::decode_json(
+            super::catalog::CATALOG_KIND,
+            bytes,
+            Path::new("<catalog>"),
+        )?;
+        Ok(crate::format::encode_json(super::catalog::CATALOG_KIND, &c))
+    }
+
+    /// An encoded catalog slot with `n` snapshots, for tests and fuzz seeds.
+    pub fn sample_catalog(n: u64) -> Vec<u8> {
+        let c = super::catalog::Catalog {
+            uuid: "0123456789abcdef0123456789abcdef".into(),
+            size: 1 << 20,
+            block_size: 4096,
+            generation: 7 + n,
+            next_id: n + 1,
+            last_created: n,
+            snapshots: (1..=n)
+                .map(|id| super::catalog::SnapshotRecord {
+                    id,
+                    created_ms: 1000 * id,
+                    state: if id % 2 == 0 {
+                        super::SnapshotState::Sealed
+                    } else {
+                        super::SnapshotState::Open
+                    },
+                    diff_limit: Some(id << 20),
+                })
+                .collect(),
+            fenced: Default::default(),
+            diff_max: None,
+        };
+        crate::format::encode_json(super::catalog::CATALOG_KIND, &c)
+    }
+
+    /// Decodes a whole map file's bytes as a reader does: the header, then
+    /// records up to the first blank (printable); a damaged record, or a
+    /// record after a blank, is an error.
+    pub fn map_file(bytes: &[u8]) -> Result<String> {
+        super::map::decode_map_bytes(bytes)
+    }
+
+    /// A valid map file with `n` records.
+    pub fn sample_map(n: u64) -> Vec<u8> {
+        super::map::sample_map_bytes(n)
+    }
+
+    /// `payload` in a catalog envelope with a valid checksum.
+    pub fn seal_catalog(payload: &[u8]) -> Vec<u8> {
+        crate::format::encode(super::catalog::CATALOG_KIND, payload)
+    }
+
+    /// A map file whose records carry `bodies` (48 bytes each: block, slot,
+    /// flags, reserved, data sum, reserved) with valid record checksums, so
+    /// the record parser runs on any field values.
+    pub fn seal_map_records(bodies: &[u8]) -> Vec<u8> {
+        let mut out = super::map::sample_map_bytes(0);
+        for body in bodies.chunks_exact(48) {
+            out.extend_from_slice(body);
+            let sum = blake3::hash(body);
+            out.extend_from_slice(&sum.as_bytes()[..16]);
+        }
+        out
+    }
+
+    /// Decodes a catalog slot's bytes into a printable form (for round-trip properties).
+    pub fn catalog_debug(bytes: &[u8]) -> Result<String> {
+        let (c, _): (super::catalog::Catalog, usize) = crate::format::decode_json(
+            super::catalog::CATALOG_KIND,
+            bytes,
+            Path::new("<catalog>"),
+        )?;
+        Ok(format!("{c:?}"))
+    }
+
+    /// One 64-byte map record: `Some((block, slot, flags))` only when intact.
+    pub fn map_record(bytes: &[u8]) -> Option<(u64, u64, u32)> {
+        super::map::Record::decode(bytes).map(|r| (r.block, r.slot, r.flags))
+    }
+
+    /// An encoded map record.
+    pub fn sample_map_record(block: u64, slot: u64) -> Vec<u8> {
+        super::map::Record {
+            block,
+            slot,
+            flags: super::map::COPIED,
+            data_sum: super::map::data_sum(&block.to_le_bytes()),
+        }
+        .encode()
+        .to_vec()
+    }
+}
 
 /// Snapshot id: unique per volume, increasing, never reused.
 pub type SnapshotId = u64;
@@ -113,6 +226,31 @@ pub struct SnapshotOptions {
     /// Diff-area limit in bytes; exceeding it invalidates the snapshot, never fails a live write.
     pub diff_limit: Option<u64>,
 }
+
+/// Why the engine made a snapshot Invalid, as it tells the daemon (see [`Volume::on_invalidate`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Invalidation {
+    pub id: SnapshotId,
+    pub cause: InvalidCause,
+    /// The reason recorded in the catalog (also in `snapshot list`).
+    pub reason: String,
+}
+
+/// What made a snapshot Invalid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InvalidCause {
+    /// Its own `diff_limit` was exceeded by a live write.
+    DiffLimit,
+    /// The state filesystem was full, or the volume's `diff_max` was reached:
+    /// it was dropped (oldest first) so the live write could succeed.
+    NoSpace,
+    /// Its map is damaged (a record fails its checksum).
+    Damage,
+}
+
+/// Called once per snapshot this process invalidates (from the writing thread: keep it short).
+pub type InvalidationHook = Arc<dyn Fn(&Invalidation) + Send + Sync>;
 
 /// A snapshot as the catalog and its map describe it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -187,6 +325,7 @@ struct Inner {
     /// In-process flush-and-hold: live writes wait while `holds > 0`.
     hold: Mutex<HoldState>,
     hold_cv: Condvar,
+    hook: Mutex<Option<InvalidationHook>>,
 }
 
 /// This process's view of the catalog and the maps it has opened.
@@ -259,6 +398,26 @@ fn new_uuid() -> String {
 
 fn map_path(state_dir: &Path, id: SnapshotId) -> PathBuf {
     state_dir.join(format!("snap-{id}.map"))
+}
+
+/// The `snap-N.map` files of a state directory.
+pub(crate) fn map_files(state_dir: &Path) -> Result<Vec<(SnapshotId, PathBuf)>> {
+    let mut out = Vec::new();
+    let rd = std::fs::read_dir(state_dir).map_err(|e| Error::io("list", state_dir, e))?;
+    for entry in rd {
+        let entry = entry.map_err(|e| Error::io("list", state_dir, e))?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if let Some(id) = name
+            .strip_prefix("snap-")
+            .and_then(|r| r.strip_suffix(".map"))
+            .and_then(|n| n.parse::<SnapshotId>().ok())
+        {
+            out.push((id, entry.path()));
+        }
+    }
+    out.sort();
+    Ok(out)
 }
 
 fn open_rw(path: &Path, what: &'static str) -> Result<File> {
@@ -334,6 +493,7 @@ impl Volume {
             last_created: 0,
             snapshots: Vec::new(),
             fenced: Default::default(),
+            diff_max: None,
         };
         catalog::store(&dir, &cat)?;
         let gen_path = dir.join("gen");
@@ -346,8 +506,17 @@ impl Volume {
         Volume::open(path)
     }
 
-    /// Opens a volume, finding its state directory by itself.
+    /// Opens a volume, finding its state directory by itself. Map files left
+    /// by interrupted attempts are removed when no snapshot is in flight.
     pub fn open(path: &Path) -> Result<Volume> {
+        let v = Volume::open_only(path)?;
+        if let Some(_in_flight) = v.inner.locks.try_in_flight()? {
+            v.inner.remove_debris()?;
+        }
+        Ok(v)
+    }
+
+    fn open_only(path: &Path) -> Result<Volume> {
         let state_dir = location::find(path)?;
         crate::perms::secure_volume(path, &state_dir)?;
         let cat = catalog::load(&state_dir)?;
@@ -384,6 +553,7 @@ impl Volume {
                 dirty_marked: AtomicU64::new(0),
                 hold: Mutex::new(HoldState::default()),
                 hold_cv: Condvar::new(),
+                hook: Mutex::new(None),
                 state_dir,
             }),
         })
@@ -632,7 +802,7 @@ impl Volume {
         }
         let path = map_path(&i.state_dir, id);
         // Slots the deleted snapshot named; a damaged map just means no holes are punched for it.
-        let victim_slots = match SnapMap::open(&path, &i.uuid, id, i.block_size) {
+        let victim_slots = match SnapMap::open(&path, &i.uuid, id, i.block_size, &i.locks) {
             Ok(m) => m.lock().all_slots.clone(),
             Err(e) => {
                 tracing::warn!("deleting snapshot {id}: cannot read its map to reclaim space: {e}");
@@ -670,13 +840,30 @@ impl Volume {
         let cat = i.sync()?;
         let mut out = Vec::new();
         for s in &cat.snapshots {
-            let m = i.map(s.id)?;
+            let m = match i.map(s.id) {
+                Ok(m) => m,
+                // A map that cannot be opened (damaged header) is listed as what it is.
+                Err(e @ Error::Format { .. }) => {
+                    out.push(SnapshotInfo {
+                        id: s.id,
+                        created_ms: s.created_ms,
+                        state: SnapshotState::Invalid {
+                            reason: e.to_string(),
+                        },
+                        diff_blocks: 0,
+                        diff_bytes: 0,
+                        diff_limit: s.diff_limit,
+                    });
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             let mut st = m.lock();
             m.refresh(&mut st)?;
             let state = match (&s.state, &st.invalid) {
                 (SnapshotState::Invalid { .. }, _) => s.state.clone(),
-                (_, Some(reason)) => SnapshotState::Invalid {
-                    reason: reason.clone(),
+                (_, Some(why)) => SnapshotState::Invalid {
+                    reason: why.reason(),
                 },
                 _ => s.state.clone(),
             };
@@ -729,10 +916,10 @@ impl Volume {
             let m = i.map(id)?;
             let mut st = m.lock();
             m.refresh(&mut st)?;
-            if let Some(reason) = &st.invalid {
+            if let Some(why) = &st.invalid {
                 return Err(Error::SnapshotInvalid {
                     id,
-                    reason: reason.clone(),
+                    reason: why.reason(),
                 });
             }
             Ok(st.entries.iter().map(|(b, e)| (*b, e.slot)).collect())
@@ -760,8 +947,36 @@ impl Volume {
     }
 
     /// Non-blocking cluster-wide "one snapshot in flight" lock; `None` = busy.
+    /// Taking it also removes the map files earlier failed attempts left
+    /// behind (no attempt is in progress while it is held).
     pub fn try_begin_snapshot(&self) -> Result<Option<InFlightGuard>> {
-        self.inner.locks.try_in_flight()
+        let guard = self.inner.locks.try_in_flight()?;
+        if guard.is_some() {
+            self.inner.remove_debris()?;
+        }
+        Ok(guard)
+    }
+
+    /// Calls `hook` for every snapshot this process makes Invalid (diff limit,
+    /// no space, damage), after the catalog records it. Replaces an earlier hook.
+    pub fn on_invalidate(&self, hook: impl Fn(&Invalidation) + Send + Sync + 'static) {
+        *self.inner.hook.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(hook));
+    }
+
+    /// Sets (or clears) the volume-wide cap on the diff area's bytes on disk.
+    pub fn set_diff_max(&self, max: Option<u64>) -> Result<()> {
+        let i = &self.inner;
+        let (_, cat) = catalog::update(&i.state_dir, &i.locks, &i.gen, |c| {
+            c.diff_max = max;
+            Ok(())
+        })?;
+        i.install(cat);
+        Ok(())
+    }
+
+    /// The volume-wide diff-area cap, if any.
+    pub fn diff_max(&self) -> Result<Option<u64>> {
+        Ok(self.inner.sync()?.diff_max)
     }
 }
 
@@ -845,7 +1060,7 @@ impl Inner {
             return Ok(m.clone());
         }
         let path = map_path(&self.state_dir, id);
-        let m = match SnapMap::open(&path, &self.uuid, id, self.block_size) {
+        let m = match SnapMap::open(&path, &self.uuid, id, self.block_size, &self.locks) {
             Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
                 return Err(Error::SnapshotNotFound {
                     volume: self.path.clone(),
@@ -856,6 +1071,25 @@ impl Inner {
         };
         let mut c = self.cache.lock().unwrap_or_else(|p| p.into_inner());
         Ok(c.maps.entry(id).or_insert(m).clone())
+    }
+
+    /// Removes `snap-N.map` files of ids the catalog does not hold (below
+    /// `next_id`): maps of aborted attempts (header only, or empty after a
+    /// crash inside create) and of deletes interrupted before the unlink.
+    /// Caller holds the in-flight lock, so no reservation is in progress.
+    fn remove_debris(&self) -> Result<()> {
+        let cat = self.sync()?;
+        for (id, path) in map_files(&self.state_dir)? {
+            if id < cat.next_id && cat.get(id).is_none() {
+                tracing::info!(volume = %self.path.display(), "removing {} left by an interrupted snapshot attempt or delete", path.display());
+                match std::fs::remove_file(&path) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(Error::io("remove", &path, e)),
+                }
+            }
+        }
+        Ok(())
     }
 
     fn punch(&self, slot: u64) -> Result<()> {
@@ -960,30 +1194,93 @@ impl Inner {
         let first = offset / self.bs();
         let last = (offset + buf.len() as u64 - 1) / self.bs();
         let claim = self.locks.claim(first, last - first + 1)?;
-        let mut invalidated = Vec::new();
+        let mut invalidated: Vec<Invalidation> = Vec::new();
         if !live.is_empty() {
             let mut maps = Vec::with_capacity(live.len());
+            let mut unusable = Vec::new();
             for s in &live {
-                maps.push((*s, self.map(s.id)?));
+                match self.map(s.id) {
+                    Ok(m) => maps.push((*s, m)),
+                    // A map that cannot be opened (damaged header, old format)
+                    // costs its snapshot, never the live write. Reads of it fail
+                    // already, since they open the same map.
+                    Err(e @ Error::Format { .. }) => unusable.push(Invalidation {
+                        id: s.id,
+                        cause: InvalidCause::Damage,
+                        reason: format!("its map is unusable: {e}"),
+                    }),
+                    Err(e) => return Err(e),
+                }
             }
             invalidated = self.copy_before_overwrite(&maps, first, last)?;
+            invalidated.extend(unusable);
         }
         self.vol
             .write_all_at(buf, offset)
             .map_err(|e| Error::io("write", &self.path, e))?;
         drop(claim);
         drop(gate);
-        for (id, reason) in invalidated {
-            tracing::error!(volume = %self.path.display(), "snapshot {id} is now INVALID: {reason}");
-            let (_, cat) = catalog::update(&self.state_dir, &self.locks, &self.gen, |c| {
-                if let Some(rec) = c.get_mut(id) {
-                    rec.state = SnapshotState::Invalid { reason };
-                }
-                Ok(())
-            })?;
-            self.install(cat);
+        // The live write has happened: from here on nothing may fail it. The
+        // maps already say INVALID durably; the catalog gets the reason.
+        for inv in invalidated {
+            self.record_invalid(inv);
         }
         Ok(())
+    }
+
+    /// Marks a snapshot Invalid in the catalog (once) and tells the hook.
+    /// Never fails: the map (or the catalog) already makes it unreadable, and
+    /// a live write that already happened must not report an error.
+    fn record_invalid(&self, inv: Invalidation) {
+        tracing::error!(volume = %self.path.display(), "snapshot {} is now INVALID ({:?}): {}", inv.id, inv.cause, inv.reason);
+        let reason = inv.reason.clone();
+        let changed = catalog::update(&self.state_dir, &self.locks, &self.gen, |c| {
+            Ok(match c.get_mut(inv.id) {
+                Some(rec) if !matches!(rec.state, SnapshotState::Invalid { .. }) => {
+                    rec.state = SnapshotState::Invalid { reason };
+                    true
+                }
+                _ => false,
+            })
+        });
+        match changed {
+            Ok((changed, cat)) => {
+                self.install(cat);
+                if !changed {
+                    return;
+                }
+            }
+            Err(e) => tracing::error!(
+                volume = %self.path.display(),
+                "snapshot {} is invalid but the catalog could not record it ({e}); its map does",
+                inv.id
+            ),
+        }
+        let hook = self.hook.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if let Some(h) = hook {
+            h(&inv);
+        }
+    }
+
+    /// A map found damaged (by any reader) makes the snapshot Invalid in the
+    /// catalog too, so every process and node agrees, whatever it has cached.
+    fn note_map_invalid(&self, id: SnapshotId, why: &Invalidity) {
+        if let Invalidity::Damaged(reason) = why {
+            let already = self
+                .cache
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .catalog
+                .get(id)
+                .is_some_and(|r| matches!(r.state, SnapshotState::Invalid { .. }));
+            if !already {
+                self.record_invalid(Invalidation {
+                    id,
+                    cause: InvalidCause::Damage,
+                    reason: reason.clone(),
+                });
+            }
+        }
     }
 
     /// Records, once per generation and process, that the volume may have
@@ -996,22 +1293,34 @@ impl Inner {
     }
 
     /// Copies blocks `first..=last` for every snapshot lacking them; returns the
-    /// snapshots invalidated by their diff limit. Caller holds the gate and the
-    /// claims of `first..=last`.
+    /// snapshots invalidated (diff limit, no space, damaged map). Caller holds
+    /// the gate and the claims of `first..=last`. Never fails for lack of
+    /// space: the oldest snapshot still keeping copies is sacrificed instead
+    /// (its INVALID record goes into space its map reserved), until the copies
+    /// fit or no snapshot needs them.
     fn copy_before_overwrite(
         &self,
         maps: &[(&SnapshotRecord, Arc<SnapMap>)],
         first: u64,
         last: u64,
-    ) -> Result<Vec<(SnapshotId, String)>> {
+    ) -> Result<Vec<Invalidation>> {
         let bs = self.bs();
         // Per snapshot: the blocks it lacks, or None when it is (or becomes) invalid.
         let mut wants: Vec<Option<Vec<u64>>> = Vec::with_capacity(maps.len());
-        let mut invalidated = Vec::new();
-        for (rec, m) in maps {
+        let mut invalidated: Vec<Invalidation> = Vec::new();
+        // Snapshots that need an INVALID record appended before the overwrite.
+        let mut mark: Vec<usize> = Vec::new();
+        for (k, (rec, m)) in maps.iter().enumerate() {
             let mut st = m.lock();
             m.refresh(&mut st)?;
-            if st.invalid.is_some() {
+            if let Some(why) = &st.invalid {
+                if let Invalidity::Damaged(reason) = why {
+                    invalidated.push(Invalidation {
+                        id: rec.id,
+                        cause: InvalidCause::Damage,
+                        reason: reason.clone(),
+                    });
+                }
                 wants.push(None);
                 continue;
             }
@@ -1021,56 +1330,81 @@ impl Inner {
             if let Some(limit) = rec.diff_limit {
                 let after = (st.entries.len() + lacking.len()) as u64 * bs;
                 if !lacking.is_empty() && after > limit {
-                    invalidated.push((
-                        rec.id,
-                        format!("diff area full: {after} bytes needed, limit {limit} bytes"),
-                    ));
+                    invalidated.push(Invalidation {
+                        id: rec.id,
+                        cause: InvalidCause::DiffLimit,
+                        reason: format!(
+                            "diff area full: {after} bytes needed, limit {limit} bytes"
+                        ),
+                    });
+                    mark.push(k);
                     wants.push(None);
                     continue;
                 }
             }
             wants.push(Some(lacking));
         }
-        let copy: BTreeSet<u64> = wants.iter().flatten().flatten().copied().collect();
-        if copy.is_empty() && invalidated.is_empty() {
-            return Ok(invalidated);
-        }
-        let copy: Vec<u64> = copy.into_iter().collect();
         let mut slot_of = HashMap::new();
         let mut sums = HashMap::new();
-        if !copy.is_empty() {
-            let mut data = vec![0u8; copy.len() * bs as usize];
-            let contiguous = copy[copy.len() - 1] - copy[0] + 1 == copy.len() as u64;
-            if contiguous {
-                self.vol
-                    .read_exact_at(&mut data, copy[0] * bs)
-                    .map_err(|e| Error::io("read", &self.path, e))?;
-            } else {
-                for (k, b) in copy.iter().enumerate() {
-                    let chunk = &mut data[k * bs as usize..(k + 1) * bs as usize];
-                    self.vol
-                        .read_exact_at(chunk, b * bs)
-                        .map_err(|e| Error::io("read", &self.path, e))?;
-                }
+        let mut data: Vec<u8> = Vec::new();
+        let mut read: Vec<u64> = Vec::new();
+        loop {
+            let copy: Vec<u64> = wants
+                .iter()
+                .flatten()
+                .flatten()
+                .copied()
+                .collect::<BTreeSet<u64>>()
+                .into_iter()
+                .collect();
+            if copy.is_empty() {
+                break;
             }
-            let base = self.alloc_slots(copy.len() as u64)?;
-            self.diff
-                .write_all_at(&data, base * bs)
-                .map_err(|e| Error::io("write", &self.diff_path, e))?;
-            self.diff
-                .sync_data()
-                .map_err(|e| Error::io("fdatasync", &self.diff_path, e))?;
-            for (k, b) in copy.iter().enumerate() {
-                slot_of.insert(*b, base + k as u64);
-                sums.insert(*b, data_sum(&data[k * bs as usize..(k + 1) * bs as usize]));
+            if read != copy {
+                data = vec![0u8; copy.len() * bs as usize];
+                let contiguous = copy[copy.len() - 1] - copy[0] + 1 == copy.len() as u64;
+                if contiguous {
+                    self.vol
+                        .read_exact_at(&mut data, copy[0] * bs)
+                        .map_err(|e| Error::io("read", &self.path, e))?;
+                } else {
+                    for (k, b) in copy.iter().enumerate() {
+                        let chunk = &mut data[k * bs as usize..(k + 1) * bs as usize];
+                        self.vol
+                            .read_exact_at(chunk, b * bs)
+                            .map_err(|e| Error::io("read", &self.path, e))?;
+                    }
+                }
+                read = copy.clone();
+            }
+            match self.store_copies(&data, copy.len() as u64)? {
+                Ok(base) => {
+                    for (k, b) in copy.iter().enumerate() {
+                        slot_of.insert(*b, base + k as u64);
+                        sums.insert(*b, data_sum(&data[k * bs as usize..(k + 1) * bs as usize]));
+                    }
+                    break;
+                }
+                Err(why) => {
+                    // Oldest first (ids increase with time), like VSS dropping a shadow copy.
+                    let Some(v) = (0..maps.len()).find(|k| wants[*k].is_some()) else {
+                        break;
+                    };
+                    self.sacrifice(maps, &mut wants, v, &why)?;
+                    invalidated.push(Invalidation {
+                        id: maps[v].0.id,
+                        cause: InvalidCause::NoSpace,
+                        reason: why,
+                    });
+                }
             }
         }
         let mut touched = Vec::new();
         {
             let _a = self.locks.alloc()?;
-            for ((_, m), want) in maps.iter().zip(&wants) {
+            for (k, ((rec, m), want)) in maps.iter().zip(wants.iter_mut()).enumerate() {
                 let records: Vec<Record> = match want {
-                    Some(blocks) => blocks
+                    Some(blocks) if !blocks.is_empty() => blocks
                         .iter()
                         .map(|b| Record {
                             block: *b,
@@ -1079,19 +1413,24 @@ impl Inner {
                             data_sum: sums[b],
                         })
                         .collect(),
-                    None if invalidated.iter().any(|(id, _)| *id == m.id) => {
-                        vec![Record {
-                            block: 0,
-                            slot: 0,
-                            flags: INVALID,
-                            data_sum: [0; 16],
-                        }]
-                    }
-                    None => continue,
+                    None if mark.contains(&k) => vec![invalid_record()],
+                    _ => continue,
                 };
-                if !records.is_empty() {
-                    m.append(&records)?;
-                    touched.push(m);
+                match m.append(&records) {
+                    Ok(()) => touched.push(m),
+                    Err(AppendError::NoSpace(e)) => {
+                        // This map cannot grow: the snapshot cannot keep its copies.
+                        let why = format!("the state filesystem is full ({e})");
+                        m.append(&[invalid_record()])?;
+                        touched.push(m);
+                        *want = None;
+                        invalidated.push(Invalidation {
+                            id: rec.id,
+                            cause: InvalidCause::NoSpace,
+                            reason: why,
+                        });
+                    }
+                    Err(AppendError::Other(e)) => return Err(e),
                 }
             }
         }
@@ -1099,6 +1438,106 @@ impl Inner {
             m.sync()?;
         }
         Ok(invalidated)
+    }
+
+    /// Writes `n` blocks of copies into fresh diff-area slots, durably.
+    /// `Ok(Err(why))` when the space is not there (filesystem full, or the
+    /// volume's `diff_max` reached); the slots taken are given back.
+    fn store_copies(&self, data: &[u8], n: u64) -> Result<std::result::Result<u64, String>> {
+        let bs = self.bs();
+        if let Some(max) = self
+            .cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .catalog
+            .diff_max
+        {
+            let used = self.diff_used()?;
+            if used + n * bs > max {
+                return Ok(Err(format!(
+                    "the volume's diff area reached its maximum (diff_max {max} bytes, {used} in use, {} more needed)",
+                    n * bs
+                )));
+            }
+        }
+        let base = match self.alloc_slots(n) {
+            Ok(b) => b,
+            Err(Error::Io { source, .. }) if map::is_no_space(&source) => {
+                return Ok(Err(format!(
+                    "the state filesystem is full ({source}) extending {}",
+                    self.diff_path.display()
+                )))
+            }
+            Err(e) => return Err(e),
+        };
+        let done = self
+            .diff
+            .write_all_at(data, base * bs)
+            .and_then(|()| self.diff.sync_data());
+        match done {
+            Ok(()) => Ok(Ok(base)),
+            Err(e) if map::is_no_space(&e) => {
+                for s in base..base + n {
+                    self.punch(s)?;
+                }
+                Ok(Err(format!(
+                    "the state filesystem is full ({e}) writing {}",
+                    self.diff_path.display()
+                )))
+            }
+            Err(e) => Err(Error::io("write", &self.diff_path, e)),
+        }
+    }
+
+    /// Bytes the diff area occupies on disk (holes punched by delete do not count).
+    fn diff_used(&self) -> Result<u64> {
+        use std::os::unix::fs::MetadataExt;
+        Ok(self
+            .diff
+            .metadata()
+            .map_err(|e| Error::io("stat", &self.diff_path, e))?
+            .blocks()
+            * 512)
+    }
+
+    /// Invalidates snapshot `maps[v]` for lack of space: an INVALID record
+    /// (durable before the overwrite), then its diff-area slots that no other
+    /// live snapshot names are punched to give the space back.
+    fn sacrifice(
+        &self,
+        maps: &[(&SnapshotRecord, Arc<SnapMap>)],
+        wants: &mut [Option<Vec<u64>>],
+        v: usize,
+        why: &str,
+    ) -> Result<()> {
+        let (rec, m) = &maps[v];
+        tracing::error!(volume = %self.path.display(), "dropping snapshot {} to keep the live write: {why}", rec.id);
+        {
+            let _a = self.locks.alloc()?;
+            m.append(&[invalid_record()])?;
+        }
+        m.sync()?;
+        wants[v] = None;
+        let mut keep = HashSet::new();
+        for (k, (_, other)) in maps.iter().enumerate() {
+            if k != v && wants[k].is_some() {
+                keep.extend(other.lock().entries.values().map(|e| e.slot));
+            }
+        }
+        let victim: BTreeSet<u64> = m.lock().all_slots.iter().copied().collect();
+        for slot in victim.into_iter().filter(|s| !keep.contains(s)) {
+            self.punch(slot)?;
+        }
+        Ok(())
+    }
+}
+
+fn invalid_record() -> Record {
+    Record {
+        block: 0,
+        slot: 0,
+        flags: INVALID,
+        data_sum: [0; 16],
     }
 }
 
@@ -1143,10 +1582,15 @@ impl Snapshot {
         }
         let mut st = self.map.lock();
         self.map.refresh(&mut st)?;
-        Ok(match &st.invalid {
-            Some(reason) => SnapshotState::Invalid {
-                reason: reason.clone(),
-            },
+        let why = st.invalid.clone();
+        drop(st);
+        Ok(match why {
+            Some(why) => {
+                i.note_map_invalid(self.id, &why);
+                SnapshotState::Invalid {
+                    reason: why.reason(),
+                }
+            }
             None => rec.state.clone(),
         })
     }
@@ -1155,10 +1599,13 @@ impl Snapshot {
     fn lookup(&self, block: u64) -> Result<Option<map::Entry>> {
         let mut st = self.map.lock();
         self.map.refresh(&mut st)?;
-        if let Some(reason) = &st.invalid {
+        if let Some(why) = st.invalid.clone() {
+            drop(st);
+            tracing::error!(volume = %self.vol.inner.path.display(), "snapshot {} cannot be read: {}", self.id, why.reason());
+            self.vol.inner.note_map_invalid(self.id, &why);
             return Err(Error::SnapshotInvalid {
                 id: self.id,
-                reason: reason.clone(),
+                reason: why.reason(),
             });
         }
         Ok(st.entries.get(&block).copied())
@@ -1274,10 +1721,10 @@ impl Snapshot {
         let (current, held) = {
             let mut st = self.map.lock();
             self.map.refresh(&mut st)?;
-            if let Some(reason) = &st.invalid {
+            if let Some(why) = &st.invalid {
                 return Err(Error::SnapshotInvalid {
                     id: self.id,
-                    reason: reason.clone(),
+                    reason: why.reason(),
                 });
             }
             let cur: Vec<Option<map::Entry>> = (first..=last)

@@ -1,0 +1,10 @@
+//! Fuzzes freezeframe-core's replica journal decoder: any bytes give a value or a typed error.
+#![no_main]
+
+use freezeframe_core::fuzzing;
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let _ = fuzzing::replica_journal(data);
+    let _ = fuzzing::replica_journal_in_progress(data);
+});
