@@ -13,6 +13,8 @@ command -v tar         >/dev/null 2>&1 || need+=(tar)
 command -v python3     >/dev/null 2>&1 || need+=(python3)
 command -v fsfreeze    >/dev/null 2>&1 || need+=(util-linux)
 command -v restic      >/dev/null 2>&1 || need+=(restic)
+# Cuts links between nodes in the fault matrix (tests/faults.rs).
+command -v nft         >/dev/null 2>&1 || need+=(nftables)
 # Benchmark peers whose results tests/bench.rs checks.
 command -v rsync       >/dev/null 2>&1 || need+=(rsync)
 command -v bindfs      >/dev/null 2>&1 || need+=(bindfs)

@@ -202,6 +202,15 @@ pub fn up(dir: &Path, wait: Duration) -> Result<()> {
 
 /// Spawns `freezeframe node run --config FILE` detached, logging to run/node.log.
 pub fn start_node(exe: &Path, cfg: &NodeConfig) -> Result<std::process::Child> {
+    start_node_with_env(exe, cfg, &[])
+}
+
+/// [`start_node`] with extra environment variables (e.g. `FREEZEFRAME_FAILPOINTS`).
+pub fn start_node_with_env(
+    exe: &Path,
+    cfg: &NodeConfig,
+    env: &[(&str, &str)],
+) -> Result<std::process::Child> {
     use std::os::unix::process::CommandExt;
     let log = std::fs::OpenOptions::new()
         .create(true)
@@ -216,6 +225,7 @@ pub fn start_node(exe: &Path, cfg: &NodeConfig) -> Result<std::process::Child> {
         .stdin(std::process::Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
+        .envs(env.iter().copied())
         .process_group(0);
     let child = cmd
         .spawn()

@@ -464,3 +464,137 @@ fn the_example_python_writer_takes_part_in_snapshots() {
         .expect("py-n2");
     assert_eq!(w["outcome"], "thawed", "{report}");
 }
+
+#[test]
+fn the_example_python_writer_outlives_its_node_and_registers_again_when_it_returns() {
+    if !fuse_available() {
+        eprintln!("SKIPPED: no FUSE");
+        return;
+    }
+    let mut c = Cluster::start(ClusterOptions::default());
+    let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/example-writer.py");
+    let out = c.dir.path().join("py-n2.out");
+    let n2 = &c.nodes[1];
+    let mut child = std::process::Command::new("python3")
+        .arg(&example)
+        .arg("--socket")
+        .arg(n2.run_dir().join("writer.sock"))
+        .arg("--volume")
+        .arg(n2.live())
+        .args(["--offset", "0", "--name", "py-n2", "--retry", "0.2"])
+        .stdout(std::fs::File::create(&out).expect("out"))
+        .spawn()
+        .expect("python3");
+    let registered = |c: &Cluster| {
+        let v = ff_json(&["status", "--json", "--config", c.nodes[1].cfg()]);
+        v["writers"]
+            .as_array()
+            .is_some_and(|ws| ws.iter().any(|w| w["name"] == "py-n2"))
+    };
+    wait_for(Duration::from_secs(10), || registered(&c));
+    c.kill(1);
+    // It notices, stays alive and keeps trying.
+    wait_for(Duration::from_secs(5), || {
+        std::fs::read_to_string(&out).is_ok_and(|s| s.contains(r#""state": "disconnected""#))
+    });
+    assert!(
+        child.try_wait().expect("wait").is_none(),
+        "the example writer exited with its node"
+    );
+    c.start_node(1);
+    c.wait_connected(Duration::from_secs(30));
+    wait_for(Duration::from_secs(10), || registered(&c));
+    let (ok, report) = c.create(0, &[]);
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(ok, "{report}");
+    let log = std::fs::read_to_string(&out).expect("out");
+    let id = report["id"].as_u64().expect("id");
+    let events: Vec<serde_json::Value> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    for kind in ["freeze", "thaw"] {
+        assert!(
+            events
+                .iter()
+                .any(|e| e["event"] == kind && e["snapshot"] == id),
+            "no {kind} for snapshot {id} after re-registering:\n{log}"
+        );
+    }
+}
+
+#[test]
+fn the_example_python_writer_resumes_by_itself_when_its_stopped_node_lets_the_lease_pass() {
+    if !fuse_available() {
+        eprintln!("SKIPPED: no FUSE");
+        return;
+    }
+    let c = Cluster::start(ClusterOptions::default());
+    // n2's freeze takes a second (a hook), so the writer is holding while n2 is stopped.
+    let hook = c.nodes[1].dir().join("hooks.d/20-slow-freeze");
+    std::fs::write(&hook, "#!/bin/sh\n[ \"$1\" = freeze ] && sleep 1\nexit 0\n").expect("hook");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/example-writer.py");
+    let out = c.dir.path().join("py-n2.out");
+    let n2 = &c.nodes[1];
+    let mut child = std::process::Command::new("python3")
+        .arg(&example)
+        .arg("--socket")
+        .arg(n2.run_dir().join("writer.sock"))
+        .arg("--volume")
+        .arg(n2.live())
+        .args(["--offset", "0", "--name", "py-n2"])
+        .stdout(std::fs::File::create(&out).expect("out"))
+        .spawn()
+        .expect("python3");
+    wait_for(Duration::from_secs(10), || {
+        let v = ff_json(&["status", "--json", "--config", n2.cfg()]);
+        v["writers"]
+            .as_array()
+            .is_some_and(|ws| ws.iter().any(|w| w["name"] == "py-n2"))
+    });
+    let n1 = c.nodes[0].cfg().to_string();
+    let request =
+        std::thread::spawn(move || ff(&["snapshot", "create", "--json", "--config", &n1]));
+    let lines = || -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&out)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    };
+    wait_for(Duration::from_secs(5), || {
+        lines().iter().any(|l| l["state"] == "holding")
+    });
+    let pid = n2.child.as_ref().expect("n2 runs").id() as i32;
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let lease_ms = lines()
+        .iter()
+        .find(|l| l["event"] == "freeze")
+        .and_then(|l| l["lease_ms"].as_u64())
+        .expect("freeze carries lease_ms");
+    let resumed = std::panic::catch_unwind(|| {
+        wait_for(Duration::from_millis(lease_ms + 1500), || {
+            lines()
+                .iter()
+                .any(|l| l["state"] == "resumed" && l["why"] == "lease")
+        })
+    });
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    let report = request.join().expect("request");
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        resumed.is_ok(),
+        "the writer still held writes {lease_ms} ms after freeze with its node stopped:\n{}",
+        std::fs::read_to_string(&out).unwrap_or_default()
+    );
+    assert!(
+        !report.status.success(),
+        "a snapshot around a stopped node cannot complete"
+    );
+}

@@ -7,6 +7,8 @@ use clap::Subcommand;
 
 pub mod all;
 pub mod backup;
+pub mod fault_writer;
+pub mod faults;
 pub mod mount;
 pub mod peers;
 pub mod replica;
@@ -28,6 +30,11 @@ pub enum BenchCommand {
     Backup(backup::BenchBackupArgs),
     /// Full and incremental replica push over loopback, beside rsync and a plain TCP copy.
     Replica(replica::BenchReplicaArgs),
+    /// The fault matrix: node role × phase × fault, each on a fresh 3-node cluster.
+    Faults(faults::Args),
+    /// The writer the fault matrix runs on every node.
+    #[command(hide = true)]
+    FaultWriter(fault_writer::Args),
 }
 
 /// Runs one benchmark.
@@ -39,5 +46,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Snapshot(args) => snapshot::run(args),
         BenchCommand::Backup(args) => backup::run(args),
         BenchCommand::Replica(args) => replica::run(args),
+        BenchCommand::Faults(args) => faults::run(args),
+        BenchCommand::FaultWriter(args) => fault_writer::run(args),
     }
 }
