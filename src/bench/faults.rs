@@ -667,6 +667,7 @@ impl Rig {
         let paths = cluster::init(
             &cdir,
             &cluster::InitOptions {
+                names: None,
                 nodes: NODES,
                 size: VOLUME,
                 block_size: 64 << 10,
