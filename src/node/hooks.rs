@@ -78,6 +78,10 @@ struct HookRun {
     snapshot: u64,
     timeout: Duration,
     image_path: Option<String>,
+    /// On freeze: what is left of the lease, passed as `FREEZEFRAME_LEASE_MS`
+    /// so a hook can undo its own freeze if nobody comes back (the sample
+    /// fsfreeze hook's watchdog does).
+    lease_left: Option<Duration>,
 }
 
 /// The freeze the task holds: which scripts started freezing, and until when.
@@ -173,6 +177,7 @@ async fn serve(
                     snapshot,
                     timeout: cfg.hook_timeout,
                     image_path: Some(path),
+                    lease_left: None,
                 };
                 let mut result = Ok(());
                 match scripts(&cfg.dir) {
@@ -272,6 +277,7 @@ async fn freeze(
             snapshot,
             timeout: cfg.hook_timeout.min(left),
             image_path: None,
+            lease_left: Some(left),
         };
         let script = run_one(s, "freeze", &run);
         tokio::pin!(script);
@@ -307,6 +313,7 @@ async fn undo(cfg: &HookConfig, held: Held, arg: &str) -> Result<(), String> {
         snapshot: held.snapshot,
         timeout: cfg.hook_timeout,
         image_path: None,
+        lease_left: None,
     };
     let mut first_err = None;
     for s in held.started.iter().rev() {
@@ -325,6 +332,11 @@ async fn run_one(script: &Path, arg: &str, run: &HookRun) -> Result<(), String> 
         .env("FREEZEFRAME_SNAPSHOT", run.snapshot.to_string())
         .env("FREEZEFRAME_NODE", &run.node)
         .env("FREEZEFRAME_EVENT", arg)
+        .env(
+            "FREEZEFRAME_LEASE_MS",
+            run.lease_left
+                .map_or(String::new(), |d| d.as_millis().to_string()),
+        )
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
