@@ -116,6 +116,8 @@ struct Driver {
     hold: HoldSlot,
     /// The hooks task, awaited on shutdown so its undo scripts finish.
     hooks_task: Option<tokio::task::JoinHandle<()>>,
+    /// Notices when the daemon did not run at all (SIGSTOP, starvation).
+    stall: StallWatch,
     /// The member list in force (from the config, then from `node reload`).
     members: Vec<crate::config::Member>,
     mesh: Option<peers::Mesh>,
@@ -252,6 +254,7 @@ pub async fn run_node(cfg: NodeConfig) -> Result<()> {
         in_flight: None,
         hold: HoldSlot::default(),
         hooks_task: None,
+        stall: StallWatch::start(clock),
         members: cfg.raw.cluster.members.clone(),
         mesh: Some(mesh),
         mounted: true,
@@ -294,6 +297,7 @@ pub async fn run_node(cfg: NodeConfig) -> Result<()> {
                 biased;
                 ev = rx.recv() => ev,
                 _ = tokio::time::sleep_until(at.into()) => {
+                    d.check_stall();
                     let now = d.clock.now_ms();
                     d.machine.handle_timeout(now);
                     d.drain();
@@ -360,7 +364,17 @@ impl Driver {
         self.gossip_status();
     }
 
+    /// Tells the machine when the daemon was not running, before it hears
+    /// of the losses that caused (peers give up on a silent node).
+    fn check_stall(&mut self) {
+        if let Some(ms) = self.stall.take() {
+            tracing::warn!("this daemon did not run for {ms} ms (stopped or starved)");
+            self.feed(Input::Stalled { ms });
+        }
+    }
+
     fn event(&mut self, ev: DriverEvent) {
+        self.check_stall();
         match ev {
             DriverEvent::Status { reply } => {
                 let _ = reply.send(self.status());
@@ -966,6 +980,64 @@ impl Driver {
         for (_, tx) in self.waiting.drain() {
             let _ = tx.send(json!({"status":"failed","error":{"reason":"node is shutting down"}}));
         }
+    }
+}
+
+/// Notices that the whole daemon did not run for a while: a task ticks every
+/// 100 ms; a gap well over that means the process was stopped (SIGSTOP) or
+/// starved. Either the ticker sees the gap first and records it, or the
+/// driver sees a stale tick first; both end in one [`StallWatch::take`].
+struct StallWatch {
+    clock: Clock,
+    last_tick_ms: Arc<std::sync::atomic::AtomicU64>,
+    /// A gap the ticker saw: (when it saw it, how long).
+    seen: Arc<std::sync::Mutex<Option<(u64, u64)>>>,
+}
+
+/// A gap this long between ticks is a stall, not scheduling noise.
+const STALL_MS: u64 = 1_500;
+const TICK: Duration = Duration::from_millis(100);
+
+impl StallWatch {
+    fn start(clock: Clock) -> StallWatch {
+        use std::sync::atomic::Ordering;
+        let w = StallWatch {
+            clock,
+            last_tick_ms: Arc::new(std::sync::atomic::AtomicU64::new(clock.now_ms())),
+            seen: Arc::default(),
+        };
+        let (last, seen) = (w.last_tick_ms.clone(), w.seen.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(TICK).await;
+                let now = clock.now_ms();
+                let gap = now.saturating_sub(last.swap(now, Ordering::SeqCst));
+                if gap > STALL_MS {
+                    *seen.lock().unwrap_or_else(|p| p.into_inner()) = Some((now, gap));
+                }
+            }
+        });
+        w
+    }
+
+    /// A stall that was not reported yet, in ms.
+    fn take(&self) -> Option<u64> {
+        use std::sync::atomic::Ordering;
+        let now = self.clock.now_ms();
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((at, ms)) = seen.take() {
+            // Stale news (long reported by events since) is not a new stall.
+            if now.saturating_sub(at) < 5_000 {
+                return Some(ms);
+            }
+        }
+        let gap = now.saturating_sub(self.last_tick_ms.load(Ordering::SeqCst));
+        if gap > STALL_MS {
+            // Seen by us first: mark it so the ticker does not report it again.
+            self.last_tick_ms.store(now, Ordering::SeqCst);
+            return Some(gap);
+        }
+        None
     }
 }
 

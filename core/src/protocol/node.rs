@@ -112,6 +112,13 @@ pub enum Input {
         snapshot: SnapshotId,
         result: Result<(), String>,
     },
+    /// The driver found that this node's daemon did not run for `ms` (it was
+    /// stopped with SIGSTOP, or starved): a snapshot in flight is aborted
+    /// naming this node, before the losses its peers reported in the meantime
+    /// blame them for it.
+    Stalled {
+        ms: u64,
+    },
     /// Result of `Output::ResolveSnapshot`: `Ok(true)` it is sealed (kept),
     /// `Ok(false)` it was deleted or never made.
     SnapshotResolved {
@@ -362,6 +369,24 @@ impl NodeMachine {
             Input::SnapshotSealed { snapshot, result } => self.storage.sealed(snapshot, result),
             Input::SnapshotResolved { snapshot, kept } => {
                 self.cluster_service.resolved(snapshot, kept)
+            }
+            Input::Stalled { ms } => {
+                if let Some((snapshot, phase)) = self
+                    .coordinator
+                    .busy()
+                    .zip(self.coordinator.phase().map(|p| p.1))
+                {
+                    let failure = Failure {
+                        node: self.config.node.clone(),
+                        writer: None,
+                        phase,
+                        reason: format!(
+                            "the daemon of node {} did not run for {ms} ms (stopped or starved); the other nodes could not wait for it",
+                            self.config.node
+                        ),
+                    };
+                    self.coordinator.abort(snapshot, failure, now);
+                }
             }
         }
         self.pump();
@@ -971,6 +996,35 @@ mod tests {
                 }
             ]
         );
+    }
+
+    #[test]
+    fn a_stalled_initiator_names_itself_not_the_peers_that_gave_up_on_it() {
+        let mut m = NodeMachine::new(Config::new("n1", &["n1", "n2"]), 0);
+        m.handle(Input::PeerUp { node: "n2".into() }, 0);
+        m.handle(
+            Input::Request {
+                req: 1,
+                snapshot: 3,
+                timeout_ms: None,
+                excluded: vec![],
+            },
+            0,
+        );
+        drain(&mut m);
+        // SIGSTOP for 12 s, then: the driver notices the stall first...
+        m.handle(Input::Stalled { ms: 12_000 }, 12_000);
+        // ...and only then the peer's loss that the stall caused.
+        m.handle(Input::PeerDown { node: "n2".into() }, 12_001);
+        let out = drain(&mut m);
+        let Some(Output::Report { report, .. }) =
+            out.iter().find(|o| matches!(o, Output::Report { .. }))
+        else {
+            panic!("{out:?}")
+        };
+        let e = report.error.clone().expect("failed");
+        assert_eq!(e.node, "n1", "{e:?}");
+        assert!(e.reason.contains("did not run for 12000 ms"), "{e:?}");
     }
 
     #[test]
