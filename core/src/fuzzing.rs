@@ -26,13 +26,15 @@ pub const CHECKSUMMED: &[(&str, Decoder)] = &[
     ("backup_manifest", backup_manifest),
     ("backup_pack", backup_pack),
     ("replica_journal", replica_journal),
+    ("snapshot_manifest", snapshot_manifest),
+    ("replica_cvs", replica_cvs),
 ];
 
 /// Decoders of formats without a checksum of their own (plain JSON files and
 /// wire messages; the wire is authenticated by TLS): arbitrary bytes must
 /// give a value or a typed error, never a panic or an unbounded allocation.
 pub const UNCHECKSUMMED: &[(&str, Decoder)] = &[
-    ("snapshot_manifest", snapshot_manifest),
+    ("peer_message", peer_message),
     ("replica_wire", replica_wire),
     ("replica_journal_in_progress", replica_journal_in_progress),
 ];
@@ -129,6 +131,27 @@ pub fn replica_wire(bytes: &[u8]) -> Result<String> {
         (Ok(v), _, _) | (_, Ok(v), _) | (_, _, Ok(v)) => Ok(v),
         (Err(e), _, _) => Err(bad(e)),
     }
+}
+
+/// A peer protocol message (JSON inside a frame; the frame itself is
+/// netproto's decoder).
+pub fn peer_message(bytes: &[u8]) -> Result<String> {
+    serde_json::from_slice::<crate::protocol::PeerMessage>(bytes)
+        .map(|m| format!("{m:?}"))
+        .map_err(|e| Error::ManifestCorrupt {
+            path: "<peer message>".into(),
+            reason: e.to_string(),
+        })
+}
+
+/// The geometry [`replica_cvs`] decodes for: snapshot 9, 4 blocks of 64 KiB.
+const CVS_SAMPLE: (u64, u64, u32) = (9, 4, 65_536);
+
+/// A replica chaining-values file (`replica-cvs/<id>.cvs`).
+pub fn replica_cvs(bytes: &[u8]) -> Result<String> {
+    let (id, blocks, bs) = CVS_SAMPLE;
+    crate::replica::source::parse_cvs(Path::new("<replica cvs>"), bytes, id, blocks, bs)
+        .map(|v| format!("{v:?}"))
 }
 
 /// The checksummed formats [`seal`] can wrap an arbitrary payload for.
@@ -249,5 +272,22 @@ pub fn samples() -> Vec<(&'static str, Vec<u8>)> {
         ("backup_manifest", manifest),
         ("backup_pack", pack),
         ("replica_journal", journal),
+        (
+            "snapshot_manifest",
+            crate::manifest::encode(&crate::manifest::SnapshotManifest::bare(
+                7,
+                1_795_000_000_000,
+                crate::manifest::ManifestStatus::Sealed,
+                65_536,
+                1 << 30,
+            )),
+        ),
+        ("replica_cvs", {
+            let (id, blocks, bs) = CVS_SAMPLE;
+            let cvs: Vec<[u8; 32]> = (0..blocks)
+                .map(|b| *blake3::hash(&b.to_le_bytes()).as_bytes())
+                .collect();
+            crate::replica::source::encode_cvs(id, bs, &cvs)
+        }),
     ]
 }

@@ -135,18 +135,21 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
     }
 }
 
+/// The bytes of `m` as stored: pretty JSON with its checksum.
+pub fn encode(m: &SnapshotManifest) -> Vec<u8> {
+    let mut m = m.clone();
+    m.checksum = Some(content_sum(&m));
+    // Our own plain struct: serializing cannot fail.
+    serde_json::to_vec_pretty(&m).unwrap_or_default()
+}
+
 /// Writes `m` to `manifests/<id>.json` atomically and durably; returns the file's path.
 pub fn store(state_dir: &Path, m: &SnapshotManifest) -> Result<PathBuf> {
     let dir = manifests_dir(state_dir);
     crate::perms::create_private_dir(&dir)?;
     let path = manifest_path(state_dir, m.id);
     let tmp = dir.join(format!(".{}.json.tmp.{}", m.id, std::process::id()));
-    let mut m = m.clone();
-    m.checksum = Some(content_sum(&m));
-    let bytes = serde_json::to_vec_pretty(&m).map_err(|e| Error::ManifestCorrupt {
-        path: path.clone(),
-        reason: format!("cannot encode: {e}"),
-    })?;
+    let bytes = encode(m);
     let write = || -> std::io::Result<()> {
         let mut f = crate::perms::private_file_options()
             .write(true)

@@ -293,17 +293,7 @@ pub fn cvs_path(state_dir: &Path, id: SnapshotId) -> PathBuf {
 pub fn store_cvs(state_dir: &Path, id: SnapshotId, block_size: u32, cvs: &[BlockCv]) -> Result<()> {
     let dir = state_dir.join("replica-cvs");
     crate::perms::create_private_dir(&dir)?;
-    let mut bytes = Vec::with_capacity(CVS_HEADER + cvs.len() * 32 + 32);
-    bytes.extend_from_slice(CVS_MAGIC);
-    bytes.extend_from_slice(&id.to_le_bytes());
-    bytes.extend_from_slice(&(cvs.len() as u64).to_le_bytes());
-    bytes.extend_from_slice(&block_size.to_le_bytes());
-    bytes.extend_from_slice(&0u32.to_le_bytes());
-    for cv in cvs {
-        bytes.extend_from_slice(cv);
-    }
-    let sum = blake3::hash(&bytes);
-    bytes.extend_from_slice(sum.as_bytes());
+    let bytes = encode_cvs(id, block_size, cvs);
     crate::format::write_file_atomic(&cvs_path(state_dir, id), &bytes)
 }
 
@@ -316,16 +306,39 @@ pub fn load_cvs(
     block_size: u32,
 ) -> Result<Option<Vec<BlockCv>>> {
     let path = cvs_path(state_dir, id);
-    let bytes = match std::fs::read(&path) {
-        Ok(b) => b,
+    let want = CVS_HEADER as u64 + blocks * 32 + 32;
+    // Check the size before reading: a file of the wrong length is refused
+    // without loading it.
+    match std::fs::metadata(&path) {
+        Ok(m) if m.len() != want => {
+            return Err(Error::ReplicaCorrupt {
+                file: path.clone(),
+                why: format!("{} bytes, expected {want} for {blocks} blocks", m.len()),
+            })
+        }
+        Ok(_) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(Error::io("read", &path, e)),
-    };
+        Err(e) => return Err(Error::io("stat", &path, e)),
+    }
+    let bytes = std::fs::read(&path).map_err(|e| Error::io("read", &path, e))?;
+    parse_cvs(&path, &bytes, id, blocks, block_size).map(Some)
+}
+
+/// Decodes a chaining-values file (read from `path`, which errors name).
+pub fn parse_cvs(
+    path: &Path,
+    bytes: &[u8],
+    id: SnapshotId,
+    blocks: u64,
+    block_size: u32,
+) -> Result<Vec<BlockCv>> {
     let corrupt = |why: &str| Error::ReplicaCorrupt {
-        file: path.clone(),
+        file: path.to_path_buf(),
         why: why.to_string(),
     };
-    let want = CVS_HEADER as u64 + blocks * 32 + 32;
+    let want = (CVS_HEADER as u64)
+        .saturating_add(blocks.saturating_mul(32))
+        .saturating_add(32);
     if bytes.len() as u64 != want {
         return Err(corrupt(&format!(
             "{} bytes, expected {want} for {blocks} blocks",
@@ -346,12 +359,26 @@ pub fn load_cvs(
     {
         return Err(corrupt("its header names another snapshot or geometry"));
     }
-    Ok(Some(
-        body[CVS_HEADER..]
-            .chunks_exact(32)
-            .map(|c| c.try_into().unwrap_or([0; 32]))
-            .collect(),
-    ))
+    Ok(body[CVS_HEADER..]
+        .chunks_exact(32)
+        .map(|c| c.try_into().unwrap_or([0; 32]))
+        .collect())
+}
+
+/// The bytes of a chaining-values file, as [`store_cvs`] writes them.
+pub fn encode_cvs(id: SnapshotId, block_size: u32, cvs: &[BlockCv]) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(CVS_HEADER + cvs.len() * 32 + 32);
+    bytes.extend_from_slice(CVS_MAGIC);
+    bytes.extend_from_slice(&id.to_le_bytes());
+    bytes.extend_from_slice(&(cvs.len() as u64).to_le_bytes());
+    bytes.extend_from_slice(&block_size.to_le_bytes());
+    bytes.extend_from_slice(&0u32.to_le_bytes());
+    for cv in cvs {
+        bytes.extend_from_slice(cv);
+    }
+    let sum = blake3::hash(&bytes);
+    bytes.extend_from_slice(sum.as_bytes());
+    bytes
 }
 
 /// Fills the missing chaining values in `cvs` by reading those blocks of `snap`.
