@@ -215,9 +215,17 @@ fn a_volume_whose_state_was_made_on_another_host_is_attached_from_the_shared_sta
         "--json",
     ]);
     assert_eq!(v.as_array().map(Vec::len), Some(1), "{v}");
-    // A state that is not this volume's is refused.
+    // A state that is not this volume's is refused, and nothing in that
+    // folder is touched (its modes are someone else's business).
     let other = d.path().join("elsewhere");
     std::fs::create_dir(&other).expect("dir");
+    let theirs = other.join("their-file");
+    std::fs::write(&theirs, b"not freezeframe's").expect("file");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&other, std::fs::Permissions::from_mode(0o1777)).expect("chmod");
+        std::fs::set_permissions(&theirs, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    }
     let out = ff(&[
         "volume",
         "attach",
@@ -226,6 +234,17 @@ fn a_volume_whose_state_was_made_on_another_host_is_attached_from_the_shared_sta
         other.to_str().expect("utf-8"),
     ]);
     assert!(!out.status.success());
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode =
+            |p: &std::path::Path| std::fs::metadata(p).expect("stat").permissions().mode() & 0o7777;
+        assert_eq!(
+            mode(&other),
+            0o1777,
+            "a folder that is not our state keeps its mode"
+        );
+        assert_eq!(mode(&theirs), 0o644, "and so do its files");
+    }
 }
 
 #[test]

@@ -540,8 +540,11 @@ impl Volume {
             })?,
             None => location::find(path)?,
         };
-        crate::perms::secure_volume(path, &state_dir)?;
+        // The catalog first: only a folder that really is freezeframe state
+        // (a wrong `--state` or pointer may name any folder) gets its modes
+        // repaired.
         let cat = catalog::load(&state_dir)?;
+        crate::perms::secure_volume(path, &state_dir)?;
         let vol = open_rw(path, "open volume")?;
         let len = file_len(&vol, path)?;
         if len < cat.size {
