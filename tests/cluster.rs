@@ -50,7 +50,7 @@ fn assert_consistent(
 #[test]
 fn snapshots_from_every_node_hold_exactly_what_each_writer_had_at_freeze() {
     if !fuse_available() {
-        eprintln!("skipped: no FUSE");
+        eprintln!("SKIPPED: no FUSE (/dev/fuse and fusermount3 needed)");
         return;
     }
     let mut c = Cluster::start(ClusterOptions::default());
@@ -150,6 +150,7 @@ fn assert_failed_cleanly(
 #[test]
 fn a_vetoing_writer_aborts_the_snapshot_everywhere_and_names_itself() {
     if !fuse_available() {
+        eprintln!("SKIPPED: no FUSE (/dev/fuse and fusermount3 needed)");
         return;
     }
     let mut c = Cluster::start(ClusterOptions::default());
@@ -168,6 +169,7 @@ fn a_vetoing_writer_aborts_the_snapshot_everywhere_and_names_itself() {
 #[test]
 fn a_writer_that_never_answers_times_out_and_aborts() {
     if !fuse_available() {
+        eprintln!("SKIPPED: no FUSE (/dev/fuse and fusermount3 needed)");
         return;
     }
     let mut c = Cluster::start(ClusterOptions::default());
@@ -194,6 +196,7 @@ fn a_writer_that_never_answers_times_out_and_aborts() {
 #[test]
 fn a_failing_hook_vetoes_with_its_script_name() {
     if !fuse_available() {
+        eprintln!("SKIPPED: no FUSE (/dev/fuse and fusermount3 needed)");
         return;
     }
     let c = Cluster::start(ClusterOptions::default());
@@ -217,6 +220,7 @@ fn a_failing_hook_vetoes_with_its_script_name() {
 #[test]
 fn killing_a_frozen_non_initiator_fails_the_snapshot_and_thaws_the_rest() {
     if !fuse_available() {
+        eprintln!("SKIPPED: no FUSE (/dev/fuse and fusermount3 needed)");
         return;
     }
     let mut c = Cluster::start(ClusterOptions::default());
@@ -246,6 +250,7 @@ fn killing_a_frozen_non_initiator_fails_the_snapshot_and_thaws_the_rest() {
 #[test]
 fn killing_the_initiator_after_the_others_froze_makes_them_abort_by_themselves() {
     if !fuse_available() {
+        eprintln!("SKIPPED: no FUSE (/dev/fuse and fusermount3 needed)");
         return;
     }
     let mut c = Cluster::start(ClusterOptions::default());
@@ -293,6 +298,7 @@ fn killing_the_initiator_after_the_others_froze_makes_them_abort_by_themselves()
 #[test]
 fn a_second_request_while_one_is_in_flight_is_busy_at_once() {
     if !fuse_available() {
+        eprintln!("SKIPPED: no FUSE (/dev/fuse and fusermount3 needed)");
         return;
     }
     let mut c = Cluster::start(ClusterOptions::default());
@@ -328,6 +334,7 @@ fn a_second_request_while_one_is_in_flight_is_busy_at_once() {
 #[test]
 fn a_node_with_a_certificate_from_another_ca_cannot_join() {
     if !fuse_available() {
+        eprintln!("SKIPPED: no FUSE (/dev/fuse and fusermount3 needed)");
         return;
     }
     let mut c = Cluster::start(ClusterOptions::default());
@@ -389,6 +396,7 @@ fn a_node_with_a_certificate_from_another_ca_cannot_join() {
 #[test]
 fn garbage_and_oversized_frames_do_not_crash_a_node() {
     if !fuse_available() {
+        eprintln!("SKIPPED: no FUSE (/dev/fuse and fusermount3 needed)");
         return;
     }
     let c = Cluster::start(ClusterOptions::default());
@@ -423,6 +431,7 @@ fn garbage_and_oversized_frames_do_not_crash_a_node() {
 #[test]
 fn the_example_python_writer_takes_part_in_snapshots() {
     if !fuse_available() {
+        eprintln!("SKIPPED: no FUSE (/dev/fuse and fusermount3 needed)");
         return;
     }
     let c = Cluster::start(ClusterOptions::default());

@@ -27,6 +27,7 @@ fn console(c: &Cluster, node: usize) -> Harness<'static, ConsoleApp> {
 #[test]
 fn take_snapshot_shows_every_node_done_and_the_new_row() {
     if !fuse_available() {
+        eprintln!("SKIPPED: no FUSE (/dev/fuse and fusermount3 needed)");
         return;
     }
     let mut c = Cluster::start(ClusterOptions::default());
@@ -64,6 +65,7 @@ fn take_snapshot_shows_every_node_done_and_the_new_row() {
 #[test]
 fn a_killed_node_is_named_in_the_failure() {
     if !fuse_available() {
+        eprintln!("SKIPPED: no FUSE (/dev/fuse and fusermount3 needed)");
         return;
     }
     let mut c = Cluster::start(ClusterOptions::default());

@@ -7,6 +7,7 @@ use common::*;
 #[test]
 fn the_demo_runs_the_whole_story_and_leaves_nothing_behind() {
     if !fuse_available() {
+        eprintln!("SKIPPED: no FUSE (/dev/fuse and fusermount3 needed)");
         return;
     }
     let dir = tempfile::Builder::new()

@@ -25,6 +25,7 @@ fn pattern(node: usize, gen: u8, len: usize) -> Vec<u8> {
 #[test]
 fn every_node_mounts_the_same_point_in_time_image() {
     if !fuse_available() {
+        eprintln!("SKIPPED: no FUSE (/dev/fuse and fusermount3 needed)");
         return;
     }
     let c = Cluster::start(ClusterOptions {
@@ -143,6 +144,7 @@ fn every_node_mounts_the_same_point_in_time_image() {
 #[test]
 fn a_remote_writers_post_snapshot_change_is_seen_everywhere_then_the_snapshot_is_read_only() {
     if !fuse_available() {
+        eprintln!("SKIPPED: no FUSE (/dev/fuse and fusermount3 needed)");
         return;
     }
     let mut c = Cluster::start(ClusterOptions {
@@ -222,7 +224,7 @@ impl Drop for Unmount {
 #[test]
 fn an_ext4_frozen_by_a_hook_snapshots_clean_and_loop_mounts_read_only() {
     if !fuse_available() || !which("mkfs.ext4") || !which("fsfreeze") || !which("losetup") {
-        eprintln!("skipped: needs mkfs.ext4, fsfreeze, losetup");
+        eprintln!("SKIPPED: needs mkfs.ext4, fsfreeze, losetup");
         return;
     }
     let c = Cluster::start(ClusterOptions {
@@ -307,6 +309,7 @@ fn an_ext4_frozen_by_a_hook_snapshots_clean_and_loop_mounts_read_only() {
 #[test]
 fn killing_a_daemon_mid_read_fails_the_reader_promptly_and_a_restart_remounts() {
     if !fuse_available() {
+        eprintln!("SKIPPED: no FUSE (/dev/fuse and fusermount3 needed)");
         return;
     }
     let mut c = Cluster::start(ClusterOptions {
@@ -386,7 +389,7 @@ unsafe impl Send for AlignedBuf {}
 #[test]
 fn restic_backs_up_a_snapshot_from_the_mount() {
     if !fuse_available() || !which("restic") {
-        eprintln!("skipped: needs restic");
+        eprintln!("SKIPPED: needs restic");
         return;
     }
     let c = Cluster::start(ClusterOptions {
