@@ -1103,6 +1103,11 @@ impl Inner {
     /// crash inside create) and of deletes interrupted before the unlink.
     /// Caller holds the in-flight lock, so no reservation is in progress.
     fn remove_debris(&self) -> Result<()> {
+        // Under the exclusive gate, like create and delete: a create checks
+        // its map file and then records the snapshot in the catalog; a sweep
+        // that read the catalog before that record and removed the map after
+        // the check would leave a listed snapshot without its map.
+        let _gate = self.locks.gate_exclusive()?;
         let cat = self.sync()?;
         for (id, path) in map_files(&self.state_dir)? {
             if id < cat.next_id && cat.get(id).is_none() {
