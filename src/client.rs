@@ -114,6 +114,10 @@ fn human_status(v: &Value) -> String {
     if let Some(snap) = v["in_flight"].as_u64() {
         s += &format!("snapshot in flight: {snap}\n");
     }
+    s += &format!(
+        "member list digest: {}\n",
+        v["members_digest"].as_str().unwrap_or("?")
+    );
     s += "peers:\n";
     for p in v["peers"].as_array().into_iter().flatten() {
         s += &format!(
@@ -124,6 +128,30 @@ fn human_status(v: &Value) -> String {
             } else {
                 "disconnected"
             }
+        );
+        if let Some(why) = p["members_differ"].as_str() {
+            s += &format!("             MEMBER LIST DIFFERS: {why}\n");
+        }
+    }
+    s += "attached:\n";
+    for a in v["attached"]["nodes"].as_array().into_iter().flatten() {
+        let fenced = &a["fenced"];
+        let state = if !fenced.is_null() {
+            format!(
+                "FENCED by {}: {}",
+                fenced["by"].as_str().unwrap_or("?"),
+                fenced["reason"].as_str().unwrap_or("?")
+            )
+        } else if a["expired"].as_bool() == Some(true) {
+            "lease EXPIRED".to_string()
+        } else {
+            "lease held".to_string()
+        };
+        s += &format!(
+            "  {:<10} host {:<16} lease age {:>6} ms  {state}\n",
+            a["node"].as_str().unwrap_or("?"),
+            a["host"].as_str().unwrap_or("?"),
+            a["lease_age_ms"].as_u64().unwrap_or(0),
         );
     }
     s += "writers:\n";

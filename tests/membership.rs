@@ -382,3 +382,45 @@ fn a_member_list_reload_adds_a_fourth_node_without_restarting_the_others() {
         .collect();
     assert_eq!(same, pids, "no node was restarted");
 }
+
+#[test]
+fn a_member_list_difference_is_named_at_connection_time_and_refuses_snapshots_until_reloaded() {
+    if skip_without_fuse() {
+        return;
+    }
+    let c = Cluster::start(ClusterOptions::default());
+    // n3 alone is told about a fourth host: its list now differs.
+    let original = std::fs::read_to_string(&c.nodes[2].config).expect("read");
+    add_member(&c.nodes[2].config, "n9", "127.0.0.1:9");
+    ff_json(&["node", "reload", "--json", "--config", c.nodes[2].cfg()]);
+    // n1 names it without any snapshot being asked for.
+    let differs = |c: &Cluster| -> Option<String> {
+        let v = ff_json(&["status", "--json", "--config", c.nodes[0].cfg()]);
+        v["peers"].as_array()?.iter().find(|p| p["node"] == "n3")?["members_differ"]
+            .as_str()
+            .map(str::to_string)
+    };
+    wait_for(Duration::from_secs(15), || differs(&c).is_some());
+    let why = differs(&c).expect("named");
+    assert!(why.contains("n3 lists n9 which n1 does not"), "{why}");
+    let text = ff(&["status", "--config", c.nodes[0].cfg()]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("MEMBER LIST DIFFERS"), "{text}");
+    let (ok, r) = c.create(0, &[]);
+    assert!(!ok, "{r}");
+    assert_eq!(r["error"]["node"], "n3", "{r}");
+    assert!(
+        r["error"]["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("member list of node n3"),
+        "{r}"
+    );
+    assert!(c.list(0).is_empty(), "nothing was taken");
+    // Put n3's list back and reload: the difference is gone, snapshots go on.
+    std::fs::write(&c.nodes[2].config, original).expect("write");
+    ff_json(&["node", "reload", "--json", "--config", c.nodes[2].cfg()]);
+    wait_for(Duration::from_secs(15), || differs(&c).is_none());
+    let (ok, r) = c.create(0, &[]);
+    assert!(ok, "{r}");
+}

@@ -425,6 +425,7 @@ impl Driver {
                 self.feed(Input::PeerUp { node: node.clone() });
                 let st = self.own_summary();
                 self.peers.send(&node, PeerWire::Status { status: st });
+                self.peers.send(&node, self.members_wire());
             }
             DriverEvent::PeerDown { node, conn } => {
                 if self.peer_conn.get(&node) == Some(&conn) {
@@ -440,6 +441,23 @@ impl Driver {
                     if let Ok(v) = serde_json::to_value(&event) {
                         let _ = self.shared.events.send(v);
                     }
+                }
+            }
+            DriverEvent::PeerMembers { node, members } => {
+                self.feed(Input::PeerMembers {
+                    node: node.clone(),
+                    members,
+                });
+                let differs = self
+                    .machine
+                    .status()
+                    .peers
+                    .into_iter()
+                    .find(|p| p.node == node)
+                    .and_then(|p| p.members_differ);
+                match differs {
+                    Some(why) => tracing::warn!(peer = %node, "{why}"),
+                    None => tracing::debug!(peer = %node, "member lists agree"),
                 }
             }
             DriverEvent::PeerStatus { node, status } => {
@@ -620,6 +638,7 @@ impl Driver {
         }
         self.members = new.raw.cluster.members.clone();
         tracing::info!(?added, ?removed, "member list reloaded");
+        self.peers.broadcast(&self.members_wire());
         self.gossip_status();
         Ok(json!({"members": names, "added": added, "removed": removed}))
     }
@@ -881,6 +900,17 @@ impl Driver {
         })
     }
 
+    /// This node's member list as announced to peers.
+    fn members_wire(&self) -> PeerWire {
+        let mut members: Vec<String> = self.members.iter().map(|m| m.name.clone()).collect();
+        if !members.iter().any(|m| m == self.shared.cfg.name()) {
+            members.push(self.shared.cfg.name().to_string());
+        }
+        members.sort();
+        members.dedup();
+        PeerWire::Members { members }
+    }
+
     fn gossip_status(&self) {
         let st = self.own_summary();
         self.peers.broadcast(&PeerWire::Status { status: st });
@@ -898,7 +928,12 @@ impl Driver {
         let mut peers = Vec::new();
         for m in self.members.iter().filter(|m| m.name != cfg.name()) {
             let connected = self.peers.senders.contains_key(&m.name);
-            peers.push(json!({"node": m.name, "addr": m.addr.to_string(), "connected": connected}));
+            let differs = st
+                .peers
+                .iter()
+                .find(|p| p.node == m.name)
+                .and_then(|p| p.members_differ.clone());
+            peers.push(json!({"node": m.name, "addr": m.addr.to_string(), "connected": connected, "members_differ": differs}));
             let mut s = self
                 .peers
                 .status
@@ -920,6 +955,7 @@ impl Driver {
             "phase": st.phase,
             "in_flight": if st.in_flight { json!(st.snapshot) } else { Value::Null },
             "io_held": st.io_held,
+            "members_digest": st.members_digest,
             "peers": peers,
             "writers": own["writers"],
             "nodes": nodes,

@@ -85,6 +85,11 @@ pub enum DriverEvent {
         node: String,
         event: freezeframe_core::protocol::PhaseEvent,
     },
+    /// A peer announced its member list.
+    PeerMembers {
+        node: String,
+        members: Vec<String>,
+    },
     /// A peer's status summary changed.
     PeerStatus {
         node: String,

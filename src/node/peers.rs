@@ -26,9 +26,20 @@ use crate::config::NodeConfig;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum PeerWire {
-    Protocol { msg: PeerMessage },
-    Event { event: PhaseEvent },
-    Status { status: Value },
+    Protocol {
+        msg: PeerMessage,
+    },
+    Event {
+        event: PhaseEvent,
+    },
+    Status {
+        status: Value,
+    },
+    /// The sender's member list, sorted: sent on connecting and after each
+    /// `node reload`, so a configuration difference is named at once.
+    Members {
+        members: Vec<String>,
+    },
 }
 
 /// Keeps the endpoint alive; dropping it closes every peer connection.
@@ -190,6 +201,12 @@ async fn serve(conn: PeerConnection, mut send: Send, mut recv: Recv, driver: Dri
                 let _ = driver.send(DriverEvent::PeerEvent {
                     node: node.clone(),
                     event,
+                });
+            }
+            Ok(Some(PeerWire::Members { members })) => {
+                let _ = driver.send(DriverEvent::PeerMembers {
+                    node: node.clone(),
+                    members,
                 });
             }
             Ok(Some(PeerWire::Status { status })) => {

@@ -18,6 +18,18 @@ use super::message::PeerMessage;
 use super::types::*;
 use std::collections::{BTreeMap, VecDeque};
 
+/// A short fingerprint of a member list (sorted, deduplicated names), shown
+/// in `status` and in mismatch errors so that operators can compare the
+/// lists of all nodes at a glance: the first 12 hex digits of blake3 over
+/// the names joined by newlines.
+pub fn members_digest(members: &[String]) -> String {
+    let mut list: Vec<&str> = members.iter().map(String::as_str).collect();
+    list.sort_unstable();
+    list.dedup();
+    let hash = blake3::hash(list.join("\n").as_bytes());
+    hash.to_hex()[..12].to_string()
+}
+
 /// How long past its lease a node waits for the initiator's outcome before it
 /// has the catalog decide (delete the snapshot unless the initiator sealed it).
 pub const OUTCOME_GRACE_MS: u64 = 1_000;
@@ -321,6 +333,10 @@ pub struct ClusterService {
     members: Vec<String>,
     /// Every other member and whether the mesh connects us now.
     peers: BTreeMap<String, bool>,
+    /// The member list each connected peer announced when it connected (or
+    /// after its last `node reload`), sorted. A difference is named at
+    /// connection time and refuses every snapshot that would ask that peer.
+    announced: BTreeMap<String, Vec<String>>,
     role: Role,
     /// The highest snapshot this node took part in as a remote (ids grow
     /// cluster-wide): a notice for it or an older one is a duplicate or a
@@ -348,6 +364,7 @@ impl ClusterService {
             lease_ms,
             members: all,
             peers,
+            announced: BTreeMap::new(),
             role: Role::Idle,
             last_taken: 0,
             out: VecDeque::new(),
@@ -370,10 +387,69 @@ impl ClusterService {
         all.sort();
         all.dedup();
         self.members = all;
+        let peers = &self.peers;
+        self.announced.retain(|p, _| peers.contains_key(p));
     }
 
     pub fn is_member(&self, node: &str) -> bool {
         self.peers.contains_key(node)
+    }
+
+    /// Every member, this node included, sorted.
+    pub fn members(&self) -> &[String] {
+        &self.members
+    }
+
+    /// `node` announced its member list (on connecting, and after each of
+    /// its reloads). Forgotten when it disconnects.
+    pub fn peer_members(&mut self, node: &str, members: &[String]) {
+        if !self.peers.contains_key(node) {
+            return;
+        }
+        let mut list = members.to_vec();
+        list.sort();
+        list.dedup();
+        self.announced.insert(node.to_string(), list);
+    }
+
+    /// How `node`'s announced member list differs from this node's, in
+    /// words an operator can act on; `None` when they agree or `node` has
+    /// not announced one.
+    pub fn member_mismatch(&self, node: &str) -> Option<String> {
+        let theirs = self.announced.get(node)?;
+        if *theirs == self.members {
+            return None;
+        }
+        let only_here: Vec<&str> = self
+            .members
+            .iter()
+            .filter(|m| !theirs.contains(m))
+            .map(String::as_str)
+            .collect();
+        let only_there: Vec<&str> = theirs
+            .iter()
+            .filter(|m| !self.members.contains(m))
+            .map(String::as_str)
+            .collect();
+        let mut diff = Vec::new();
+        if !only_here.is_empty() {
+            diff.push(format!("{node} does not list {}", only_here.join(", ")));
+        }
+        if !only_there.is_empty() {
+            diff.push(format!(
+                "{node} lists {} which {} does not",
+                only_there.join(", "),
+                self.node
+            ));
+        }
+        Some(format!(
+            "the member list of node {node} (digest {}) differs from node {}'s (digest {}): {}; \
+             make [cluster] members the same on every node, then run `freezeframe node reload` on each",
+            members_digest(theirs),
+            self.node,
+            members_digest(&self.members),
+            diff.join("; ")
+        ))
     }
 
     pub fn peers(&self) -> impl Iterator<Item = (&String, &bool)> {
@@ -430,6 +506,17 @@ impl ClusterService {
     /// Cluster writer: the coordinator sent freeze. Every member must be
     /// connected; each gets a freeze-notice with the lease left.
     pub fn writer_freeze(&mut self, snapshot: SnapshotId, now: u64) {
+        // A peer whose member list differs (announced when it connected)
+        // would refuse the notice anyway; refuse here, naming it, before
+        // any other node is asked to freeze.
+        let differing = match &self.role {
+            Role::Initiator(run) => self
+                .peers
+                .keys()
+                .filter(|p| !run.excluded.iter().any(|e| &e.node == *p))
+                .find_map(|p| self.member_mismatch(p).map(|why| (p.clone(), why))),
+            _ => None,
+        };
         let Role::Initiator(run) = &mut self.role else {
             return;
         };
@@ -443,6 +530,17 @@ impl ClusterService {
                 writer: None,
                 phase: Phase::Freezing,
                 reason: format!("node {down} is not connected"),
+            };
+            run.failed = true;
+            self.out.push_back(CsOut::Failed { snapshot, failure });
+            return;
+        }
+        if let Some((node, reason)) = differing {
+            let failure = Failure {
+                node,
+                writer: None,
+                phase: Phase::Freezing,
+                reason,
             };
             run.failed = true;
             self.out.push_back(CsOut::Failed { snapshot, failure });
@@ -823,6 +921,7 @@ impl ClusterService {
             return;
         };
         *up = false;
+        self.announced.remove(node);
         match &mut self.role {
             Role::Initiator(run) => {
                 if let Some(state) = run.peers.get(node).copied().filter(|s| s.active()) {

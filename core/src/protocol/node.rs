@@ -93,6 +93,13 @@ pub enum Input {
     PeerDown {
         node: String,
     },
+    /// A connected peer announced its member list (on connecting and after
+    /// each of its reloads). A list that differs from this node's is named
+    /// in [`PeerStatus::members_differ`] and refuses snapshots asking it.
+    PeerMembers {
+        node: String,
+        members: Vec<String>,
+    },
     /// The engine holds this node's live I/O now (after `Output::HoldIo`).
     HoldDone {
         snapshot: SnapshotId,
@@ -196,6 +203,10 @@ pub struct WriterStatus {
 pub struct PeerStatus {
     pub node: String,
     pub connected: bool,
+    /// Why this peer's member list is not this node's, when it differs
+    /// (named at connection time; snapshots asking it are refused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub members_differ: Option<String>,
 }
 
 /// What the console shows about a node right now.
@@ -214,6 +225,10 @@ pub struct NodeStatus {
     pub io_held: bool,
     pub writers: Vec<WriterStatus>,
     pub peers: Vec<PeerStatus>,
+    /// Fingerprint of this node's member list (see
+    /// [`cluster::members_digest`](super::cluster::members_digest)).
+    #[serde(default)]
+    pub members_digest: String,
 }
 
 /// The snapshot protocol of one node, as a deterministic state machine.
@@ -355,6 +370,9 @@ impl NodeMachine {
             }
             Input::PeerUp { node } => self.cluster_service.peer_up(&node),
             Input::PeerDown { node } => self.cluster_service.peer_down(&node),
+            Input::PeerMembers { node, members } => {
+                self.cluster_service.peer_members(&node, &members)
+            }
             Input::HoldDone { snapshot } => match self.active_provider {
                 Some(ProviderKind::Storage) => self.storage.hold_done(snapshot),
                 Some(ProviderKind::Helper) => self.helper.hold_done(snapshot),
@@ -444,6 +462,7 @@ impl NodeMachine {
             .map(|(node, up)| PeerStatus {
                 node: node.clone(),
                 connected: *up,
+                members_differ: self.cluster_service.member_mismatch(node),
             })
             .collect();
         NodeStatus {
@@ -455,6 +474,7 @@ impl NodeMachine {
             io_held: self.storage.io.held() || self.helper.io.held(),
             writers,
             peers,
+            members_digest: super::cluster::members_digest(self.cluster_service.members()),
         }
     }
 
@@ -988,14 +1008,83 @@ mod tests {
             vec![
                 PeerStatus {
                     node: "n2".into(),
-                    connected: true
+                    connected: true,
+                    members_differ: None,
                 },
                 PeerStatus {
                     node: "n3".into(),
-                    connected: false
+                    connected: false,
+                    members_differ: None,
                 }
             ]
         );
+    }
+
+    #[test]
+    fn a_peer_with_a_different_member_list_is_named_at_connection_time_and_refuses_the_snapshot() {
+        let mut m = NodeMachine::new(Config::new("n1", &["n1", "n2", "n3"]), 0);
+        for p in ["n2", "n3"] {
+            m.handle(Input::PeerUp { node: p.into() }, 0);
+        }
+        let all: Vec<String> = ["n1", "n2", "n3"].iter().map(|s| s.to_string()).collect();
+        m.handle(
+            Input::PeerMembers {
+                node: "n2".into(),
+                members: all.clone(),
+            },
+            0,
+        );
+        // n3 was left with n1 and n3 only (n2 removed from its list).
+        m.handle(
+            Input::PeerMembers {
+                node: "n3".into(),
+                members: vec!["n3".into(), "n1".into()],
+            },
+            0,
+        );
+        let st = m.status();
+        assert_eq!(st.peers[0].members_differ, None, "n2 agrees");
+        let why = st.peers[1].members_differ.clone().expect("n3 differs");
+        assert!(why.contains("n3 does not list n2"), "{why}");
+        assert!(why.contains(&st.members_digest), "{why}");
+        assert!(why.contains(&super::super::cluster::members_digest(&[
+            "n1".into(),
+            "n3".into()
+        ])));
+
+        m.handle(
+            Input::Request {
+                req: 1,
+                snapshot: 3,
+                timeout_ms: Some(2_000),
+                excluded: vec![],
+            },
+            0,
+        );
+        let out = drain(&mut m);
+        assert!(
+            !out.iter().any(|o| matches!(o, Output::SendPeer { .. })),
+            "no node is asked to freeze: {out:?}"
+        );
+        let Some(Output::Report { report, .. }) = out.last() else {
+            panic!("{out:?}")
+        };
+        let e = report.error.clone().expect("refused");
+        assert_eq!((e.node.as_str(), e.phase), ("n3", Phase::Freezing));
+        assert!(e.reason.contains("member list of node n3"), "{}", e.reason);
+
+        // n3 reloads with the full list: the next snapshot goes on.
+        m.handle(
+            Input::PeerMembers {
+                node: "n3".into(),
+                members: all,
+            },
+            0,
+        );
+        assert!(m.status().peers.iter().all(|p| p.members_differ.is_none()));
+        // Disconnecting forgets the announcement: a reconnect announces again.
+        m.handle(Input::PeerDown { node: "n3".into() }, 0);
+        assert!(m.status().peers[1].members_differ.is_none());
     }
 
     #[test]
